@@ -1,0 +1,37 @@
+# Two commands do all the set-up: `make train` (the main job) and `make test` (the test suite).
+# Both create .venv and install the project into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra Hydra overrides for `make train`, e.g. make train ARGS="seed=1 trainer.max_epochs=5"
+ARGS ?=
+PYTEST_ARGS ?=
+
+# Point the project at a local CIFAR-10 ImageFolder when one sits beside the repository
+# (../shared/data/cifar10); otherwise torchvision downloads CIFAR-10 on first use.
+SHARED_CIFAR10 := $(abspath ../shared/data/cifar10)
+ifeq ($(CIFAR10_ROOT),)
+ifneq ($(wildcard $(SHARED_CIFAR10)/train),)
+export CIFAR10_ROOT := $(SHARED_CIFAR10)
+endif
+endif
+
+.PHONY: install train test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(BIN)/python -m train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) src/*.egg-info .pytest_cache

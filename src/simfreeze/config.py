@@ -1,0 +1,45 @@
+"""Checks on the composed config that run before any work: unknown keys fail with one clear line."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The message names the key, the value and what is allowed."""
+
+
+TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", "seed", "ckpt_path",
+                  "test", "progress"}
+MODEL_KEYS = {"arch", "weights", "kwargs", "channels_last", "label_smoothing"}
+# Passed by train.py itself, so not settable from the config.
+TRAINER_RESERVED = {"logger", "callbacks", "default_root_dir"}
+
+
+def parameter_names(func: Callable) -> set[str]:
+    return {name for name in inspect.signature(func).parameters if name != "self"}
+
+
+def reject_unknown(section: str, keys: Iterable[str], allowed: set[str]) -> None:
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join(f'{section}{k}' for k in unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    import lightning as L
+
+    from simfreeze.data import TaskDataModule
+
+    reject_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
+    reject_unknown("data.", cfg.data.keys(), parameter_names(TaskDataModule.__init__))
+    reject_unknown("model.", cfg.model.keys(), MODEL_KEYS)
+    reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
+    if cfg.progress not in ("auto", "bar", "lines"):
+        raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")
+
+

@@ -1,0 +1,195 @@
+"""Networks by torchvision name with a task-sized head, initial weights, and the LightningModule."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+
+from simfreeze.config import ConfigError
+import torch
+import torchmetrics
+from torch import nn
+
+
+class WeightsError(ConfigError):
+    """Initial weights that cannot be used; the message says which and why."""
+
+
+def classifier_head_name(net: nn.Module) -> str:
+    """Dotted name of the classifier head: the last ``nn.Linear`` in module order."""
+    linears = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise WeightsError(f"{type(net).__name__} has no nn.Linear classifier head to replace")
+    return linears[-1]
+
+
+def replace_head(net: nn.Module, num_classes: int) -> str:
+    """Swap the classifier head for a fresh ``nn.Linear(in_features, num_classes)``."""
+    name = classifier_head_name(net)
+    old = net.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"model.weights='{path}': no such checkpoint file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-tensor payloads
+        raise WeightsError(f"model.weights='{path}' is not a readable state dict: {err}") from err
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"model.weights='{path}' does not hold a state dict of tensors")
+    return loaded
+
+
+def load_backbone(net: nn.Module, state: dict[str, torch.Tensor], head: str) -> list[str]:
+    """Load every non-head weight strictly; return the head keys that were dropped."""
+    dropped = sorted(k for k in state if k.startswith(head + "."))
+    body = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    expected = {k: v for k, v in net.state_dict().items() if not k.startswith(head + ".")}
+    missing = sorted(set(expected) - set(body))
+    unexpected = sorted(set(body) - set(expected))
+    mismatched = sorted(f"{k} {tuple(v.shape)}≠{tuple(expected[k].shape)}"
+                        for k, v in body.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        def some(keys):
+            return ", ".join(keys[:6]) + (f" … (+{len(keys) - 6})" if len(keys) > 6 else "")
+        parts = [f"{label}: {some(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
+        raise WeightsError("checkpoint does not fit the architecture — " + "; ".join(parts))
+    net.load_state_dict(body, strict=False)
+    return dropped
+
+
+def build_network(arch: str, num_classes: int, weights: str | None = None, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """A torchvision classifier with a ``num_classes`` head.
+
+    ``weights``: None (random init), a torchvision weights enum name such as ``IMAGENET1K_V2``
+    (downloaded by torchvision), or a path to a state dict / Lightning checkpoint.
+    Returns the network and a record of what was loaded.
+    """
+    from torchvision import models
+
+    available = models.list_models(module=models)
+    if arch not in available:
+        raise WeightsError(f"model.arch='{arch}' is not a torchvision classification model; "
+                           f"choose one of: {', '.join(sorted(available))}")
+    record: dict[str, Any] = {"arch": arch, "weights": weights, "dropped_head_keys": []}
+    if weights and not _looks_like_path(weights):
+        try:
+            enum = models.get_model_weights(arch)[weights]
+        except KeyError:
+            names = [w.name for w in models.get_model_weights(arch)]
+            raise WeightsError(f"model.weights='{weights}' is neither a file nor one of "
+                               f"{arch}'s torchvision weights {names}") from None
+        try:
+            net = models.get_model(arch, weights=enum, **kwargs)
+        except Exception as err:  # offline: URLError and friends
+            raise WeightsError(f"could not fetch torchvision weights {arch}.{weights}: {err}. "
+                               f"Offline, pass a local file as model.weights=/path/to/state_dict.pt") from err
+        record["head"] = replace_head(net, num_classes)
+        return net, record
+    net = models.get_model(arch, num_classes=num_classes, **kwargs)
+    head = classifier_head_name(net)
+    if net.get_submodule(head).out_features != num_classes:  # archs that ignore num_classes
+        replace_head(net, num_classes)
+    record["head"] = head
+    if weights:
+        record["dropped_head_keys"] = load_backbone(net, read_state_dict(weights), head)
+    return net, record
+
+
+def _looks_like_path(value: str) -> bool:
+    return any(sep in value for sep in ("/", "\\")) or value.endswith((".pt", ".pth", ".ckpt", ".bin"))
+
+
+def count_parameters(net: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(net.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy training of ``net`` with accuracy metrics; optimizer over trainable params only."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.channels_last = channels_last
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval = scheduler_interval
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro")
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch, stage: str, metric):
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler_kwargs = {}
+        if _wants_total_steps(self.scheduler_factory):
+            # OneCycleLR divides by its phase lengths: tiny runs (< 10 steps) get a stretched schedule.
+            scheduler_kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
+        scheduler = self.scheduler_factory(optimizer, **scheduler_kwargs)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+
+def _wants_total_steps(factory) -> bool:
+    """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
+    import inspect
+
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {})
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "total_steps" in params and keywords.get("total_steps") is None

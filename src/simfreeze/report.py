@@ -1,0 +1,111 @@
+"""What a run leaves behind: timings, ``results.json`` and its one-line summary."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class FitClock(L.Callback):
+    """Wall time of the fit, of each epoch, and of the training part of each epoch.
+
+    CUDA work is asynchronous, so the clock synchronises the device before every reading.
+    """
+
+    def __init__(self):
+        self.fit_seconds = 0.0
+        self.epoch_seconds: list[float] = []
+        self.train_seconds: list[float] = []
+        self.train_images = 0
+        self._fit_start = self._epoch_start = 0.0
+        self._train_end: float | None = None
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit_start = self._now(pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.fit_seconds = self._now(pl_module) - self._fit_start
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_start = self._now(pl_module)
+        self._train_end = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train_images += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.training and self._train_end is None:  # the epoch-end validation, not sanity checking
+            self._train_end = self._now(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        end = self._now(pl_module)
+        self.epoch_seconds.append(end - self._epoch_start)
+        self.train_seconds.append((self._train_end or end) - self._epoch_start)
+
+    def summary(self) -> dict[str, float | None]:
+        train_time = sum(self.train_seconds)
+        return {
+            "fit_seconds": round(self.fit_seconds, 3),
+            "mean_epoch_seconds": round(sum(self.epoch_seconds) / len(self.epoch_seconds), 3)
+            if self.epoch_seconds else None,
+            "train_images_per_second": round(self.train_images / train_time, 1) if train_time else None,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    import hydra
+    import lightning
+    import torchmetrics
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "lightning": lightning.__version__,
+            "hydra": hydra.__version__, "torchmetrics": torchmetrics.__version__}
+
+
+def git_revision() -> str | None:
+    """The project's commit, with ``-dirty`` when the working tree has changes; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def device_name(trainer: L.Trainer) -> str:
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    def pct(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return (f"[simfreeze] {results['name']}: best val/acc={pct(results['best_val_acc'])} "
+            f"final val/acc={pct(results['final_val_acc'])} test/acc={pct(results['test_acc'])} "
+            f"fit={results['fit_seconds']:.1f}s ({results['train_images_per_second']} img/s) "
+            f"trainable={results['trainable_parameters']:,}/{results['total_parameters']:,} "
+            f"seed={results['seed']} → {results['run_dir']}")

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from simfreeze.data import (
+    DataConfigError, ImageFolderSource, TaskDataModule, balanced_split, class_permutation, open_source,
+    prepare_batch, task_labels,
+)
+
+
+def test_split_is_balanced_stratified_and_disjoint():
+    split = balanced_split({"a": 100, "b": 57, "c": 80}, per_class=50, val_fraction=0.2, seed=3)
+    for name in "abc":
+        train, val = split.train[name], split.val[name]
+        assert len(train) == 40 and len(val) == 10
+        assert not set(train) & set(val)
+        assert len(set(train)) == 40
+
+
+def test_split_is_deterministic_and_seed_dependent():
+    sizes = {"a": 100, "b": 100}
+    assert balanced_split(sizes, 20, 0.25, seed=1) == balanced_split(sizes, 20, 0.25, seed=1)
+    assert balanced_split(sizes, 20, 0.25, seed=1) != balanced_split(sizes, 20, 0.25, seed=2)
+
+
+def test_class_indices_do_not_depend_on_the_other_classes():
+    # The paper's cat and dog tasks must see the same cat images whatever else the task holds.
+    alone = balanced_split({"cat": 500, "dog": 500}, 80, 0.2, seed=0)
+    more = balanced_split({"bird": 300, "cat": 500, "dog": 500}, 80, 0.2, seed=0)
+    assert alone.train["cat"] == more.train["cat"] and alone.val["dog"] == more.val["dog"]
+    assert class_permutation(10, "cat", 0) != class_permutation(10, "dog", 0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_class": 200}, "has only 100 images"),
+    ({"val_fraction": 1.0}, "must lie in (0, 1)"),
+    ({"val_fraction": 0.001}, "both must be > 0"),
+])
+def test_split_rejects_impossible_settings(kwargs, message):
+    args = {"per_class": 50, "val_fraction": 0.2, "seed": 0, **kwargs}
+    with pytest.raises(DataConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        balanced_split({"a": 100}, **args)
+
+
+def test_positive_class_gives_binary_labels():
+    assert task_labels(["cat", "dog"], None) == {"cat": 0, "dog": 1}
+    assert task_labels(["cat", "dog"], "dog") == {"cat": 0, "dog": 1}
+    assert task_labels(["cat", "dog", "bird"], "cat") == {"cat": 1, "dog": 0, "bird": 0}
+    with pytest.raises(DataConfigError, match="data.positive='fox'"):
+        task_labels(["cat", "dog"], "fox")
+
+
+def test_datamodule_builds_the_task_in_memory(image_folder, tmp_path):
+    dm = TaskDataModule(root=str(image_folder), classes=["bee", "ant"], positive="bee", per_class=20,
+                        val_fraction=0.25, batch_size=8)
+    dm.setup("fit")
+    images, labels = dm.tensors["train"]
+    assert images.dtype == torch.uint8 and images.shape == (30, 3, 16, 16)
+    assert labels.bincount().tolist() == [15, 15]
+    assert dm.sizes == {"train": 30, "val": 10}
+    assert dm.num_classes == 2 and dm.labels == {"bee": 1, "ant": 0}
+    dm.save_split(tmp_path / "split.json")
+    record = json.loads((tmp_path / "split.json").read_text())
+    assert len(record["files"]["train"]["bee"]) == 15
+    assert not set(record["files"]["train"]["ant"]) & set(record["files"]["val"]["ant"])
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 16, 16) and y.shape == (8,)
+
+
+def test_same_seed_same_images_whatever_the_positive_class(image_folder):
+    def files(positive):
+        dm = TaskDataModule(root=str(image_folder), classes=["ant", "bee"], positive=positive, per_class=20,
+                            batch_size=64)
+        dm.setup()
+        return dm.split_record()["files"]
+    assert files("ant") == files("bee") == files(None)
+
+
+def test_layout_detection_and_test_split(image_folder, image_folder_with_test):
+    assert isinstance(open_source("cifar10", str(image_folder), False, ""), ImageFolderSource)
+    flat = open_source("folder", str(image_folder / "train"), False, "")  # root/<class>/ also works
+    assert flat.classes == ["ant", "bee", "cow"] and not flat.has_test
+    dm = TaskDataModule(root=str(image_folder_with_test), classes=["ant", "bee"], per_class=20)
+    dm.setup()
+    assert dm.sizes["test"] == 12
+
+
+def test_missing_root_and_unknown_class_are_clear_errors(image_folder, tmp_path):
+    with pytest.raises(DataConfigError, match="does not exist.*CIFAR10_ROOT"):
+        open_source("cifar10", str(tmp_path / "nowhere"), False, "")
+    with pytest.raises(DataConfigError, match="data.download=true"):
+        open_source("cifar10", None, False, "")
+    dm = TaskDataModule(root=str(image_folder), classes=["ant", "yak"], per_class=5)
+    with pytest.raises(DataConfigError, match=r"unknown class \['yak'\]"):
+        dm.setup()
+
+
+def test_corrupt_image_is_named(tmp_path):
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path, {"a": 4, "b": 4})
+    bad = root / "train" / "a" / "a_0001.png"
+    bad.write_bytes(b"not an image")
+    dm = TaskDataModule(root=str(root), classes=["a", "b"], per_class=4, val_fraction=0.5)
+    with pytest.raises(DataConfigError, match="a_0001.png"):
+        dm.setup()
+
+
+def test_prepare_batch_normalises_resizes_and_flips():
+    images = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
+    images[..., :4] = 255  # left half white
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    x = prepare_batch(images, mean, std)
+    assert x.dtype == torch.float32 and x[..., 0].eq(1).all() and x[..., -1].eq(-1).all()
+    assert prepare_batch(images, mean, std, image_size=16).shape == (64, 3, 16, 16)
+    flipped = prepare_batch(images, mean, std, flip=True, generator=torch.Generator().manual_seed(0))
+    turned = flipped[..., 0].eq(-1).all(dim=(1, 2))
+    assert 10 < int(turned.sum()) < 54  # about half the batch, each image whole
+    assert torch.equal(flipped[turned], x[turned].flip(-1)) and torch.equal(flipped[~turned], x[~turned])

@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from simfreeze.model import (
+    Classifier, WeightsError, build_network, classifier_head_name, count_parameters, read_state_dict,
+)
+
+
+@pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
+                                        ("alexnet", "classifier.6")])
+def test_any_torchvision_arch_gets_a_task_sized_head(arch, head):
+    net, record = build_network(arch, num_classes=3)
+    assert record["head"] == head == classifier_head_name(net)
+    assert net.get_submodule(head).out_features == 3
+
+
+def test_unknown_arch_names_the_choices():
+    with pytest.raises(WeightsError, match="model.arch='resnet51'.*resnet50"):
+        build_network("resnet51", 2)
+
+
+def test_unknown_weights_enum_lists_the_real_ones():
+    with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
+        build_network("resnet18", 2, weights="IMAGENET9K")
+
+
+def test_local_state_dict_loads_with_a_replaced_head(tmp_path):
+    source, _ = build_network("resnet18", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    net, record = build_network("resnet18", num_classes=2, weights=str(tmp_path / "source.pt"))
+    assert record["dropped_head_keys"] == ["fc.bias", "fc.weight"]
+    assert net.fc.out_features == 2
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, net.state_dict()[key]), key
+
+
+def test_lightning_checkpoint_weights_are_read(tmp_path):
+    net, _ = build_network("resnet18", num_classes=2)
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "run.ckpt")
+    assert set(read_state_dict(tmp_path / "run.ckpt")) == set(net.state_dict())
+
+
+def test_checkpoint_that_does_not_fit_lists_the_offending_keys(tmp_path):
+    other, _ = build_network("resnet34", num_classes=2)
+    torch.save(other.state_dict(), tmp_path / "r34.pt")
+    with pytest.raises(WeightsError, match="does not fit.*unexpected: layer1.2"):
+        build_network("resnet18", 2, weights=str(tmp_path / "r34.pt"))
+    with pytest.raises(WeightsError, match="no such checkpoint"):
+        build_network("resnet18", 2, weights=str(tmp_path / "missing.pt"))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "module.pt")  # needs unpickling code: weights_only refuses
+    with pytest.raises(WeightsError, match="not a readable state dict"):
+        read_state_dict(tmp_path / "module.pt")
+
+
+def test_optimizer_gets_trainable_parameters_only():
+    net, _ = build_network("resnet18", num_classes=2)
+    for p in net.layer1.parameters():
+        p.requires_grad_(False)
+    module = Classifier(net, 2)
+    optimizer = module.configure_optimizers()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in net.parameters() if p.requires_grad}
+    trainable, total = count_parameters(net)
+    assert trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert trainable < total

@@ -1,0 +1,62 @@
+"""End to end: `python -m train` in a fresh process, from a directory that is not the repository."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_train
+
+TINY = ["model.arch=resnet18", "data.per_class=20", "data.val_fraction=0.25", "data.batch_size=16",
+        "trainer.max_epochs=2", "progress=lines"]
+
+
+def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, "data.classes=[ant,bee]", f"data.root={image_folder_with_test}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["images"] == {"train": 30, "val": 10, "test": 12}
+    assert 0.0 <= results["best_val_acc"] <= 1.0 and results["test_acc"] is not None
+    assert results["best_val_acc"] >= results["final_val_acc"]
+    assert results["fit_seconds"] > 0 and results["train_images_per_second"] > 0
+    assert results["epochs"] == 2 and results["seed"] == 0
+    assert results["trainable_parameters"] == results["total_parameters"] > 1_000_000
+    assert results["precision"] == "32-true" and results["device"].startswith("cpu")
+    assert set(results["versions"]) >= {"torch", "torchvision", "lightning", "hydra"}
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert json.loads((run_dir / "split.json").read_text())["per_class"] == 20
+    assert "[simfreeze]" in result.stdout and "epoch 2/2" in result.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_train("--cfg", "job", "data.per_class=123", cwd=tmp_path)
+    assert "per_class: 123" in result.stdout and "arch: resnet50" in result.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+data.per_clas=5", "unknown key data.per_clas"),
+    ("+epochs=5", "unknown key epochs"),
+    ("+trainer.max_epoch=5", "unknown key trainer.max_epoch"),
+])
+def test_unknown_keys_are_rejected_before_any_work(override, message, tmp_path):
+    result = run_train(override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_misspelt_override_is_refused_by_hydra(tmp_path):
+    result = run_train("data.per_clas=5", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "per_clas" in result.stderr
+
+
+def test_real_cifar10_run(cifar10_root, tmp_path):
+    """The paper's cat/dog task on the real CIFAR-10 JPEGs, scaled down: ResNet-50, 1 epoch."""
+    run_dir = tmp_path / "real"
+    run_train("data.per_class=40", "trainer.max_epochs=1", "progress=lines", f"data.root={cifar10_root}",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["images"] == {"train": 64, "val": 16}
+    split = json.loads((run_dir / "split.json").read_text())
+    assert sorted(split["files"]["train"]) == ["cat", "dog"]
+    assert all(f.startswith("train/cat/") for f in split["files"]["val"]["cat"])
