@@ -2,102 +2,215 @@
 
 Examples::
 
-    python -m train                                   # cat vs dog, ResNet-50, 3 epochs
-    python -m train data.per_class=100 trainer.max_epochs=1
+    python -m train                                   # cat vs dog from scratch, ResNet-50, 3 epochs
+    python -m train +experiment=cat_to_dog            # the paper's protocol: every arm, one summary
+    python -m train arm=dynamic data.positive=dog source.task.positive=cat
     python -m train --cfg job                         # print the composed config
-    python -m train +experiment=<name>                # conf/experiment/<name>.yaml
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import ConfigError, validate_config
 
-OmegaConf.register_new_resolver("join", lambda items: "-".join(map(str, items)), replace=True)
 log = logging.getLogger("simfreeze")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_name(cfg: dict) -> str:
+    data = cfg["data"]
+    return cfg["name"] or f"{cfg['arm']}:{data['positive'] or '-'.join(data['classes'])}"
+
+
+def source_run_config(cfg: dict) -> dict:
+    """The config that trains the source task: the target's recipe on the source task's data."""
+    source = copy.deepcopy(cfg)
+    source["data"].update(cfg["source"]["task"])
+    source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
+    source["freeze"]["policy"] = "none"
+    source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
+    return source
+
+
+def resolve_source(cfg: dict) -> tuple[str | None, dict | None]:
+    """Initial weights of a transfer run (a file or enum name) and, for a source task, its results."""
+    from simfreeze.sources import cached_source
+
+    if cfg["source"]["task"]:
+        source_cfg = source_run_config(cfg)
+        directory, results, trained = cached_source(
+            Path(cfg["source"]["cache_dir"]), run_name(source_cfg).replace(":", "-"), source_cfg, train)
+        log.info("source %s %s: %s", results["name"], "trained" if trained else "reused from cache", directory)
+        results = {**results, "cached": not trained}
+        # The last checkpoint, not the best one: the best is chosen on val images, which may be
+        # the target's val images too (the paper's shared cat/dog split).
+        return str(directory / "checkpoints" / "last.ckpt"), results
+    if cfg["source"]["weights"]:
+        return cfg["source"]["weights"], None
+    raise ConfigError("a transfer run needs source.task (e.g. source.task.positive=cat) or source.weights")
+
+
+def check_no_leakage(cfg: dict, target) -> None:
+    """A source task must not have trained on any image the target validates on."""
+    from simfreeze.data import TaskDataModule, shared_images
+
+    if not cfg["source"]["task"]:
+        return
+    source = TaskDataModule(**source_run_config(cfg)["data"])
+    overlap = shared_images(source.plan_split(), target.plan_split())
+    if overlap:
+        counts = {name: len(idx) for name, idx in overlap.items()}
+        raise ConfigError(f"the source task trains on {counts} images of the target's validation split; "
+                          f"use the same data.seed/per_class/val_fraction for both, or disjoint classes")
+
+
+def build_similarity(cfg: dict, target, head: str, run_dir: Path):
+    from simfreeze.data import TaskDataModule
+    from simfreeze.model import build_network
+    from simfreeze.similarity import SimilarityCallback
+
+    spec = cfg["similarity"]
+    source_task = cfg["source"]["task"]
+    if spec["source_classes"]:
+        source_classes = list(spec["source_classes"])
+    elif source_task:
+        source_data = source_run_config(cfg)["data"]
+        source_classes = [source_data["positive"]] if source_data["positive"] else list(source_data["classes"])
+    else:
+        raise ConfigError("similarity.source_classes is needed when the source is not a task "
+                          "(e.g. similarity.source_classes=[cat])")
+    target_classes = list(spec["target_classes"] or ([target.positive] if target.positive else target.classes))
+
+    extra = None  # images of source classes the target task does not hold come from the source task
+    if any(name not in target.classes for name in source_classes):
+        if not source_task:
+            raise ConfigError(f"similarity.source_classes={source_classes} are not all in data.classes "
+                              f"{target.classes}, and there is no source task to take their images from")
+        extra = TaskDataModule(**source_run_config(cfg)["data"])
+
+    def class_images(name: str):
+        return (target if name in target.classes else extra).class_images(name)
+
+    embedder, embedder_name = None, spec["embedder"]
+    if embedder_name != "source":
+        embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, **cfg["model"]["kwargs"])
+    return SimilarityCallback(class_images, target.prepare, source_classes, target_classes, head,
+                              embedder=embedder, embedder_name=embedder_name, matrix=spec["matrix"],
+                              out_dir=run_dir)
+
+
+def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
+    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from simfreeze.data import TaskDataModule
+    from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback
+    from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
     from simfreeze.progress import progress_bar
-    from simfreeze.report import FitClock, device_name, git_revision, library_versions, summary_line, write_results
+    from simfreeze.report import FitClock, run_results, summary_line, write_results
 
-    # Build everything first: a bad key or value fails here, before any data is read.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = TaskDataModule(**cfg.data)
-    net, weights_record = build_network(cfg.model.arch, datamodule.num_classes, cfg.model.weights,
-                                        **cfg.model.kwargs)
+    if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
+        _, source_results = resolve_source(cfg)
+        results = {**source_results, "arm": "source", "run_dir": str(run_dir), "source_dir": source_results["run_dir"]}
+        write_results(run_dir / "results.json", results)
+        print(summary_line(results), flush=True)
+        return results
+
+    # Build everything first: a bad key or value fails here, before any image is decoded.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    datamodule = TaskDataModule(**cfg["data"])
+    freeze = cfg["freeze"]
+    policy = freeze["policy"]
+    if cfg["transfer"]:
+        check_no_leakage(cfg, datamodule)
+    weights, source_results = resolve_source(cfg) if cfg["transfer"] else (cfg["model"]["weights"], None)
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
+    net, weights_record = build_network(cfg["model"]["arch"], datamodule.num_classes, weights, **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
-        log.info("initial weights %s: dropped head keys %s", cfg.model.weights, weights_record["dropped_head_keys"])
+        log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
     module = Classifier(net, datamodule.num_classes,
-                        optimizer=hydra.utils.instantiate(cfg.optimizer),
-                        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.scheduler else None,
-                        label_smoothing=cfg.model.label_smoothing, channels_last=cfg.model.channels_last)
+                        optimizer=hydra.utils.instantiate(cfg["optimizer"]),
+                        scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
+                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"])
+
+    callbacks: list[L.Callback] = []
+    similarity = None
+    if policy in NEEDS_SIMILARITY or cfg["similarity"]["enabled"]:
+        similarity = build_similarity(cfg, datamodule, weights_record["head"], run_dir)
+        callbacks.append(similarity)
+    freezer = None
+    if policy != "none" or family(cfg["model"]["arch"]) is not None:  # plan.json for every mapped arch
+        layers = layer_map(net, cfg["model"]["arch"], freeze["l_total"])
+        freezer = FreezeCallback(layers, policy, freeze["k"], freeze["low"], freeze["high"], freeze["fallback"],
+                                 similarity=similarity, out_dir=run_dir)
+        callbacks.append(freezer)
     clock = FitClock()
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
                                  mode="max", save_last=True)
-    trainer = L.Trainer(**cfg.trainer, default_root_dir=run_dir,
-                        logger=TensorBoardLogger(run_dir, name="tensorboard", version=""),
-                        callbacks=[checkpoint, clock, progress_bar(cfg.progress)])
+    logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
+                        callbacks=[*callbacks, checkpoint, clock, progress_bar(cfg["progress"])])
 
     datamodule.setup("fit")
     datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.sizes)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg["ckpt_path"])
     final = trainer.callback_metrics.get("val/acc")  # read before testing replaces the metrics
 
     test_acc = None
-    if cfg.test and "test" in datamodule.tensors:
+    if cfg["test"] and "test" in datamodule.tensors:
         ckpt = "best" if checkpoint.best_model_path else None
         test_acc = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]["test/acc"]
 
     trainable, total = count_parameters(module.net)
-    best = checkpoint.best_model_score
-    results = {
-        "name": cfg.name,
-        "run_dir": str(run_dir),
-        "best_val_acc": None if best is None else round(float(best), 6),
-        "final_val_acc": None if final is None else round(float(final), 6),
-        "test_acc": None if test_acc is None else round(float(test_acc), 6),
-        **clock.summary(),
-        "epochs": trainer.current_epoch,
-        "images": datamodule.sizes,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "seed": cfg.seed,
-        "split_seed": cfg.data.seed,
-        "precision": str(trainer.precision),
-        "device": device_name(trainer),
-        "weights": weights_record,
-        "versions": library_versions(),
-        "git_revision": git_revision(),
-        "command": " ".join(sys.argv),
-    }
+    results = run_results(
+        cfg, run_name(cfg), run_dir, trainer, clock, checkpoint.best_model_score, final, test_acc,
+        images=datamodule.sizes, trainable=trainable, total=total, weights=weights_record,
+        similarity=similarity.score if similarity else None,
+        l_freeze=freezer.n_frozen if freezer else 0, n_layers=len(freezer.layers) if freezer else None,
+        source=source_results)
+    logger.log_hyperparams(
+        {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
+         "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
+        {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
     write_results(run_dir / "results.json", results)
     print(summary_line(results), flush=True)
     return results
 
 
+def quiet_lightning() -> None:
+    """Route Lightning's messages through Hydra's log handlers only (console + train.log), once."""
+    import lightning  # noqa: F401  (its import installs the handlers removed here)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Frozen BatchNorm is held in eval on purpose (see simfreeze.freeze).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_lightning()
     try:
         validate_config(cfg)
-        results = train(cfg, run_dir)
+        results = train(OmegaConf.to_container(cfg, resolve=True), run_dir)
     except ConfigError as err:
         # One clear line instead of a traceback: the message names the key and what is allowed.
         print(f"error: {err}", file=sys.stderr)

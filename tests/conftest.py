@@ -61,3 +61,10 @@ def run_train(*overrides: str, cwd: Path, env: dict | None = None, check: bool =
     if check and result.returncode != 0:
         raise AssertionError(f"python -m train failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def cat_dog_folder(tmp_path_factory) -> Path:
+    """A synthetic stand-in for CIFAR-10 with the paper's class names (30 train, 5 test each)."""
+    return make_image_folder(tmp_path_factory.mktemp("catdog"), {"bird": 30, "cat": 30, "dog": 30},
+                             test_per_class=5)

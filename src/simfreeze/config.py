@@ -13,7 +13,12 @@ class ConfigError(ValueError):
 
 
 TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", "seed", "ckpt_path",
-                  "test", "progress"}
+                  "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze"}
+SECTION_KEYS = {
+    "source": {"task", "weights", "cache_dir"},
+    "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix"},
+    "freeze": {"policy", "k", "low", "high", "fallback", "l_total"},
+}
 MODEL_KEYS = {"arch", "weights", "kwargs", "channels_last", "label_smoothing"}
 # Passed by train.py itself, so not settable from the config.
 TRAINER_RESERVED = {"logger", "callbacks", "default_root_dir"}
@@ -38,6 +43,10 @@ def validate_config(cfg: DictConfig) -> None:
     reject_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
     reject_unknown("data.", cfg.data.keys(), parameter_names(TaskDataModule.__init__))
     reject_unknown("model.", cfg.model.keys(), MODEL_KEYS)
+    for section, allowed in SECTION_KEYS.items():
+        reject_unknown(f"{section}.", cfg[section].keys(), allowed)
+    if cfg.source.task:
+        reject_unknown("source.task.", cfg.source.task.keys(), parameter_names(TaskDataModule.__init__))
     reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
     if cfg.progress not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")

@@ -295,17 +295,23 @@ class TaskDataModule(L.LightningDataModule):
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- building
+    def plan_split(self) -> Split:
+        """Open the data and choose the split's images, without decoding any."""
+        if self.split is None:
+            self.source = open_source(self.dataset, self.root, self.download, self.download_dir)
+            unknown = [c for c in self.classes if c not in self.source.classes]
+            if unknown:
+                raise DataConfigError(
+                    f"data.classes: unknown class {unknown}; the data has {self.source.classes}"
+                )
+            sizes = {name: self.source.class_size(name) for name in self.classes}
+            self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed)
+        return self.split
+
     def setup(self, stage: str | None = None) -> None:
         if self.tensors:
             return
-        self.source = open_source(self.dataset, self.root, self.download, self.download_dir)
-        unknown = [c for c in self.classes if c not in self.source.classes]
-        if unknown:
-            raise DataConfigError(
-                f"data.classes: unknown class {unknown}; the data has {self.source.classes}"
-            )
-        sizes = {name: self.source.class_size(name) for name in self.classes}
-        self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed)
+        self.plan_split()
         for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
             self.tensors[stage_name] = self._load(chosen, "train")
         if self.use_test and self.source.has_test:
@@ -321,6 +327,20 @@ class TaskDataModule(L.LightningDataModule):
             images.append(self.source.load(name, indices, stage))
             labels.append(torch.full((len(indices),), self.labels[name], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
+
+    def class_images(self, name: str) -> torch.Tensor:
+        """The training images of one class (uint8), in split order."""
+        self.setup()
+        start = 0
+        for other, indices in self.split.train.items():
+            if other == name:
+                return self.tensors["train"][0][start:start + len(indices)]
+            start += len(indices)
+        raise DataConfigError(f"class '{name}' is not in this task's classes {self.classes}")
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch as the network sees it at evaluation (no augmentation)."""
+        return prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size)
 
     def split_record(self) -> dict:
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
@@ -363,3 +383,16 @@ class TaskDataModule(L.LightningDataModule):
         x = prepare_batch(images, self.mean.to(images.device), self.std.to(images.device),
                           self.image_size, flip=self.flip and training)
         return x, labels
+
+
+def shared_images(trained_on: Split, held_out: Split) -> dict[str, list[int]]:
+    """Images a source task trained on that a target task validates on, per class (must be empty).
+
+    Both splits must index the same data (same root): class name + index identifies an image.
+    """
+    overlap = {}
+    for name, indices in trained_on.train.items():
+        common = sorted(set(indices) & set(held_out.val.get(name, [])))
+        if common:
+            overlap[name] = common
+    return overlap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,30 @@ def device_name(trainer: L.Trainer) -> str:
     return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
+                *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
+                l_freeze: int, n_layers: int | None, source: dict | None) -> dict[str, Any]:
+    """Everything ``results.json`` records about one run."""
+    def metric(value):
+        return None if value is None else round(float(value), 6)
+
+    return {
+        "name": name, "arm": cfg["arm"], "run_dir": str(run_dir),
+        "best_val_acc": metric(best), "final_val_acc": metric(final), "test_acc": metric(test_acc),
+        **clock.summary(),
+        "epochs": trainer.current_epoch, "images": images,
+        "policy": cfg["freeze"]["policy"], "S": None if similarity is None else round(similarity, 6),
+        "l_freeze": l_freeze, "n_layers": n_layers,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
+        "precision": str(trainer.precision), "device": device_name(trainer),
+        "weights": weights,
+        "source": None if source is None else {k: source.get(k) for k in (
+            "name", "run_dir", "best_val_acc", "fit_seconds", "cached")},
+        "versions": library_versions(), "git_revision": git_revision(), "command": " ".join(sys.argv),
+    }
+
+
 def write_results(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
@@ -104,7 +129,9 @@ def summary_line(results: dict[str, Any]) -> str:
     def pct(value):
         return "n/a" if value is None else f"{value:.4f}"
 
-    return (f"[simfreeze] {results['name']}: best val/acc={pct(results['best_val_acc'])} "
+    frozen = f"L_freeze={results['l_freeze']} " if results.get("n_layers") else ""
+    score = f"S={results['S']:.4f} " if results.get("S") is not None else ""
+    return (f"[simfreeze] {results['name']}: {score}{frozen}best val/acc={pct(results['best_val_acc'])} "
             f"final val/acc={pct(results['final_val_acc'])} test/acc={pct(results['test_acc'])} "
             f"fit={results['fit_seconds']:.1f}s ({results['train_images_per_second']} img/s) "
             f"trainable={results['trainable_parameters']:,}/{results['total_parameters']:,} "

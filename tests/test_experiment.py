@@ -1,0 +1,57 @@
+"""The paper's protocol as one multirun (`+experiment=cat_to_dog`), scaled down to synthetic data."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from simfreeze.data import TaskDataModule, shared_images
+from tests.conftest import run_train
+
+SMALL = ["model.arch=resnet18", "data.per_class=20", "trainer.max_epochs=1", "freeze.k=15", "progress=lines"]
+
+
+def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("+experiment=cat_to_dog", *SMALL, f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}",
+                       f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path)
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["arm"] for r in rows] == ["source", "scratch", "dynamic", "static45", "head_only", "finetune"]
+    assert "| dynamic | dynamic:dog |" in result.stdout and (sweep / "summary.md").is_file()
+    # the cat source was trained once, by the first job, and reused by every transfer arm
+    assert len(list((tmp_path / "sources").glob("source-cat-*"))) == 1
+    runs = {r["arm"]: json.loads((sweep / r["job"] / "results.json").read_text()) for r in rows}
+    assert runs["source"]["cached"] is False
+    assert all(runs[arm]["source"]["cached"] for arm in ("dynamic", "static45", "head_only", "finetune"))
+    dynamic = runs["dynamic"]
+    plan = json.loads((sweep / rows[2]["job"] / "plan.json").read_text())
+    similarity = json.loads((sweep / rows[2]["job"] / "similarity.json").read_text())
+    assert plan["l_freeze"] == dynamic["l_freeze"] == round(similarity["S"] * 13)
+    assert similarity["source_classes"] == ["cat"] and similarity["target_classes"] == ["dog"]
+    assert runs["static45"]["l_freeze"] == 15 and runs["head_only"]["trainable_parameters"] == 512 * 2 + 2
+    assert runs["scratch"]["S"] is None and runs["finetune"]["l_freeze"] == 0
+    # same images for every arm: the source's split is the target's
+    source_split = json.loads((Path(runs["source"]["source_dir"]) / "split.json").read_text())
+    target_split = json.loads((sweep / rows[1]["job"] / "split.json").read_text())
+    assert source_split["files"] == target_split["files"] and source_split["positive"] == "cat"
+
+
+def test_source_never_trains_on_target_validation_images(cat_dog_folder):
+    common = dict(root=str(cat_dog_folder), classes=["cat", "dog"], per_class=20)
+    source = TaskDataModule(**common, positive="cat").plan_split()
+    target = TaskDataModule(**common, positive="dog").plan_split()
+    assert shared_images(source, target) == {}
+    # Validation takes the first images of each class's permutation, so a larger source split keeps
+    # the target's val images in its own val; a smaller one trains on some of them.
+    assert shared_images(TaskDataModule(**{**common, "per_class": 28}, positive="cat").plan_split(), target) == {}
+    assert shared_images(TaskDataModule(**{**common, "per_class": 10}, positive="cat").plan_split(), target)
+
+
+def test_leaking_source_is_refused(cat_dog_folder, tmp_path):
+    result = run_train("arm=dynamic", "data.positive=dog", "source.task={positive:cat,per_class:10}",
+                       *SMALL, f"data.root={cat_dog_folder}", f"hydra.run.dir={tmp_path / 'run'}",
+                       f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "trains on" in result.stderr and "target's validation split" in result.stderr
+    assert not (tmp_path / "sources").exists()

@@ -1,0 +1,85 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from simfreeze.config import ConfigError
+from simfreeze.freeze import FreezeCallback, freeze_leading, frozen_depth, linear_depth, plan_rows
+from simfreeze.layers import layer_map
+from simfreeze.model import Classifier
+
+
+def test_paper_formula():
+    assert linear_depth(0.9225, 40) == 37  # the paper's S(cat, dog) → 37 frozen layers
+    assert linear_depth(-0.3, 40) == 0
+    assert linear_depth(1.7, 40) == 40
+    assert linear_depth(0.5125, 40) == 21  # a half rounds up (20.5 → 21), as a reader expects
+    with pytest.raises(ConfigError, match="NaN"):
+        linear_depth(math.nan, 40)
+
+
+@pytest.mark.parametrize("policy, score, kwargs, expected", [
+    ("static", None, {"k": 45}, 45),
+    ("none", None, {}, 0),
+    ("head_only", None, {}, 49),
+    ("linear", 0.9225, {}, 37),
+    ("threshold", 0.3, {"low": 0.5, "high": 0.8}, 0),
+    ("threshold", 0.3, {"low": 0.5, "high": 0.8, "fallback": "head_only"}, 49),
+    ("threshold", 0.6, {"low": 0.5, "high": 0.8}, 24),
+    ("threshold", 0.8, {"low": 0.5, "high": 0.8}, 40),
+])
+def test_policies(policy, score, kwargs, expected):
+    assert frozen_depth(policy, 50, 40, score, **kwargs) == expected
+
+
+@pytest.mark.parametrize("policy, kwargs, message", [
+    ("static", {"k": 50}, r"freeze.k=50 must lie in \[0, 49\]"),
+    ("threshold", {"low": 0.9, "high": 0.8}, "need 0 ≤ low ≤ high ≤ 1"),
+    ("threshold", {"low": -0.1, "high": 0.8}, "need 0 ≤ low ≤ high ≤ 1"),
+    ("greedy", {}, "freeze.policy=greedy must be one of"),
+])
+def test_bad_plans_are_refused(policy, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        frozen_depth(policy, 50, 40, 0.5, **kwargs)
+
+
+def test_freeze_leading_sets_requires_grad_and_holds_bn_in_eval():
+    net = torchvision.models.resnet50(num_classes=2)
+    layers = layer_map(net, "resnet50")
+    norms = freeze_leading(net, layers, 37)
+    rows = plan_rows(net, layers, 37)
+    assert [r.frozen for r in rows] == [True] * 37 + [False] * 13
+    assert rows[36].name == "layer3.4.conv3" and rows[37].name == "layer3.5.conv1"
+    assert not net.layer3[4].conv3.weight.requires_grad and net.layer3[5].conv1.weight.requires_grad
+    assert not net.layer1[0].downsample[0].weight.requires_grad
+    assert net.fc.weight.requires_grad and net.layer4[0].conv1.weight.requires_grad
+    assert all(not m.training for m in norms) and len(norms) == 37 + 3  # + the downsample BNs of layer1..3
+    assert sum(r.parameters for r in rows) == sum(p.numel() for p in net.parameters())
+
+
+def test_short_fit_leaves_frozen_weights_and_buffers_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2)
+    layers = layer_map(net, "resnet18")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    freezer = FreezeCallback(layers, "static", k=7, out_dir=tmp_path)
+    module = Classifier(net, 2, optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9,
+                                                                         weight_decay=0.1))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[freezer])
+    trainer.fit(module, data, data)
+    frozen = {m for layer in layers.layers[:7] for m in layer.modules}
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    frozen_keys = {k for k in before if k.rpartition(".")[0] in frozen}
+    assert frozen_keys and not (changed & frozen_keys), "a frozen weight or BN buffer moved"
+    assert "layer2.1.conv2.weight" in changed  # the trainable part did learn
+    assert all(p.grad is None for m in frozen for p in net.get_submodule(m).parameters())
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert held == {id(p) for p in net.parameters() if p.requires_grad}
+    assert (tmp_path / "plan.json").is_file() and freezer.record()["first_trainable"] == layers.names[7]

@@ -1,0 +1,47 @@
+import math
+
+import torch
+import torchvision
+
+from simfreeze.similarity import SimilarityCallback, centroid, cosine, cosine_matrix, pooled_features
+
+
+def test_cosine_and_matrix():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert math.isclose(cosine(a, b), 1 / math.sqrt(2))
+    assert cosine(a, -a) == -1.0 and math.isnan(cosine(a, torch.zeros(2)))
+    matrix = cosine_matrix(torch.stack([a, b, -a]))
+    assert torch.allclose(matrix.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(matrix, matrix.T) and math.isclose(float(matrix[0, 1]), cosine(a, b))
+    assert torch.equal(centroid(torch.tensor([[1.0, 2.0], [3.0, 4.0]])), torch.tensor([2.0, 3.0]))
+
+
+def test_pooled_features_are_the_head_input_and_leave_the_model_unchanged():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(6, 3, 32, 32)
+    features = pooled_features(net, "fc", [x[:4], x[4:]])
+    assert features.shape == (6, 512) and (features >= 0).all()  # post-ReLU average pool
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), "BN buffers moved"
+    assert net.training and all(m.training for m in net.modules())  # modes restored
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net.fc(features), net(x), atol=1e-5)
+
+
+def test_callback_scores_source_against_target_classes(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2)
+    images = {"cat": torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8),
+              "dog": torch.randint(0, 255, (7, 3, 16, 16), dtype=torch.uint8)}
+    callback = SimilarityCallback(images.__getitem__, lambda x: x.float() / 255, ["cat"], ["dog"], "fc",
+                                  matrix=True, out_dir=tmp_path)
+    result = callback.compute(net, torch.device("cpu"))
+    expected = cosine(pooled_features(net, "fc", [images["cat"].float() / 255]).mean(0),
+                      pooled_features(net, "fc", [images["dog"].float() / 255]).mean(0))
+    assert math.isclose(result["S"], expected, rel_tol=1e-9)
+    assert result["images_per_class"] == {"cat": 5, "dog": 7} and result["dimension"] == 512
+    assert result["matrix"]["classes"] == ["cat", "dog"]
+    assert math.isclose(result["matrix"]["cosine"][0][1], expected, rel_tol=1e-5)
