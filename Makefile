@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Extra Hydra overrides for `make train`, e.g. make train ARGS="seed=1 trainer.max_epochs=5"
+# Extra Hydra overrides for `make train`, e.g. make train ARGS="seed=0,1,2"
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 train: install
-	$(BIN)/python -m train $(ARGS)
+	$(BIN)/python -m train +experiment=cat_to_dog $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

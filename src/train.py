@@ -65,7 +65,10 @@ def check_no_leakage(cfg: dict, target) -> None:
 
     if not cfg["source"]["task"]:
         return
-    source = TaskDataModule(**source_run_config(cfg)["data"])
+    source_data = source_run_config(cfg)["data"]
+    if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
+        return  # different data: nothing to share
+    source = TaskDataModule(**source_data)
     overlap = shared_images(source.plan_split(), target.plan_split())
     if overlap:
         counts = {name: len(idx) for name, idx in overlap.items()}
@@ -157,11 +160,13 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
                                  similarity=similarity, out_dir=run_dir)
         callbacks.append(freezer)
     clock = FitClock()
+    # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
-                                 mode="max", save_last=True)
+                                 mode="max", save_weights_only=True)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
-                        callbacks=[*callbacks, checkpoint, clock, progress_bar(cfg["progress"])])
+                        callbacks=[clock, *callbacks, checkpoint, last, progress_bar(cfg["progress"])])
 
     datamodule.setup("fit")
     datamodule.save_split(run_dir / "split.json")
@@ -181,7 +186,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         images=datamodule.sizes, trainable=trainable, total=total, weights=weights_record,
         similarity=similarity.score if similarity else None,
         l_freeze=freezer.n_frozen if freezer else 0, n_layers=len(freezer.layers) if freezer else None,
-        source=source_results)
+        source=source_results, similarity_seconds=similarity.seconds if similarity else None)
     logger.log_hyperparams(
         {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
          "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},

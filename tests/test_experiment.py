@@ -9,7 +9,7 @@ import pytest
 from simfreeze.data import TaskDataModule, shared_images
 from tests.conftest import run_train
 
-SMALL = ["model.arch=resnet18", "data.per_class=20", "trainer.max_epochs=1", "freeze.k=15", "progress=lines"]
+SMALL = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=1", "freeze.k=15", "progress=lines"]
 
 
 def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_path):

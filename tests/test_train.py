@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import run_train
 
-TINY = ["model.arch=resnet18", "data.per_class=20", "data.val_fraction=0.25", "data.batch_size=16",
+TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "data.val_fraction=0.25", "data.batch_size=16",
         "trainer.max_epochs=2", "progress=lines"]
 
 

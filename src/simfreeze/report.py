@@ -15,7 +15,8 @@ import torch
 
 
 class FitClock(L.Callback):
-    """Wall time of the fit, of each epoch, and of the training part of each epoch.
+    """Wall time of the fit (from setup, so including a similarity pass), of each epoch, and of the
+    training part of each epoch.
 
     CUDA work is asynchronous, so the clock synchronises the device before every reading.
     """
@@ -34,8 +35,10 @@ class FitClock(L.Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
-    def on_fit_start(self, trainer, pl_module):
-        self._fit_start = self._now(pl_module)
+    def setup(self, trainer, pl_module, stage):
+        # Listed first, so the fit time includes the other callbacks' setup work (the similarity pass).
+        if stage == "fit":
+            self._fit_start = self._now(pl_module)
 
     def on_fit_end(self, trainer, pl_module):
         self.fit_seconds = self._now(pl_module) - self._fit_start
@@ -99,7 +102,8 @@ def device_name(trainer: L.Trainer) -> str:
 
 def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
                 *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
-                l_freeze: int, n_layers: int | None, source: dict | None) -> dict[str, Any]:
+                l_freeze: int, n_layers: int | None, source: dict | None,
+                similarity_seconds: float | None = None) -> dict[str, Any]:
     """Everything ``results.json`` records about one run."""
     def metric(value):
         return None if value is None else round(float(value), 6)
@@ -109,6 +113,7 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "best_val_acc": metric(best), "final_val_acc": metric(final), "test_acc": metric(test_acc),
         **clock.summary(),
         "epochs": trainer.current_epoch, "images": images,
+        "similarity_seconds": None if similarity_seconds is None else round(similarity_seconds, 3),
         "policy": cfg["freeze"]["policy"], "S": None if similarity is None else round(similarity, 6),
         "l_freeze": l_freeze, "n_layers": n_layers,
         "trainable_parameters": trainable, "total_parameters": total,

@@ -8,6 +8,7 @@ embedding leaves parameters and BatchNorm buffers untouched.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -72,6 +73,7 @@ class SimilarityCallback(L.Callback):
         self.head, self.embedder, self.embedder_name = head, embedder, embedder_name
         self.matrix, self.batch_size, self.out_dir = matrix, batch_size, out_dir
         self.score: float | None = None
+        self.seconds: float | None = None
         self.result: dict = {}
 
     def embed_class(self, net: nn.Module, name: str, device: torch.device) -> torch.Tensor:
@@ -101,8 +103,10 @@ class SimilarityCallback(L.Callback):
             return
         # setup runs before the strategy moves the model: embed on the device training will use.
         device = trainer.strategy.root_device
+        start = time.perf_counter()
         net = (self.embedder if self.embedder is not None else pl_module.net).to(device)
         self.result = self.compute(net, device)
+        self.seconds = time.perf_counter() - start
         self.score = self.result["S"]
         if self.out_dir is not None:
             (self.out_dir / "similarity.json").write_text(json.dumps(self.result, indent=1))
