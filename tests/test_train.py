@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_train
 
@@ -22,7 +23,10 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert results["trainable_parameters"] == results["total_parameters"] > 1_000_000
     assert results["precision"] == "32-true" and results["device"].startswith("cpu")
     assert set(results["versions"]) >= {"torch", "torchvision", "lightning", "hydra"}
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/acc", "hp/best_val_acc"} <= set(events.Tags()["scalars"])
+    assert "arm: scratch" in (run_dir / "tensorboard" / "hparams.yaml").read_text()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((run_dir / "split.json").read_text())["per_class"] == 20
     assert "[simfreeze]" in result.stdout and "epoch 2/2" in result.stdout
