@@ -120,6 +120,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
+    from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
 
@@ -159,6 +160,10 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         freezer = FreezeCallback(layers, policy, freeze["k"], freeze["low"], freeze["high"], freeze["fallback"],
                                  similarity=similarity, out_dir=run_dir)
         callbacks.append(freezer)
+    cache = None
+    if cfg["cache"]["enabled"] and freezer is not None:
+        cache = PrefixCacheCallback(datamodule, cfg["cache"]["budget_gb"])
+        callbacks.append(cache)
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
@@ -186,11 +191,13 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         images=datamodule.sizes, trainable=trainable, total=total, weights=weights_record,
         similarity=similarity.score if similarity else None,
         l_freeze=freezer.n_frozen if freezer else 0, n_layers=len(freezer.layers) if freezer else None,
-        source=source_results, similarity_seconds=similarity.seconds if similarity else None)
+        source=source_results, similarity_seconds=similarity.seconds if similarity else None,
+        prefix_cache=cache.record if cache else None)
     logger.log_hyperparams(
         {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
          "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
         {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
+    logger.save()  # hparams.yaml and a flush: fit already finalised the logger
     write_results(run_dir / "results.json", results)
     print(summary_line(results), flush=True)
     return results

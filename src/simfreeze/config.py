@@ -13,11 +13,12 @@ class ConfigError(ValueError):
 
 
 TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", "seed", "ckpt_path",
-                  "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze"}
+                  "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze", "cache"}
 SECTION_KEYS = {
     "source": {"task", "weights", "cache_dir"},
     "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix"},
     "freeze": {"policy", "k", "low", "high", "fallback", "l_total"},
+    "cache": {"enabled", "budget_gb"},
 }
 MODEL_KEYS = {"arch", "weights", "kwargs", "channels_last", "label_smoothing"}
 # Passed by train.py itself, so not settable from the config.

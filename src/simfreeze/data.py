@@ -254,6 +254,19 @@ def prepare_batch(
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
+def pick_views(features: torch.Tensor, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch of cached prefix outputs (B, views, ...) → (B, ...).
+
+    View 1 holds the outputs for the flipped image; training takes it for a random half of the
+    batch, drawing the same random numbers as ``prepare_batch`` so both paths flip the same images.
+    """
+    if features.shape[1] == 1 or not training:
+        return features[:, 0]
+    mask = torch.rand(features.shape[0], generator=generator) < 0.5
+    mask = mask.to(features.device).view(-1, *([1] * (features.dim() - 2)))
+    return torch.where(mask, features[:, 1], features[:, 0])
+
+
 # --------------------------------------------------------------------------- DataModule
 
 
@@ -293,6 +306,7 @@ class TaskDataModule(L.LightningDataModule):
         self.source: ImageSource | None = None
         self.split: Split | None = None
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.features: dict[str, torch.Tensor] = {}  # cached prefix outputs (N, views, ...) per stage
 
     # -- building
     def plan_split(self) -> Split:
@@ -361,8 +375,13 @@ class TaskDataModule(L.LightningDataModule):
         return {stage: len(labels) for stage, (_, labels) in self.tensors.items()}
 
     # -- loaders
+    def use_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Serve cached prefix outputs instead of images from now on (see simfreeze.prefix)."""
+        self.features = features
+
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         images, labels = self.tensors[stage]
+        images = self.features.get(stage, images)
         return DataLoader(TensorBatches(images, labels), shuffle=shuffle, collate_fn=keep_batch,
                           batch_size=self.batch_size if stage == "train" else self.eval_batch_size)
 
@@ -380,6 +399,8 @@ class TaskDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if self.features:
+            return pick_views(images, training and self.flip), labels
         x = prepare_batch(images, self.mean.to(images.device), self.std.to(images.device),
                           self.image_size, flip=self.flip and training)
         return x, labels

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import lightning as L
 
 from simfreeze.config import ConfigError
+from simfreeze.prefix import run_units
 import torch
 import torchmetrics
 from torch import nn
@@ -140,11 +141,14 @@ class Classifier(L.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro")
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        # Set when batches are cached prefix outputs: the net's remaining units, run in order.
+        # A plain list, so the modules stay registered once (under net) in the state dict.
+        self.suffix: list[tuple[str, nn.Module]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(x) if self.suffix is None else run_units(self.suffix, x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

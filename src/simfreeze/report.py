@@ -103,7 +103,7 @@ def device_name(trainer: L.Trainer) -> str:
 def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
                 *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
                 l_freeze: int, n_layers: int | None, source: dict | None,
-                similarity_seconds: float | None = None) -> dict[str, Any]:
+                similarity_seconds: float | None = None, prefix_cache: dict | None = None) -> dict[str, Any]:
     """Everything ``results.json`` records about one run."""
     def metric(value):
         return None if value is None else round(float(value), 6)
@@ -115,7 +115,7 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "epochs": trainer.current_epoch, "images": images,
         "similarity_seconds": None if similarity_seconds is None else round(similarity_seconds, 3),
         "policy": cfg["freeze"]["policy"], "S": None if similarity is None else round(similarity, 6),
-        "l_freeze": l_freeze, "n_layers": n_layers,
+        "l_freeze": l_freeze, "n_layers": n_layers, "prefix_cache": prefix_cache,
         "trainable_parameters": trainable, "total_parameters": total,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
         "precision": str(trainer.precision), "device": device_name(trainer),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # Keys of a run config that do not change the trained weights.
-NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm"}
+NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache"}
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps"}
 

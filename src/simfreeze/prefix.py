@@ -1,0 +1,129 @@
+"""Frozen-prefix caching: run the frozen leading blocks once, train the rest on their outputs.
+
+A network is seen as a chain of *units* (ResNet: conv1, bn1, relu, maxpool, each residual block,
+avgpool, flatten, fc) whose composition is its forward. The frozen prefix is the longest run of
+leading units with no trainable parameter; with its BatchNorm in eval mode and no random
+augmentation before it, its output for an image never changes, so it is computed once per image
+(and once more for the horizontally flipped view when flips are on) and every epoch trains the
+remaining units on the stored outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import lightning as L
+import torch
+from torch import nn
+
+Unit = tuple[str, nn.Module]
+log = logging.getLogger(__name__)
+
+
+def sequential_units(net: nn.Module) -> list[Unit] | None:
+    """The chain of units of a torchvision ResNet / VGG / AlexNet / MobileNet / EfficientNet, or
+    None for networks whose forward is not such a chain (they train uncached)."""
+    from torchvision import models
+
+    if isinstance(net, models.ResNet):
+        units: list[Unit] = [(name, getattr(net, name)) for name in ("conv1", "bn1", "relu", "maxpool")]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            units += [(f"{stage}.{i}", block) for i, block in enumerate(getattr(net, stage))]
+        return units + [("avgpool", net.avgpool), ("flatten", nn.Flatten(1)), ("fc", net.fc)]
+    if isinstance(net, (models.VGG, models.AlexNet, models.MobileNetV2, models.MobileNetV3,
+                        models.EfficientNet)):
+        units = [(f"features.{i}", m) for i, m in enumerate(net.features)]
+        units += [("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
+        return units + [(f"classifier.{i}", m) for i, m in enumerate(net.classifier)]
+    return None
+
+
+def run_units(units: Iterable[Unit], x: torch.Tensor) -> torch.Tensor:
+    for _, unit in units:
+        x = unit(x)
+    return x
+
+
+def frozen_prefix_length(units: list[Unit]) -> int:
+    """How many leading units hold no trainable parameter (parameter-free units count as frozen).
+
+    Trailing parameter-free units (a ReLU, a pool) are left to the trainable side, so the cache sits
+    at the output of the last frozen block. A dropout unit ends the prefix: its output is random.
+    """
+    length = 0
+    for i, (_, unit) in enumerate(units):
+        if any(p.requires_grad for p in unit.parameters()) or isinstance(unit, nn.Dropout):
+            break  # trainable, or random: its output is not fixed
+        if any(True for _ in unit.parameters()):
+            length = i + 1
+    return length
+
+
+@torch.no_grad()
+def prefix_outputs(units: list[Unit], batches: Iterable[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Outputs of the (frozen, eval-mode) prefix units for every batch, concatenated on the CPU."""
+    outputs = [run_units(units, x).to("cpu", dtype) for x in batches]
+    return torch.cat(outputs)
+
+
+def cache_bytes(units: list[Unit], example: torch.Tensor, images: int, views: int, dtype: torch.dtype) -> int:
+    """Memory the cache would take: the prefix output of one example, times images and views."""
+    with torch.no_grad():
+        shape = run_units(units, example[:1]).shape[1:]
+    return images * views * shape.numel() * torch.empty(0, dtype=dtype).element_size()
+
+
+class PrefixCacheCallback(L.Callback):
+    """After the freeze plan (listed after FreezeCallback): fills the cache and switches the
+    datamodule to serve it and the model to run only the units after the prefix.
+
+    Falls back to the uncached path, with a log line saying why, when the network is not a chain
+    of units, nothing is frozen, or the cache would exceed ``budget_gb``.
+    """
+
+    def __init__(self, datamodule, budget_gb: float = 4.0, batch_size: int = 256):
+        self.datamodule, self.budget_bytes, self.batch_size = datamodule, budget_gb * 2**30, batch_size
+        self.record: dict = {"used": False}
+
+    def _outputs(self, prefix: list[Unit], images: torch.Tensor, device, flip: bool) -> torch.Tensor:
+        prepare = self.datamodule.prepare
+        batches = (prepare(images[i:i + self.batch_size].to(device)) for i in range(0, len(images), self.batch_size))
+        return prefix_outputs(prefix, (x.flip(-1) for x in batches) if flip else batches)
+
+    def setup(self, trainer, pl_module, stage):
+        if stage != "fit" or self.record["used"]:
+            return
+        units = sequential_units(pl_module.net)
+        if units is None:
+            self.record["reason"] = f"{type(pl_module.net).__name__} is not a chain of units"
+            return
+        k = frozen_prefix_length(units)
+        if k == 0:
+            self.record["reason"] = "no frozen prefix"
+            return
+        start = time.perf_counter()
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        prefix, dm = units[:k], self.datamodule
+        views = 2 if dm.flip else 1
+        example = dm.prepare(dm.tensors["train"][0][:1].to(device))
+        images = sum(len(labels) * (views if stage_name == "train" else 1)
+                     for stage_name, (_, labels) in dm.tensors.items())
+        need = cache_bytes(prefix, example, images, 1, torch.float32)
+        self.record.update(boundary=units[k - 1][0], units=k, bytes=need)
+        if need > self.budget_bytes:
+            self.record["reason"] = f"needs {need / 2**30:.2f} GiB > cache.budget_gb={self.budget_bytes / 2**30:g}"
+            log.warning("prefix cache off: %s", self.record["reason"])
+            return
+        features = {}
+        for stage_name, (stage_images, _) in dm.tensors.items():
+            flips = (False, True) if stage_name == "train" and views == 2 else (False,)
+            features[stage_name] = torch.stack([self._outputs(prefix, stage_images, device, f) for f in flips], 1)
+        dm.use_features(features)
+        pl_module.suffix = units[k:]
+        self.record.update(used=True, seconds=round(time.perf_counter() - start, 3),
+                           shape=list(features["train"].shape[2:]), views=views)
+        log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s", k, units[k - 1][0], need / 2**20,
+                 self.record["seconds"])

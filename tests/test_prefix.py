@@ -1,0 +1,64 @@
+import lightning as L
+import pytest
+import torch
+import torchvision
+
+from simfreeze.data import TaskDataModule
+from simfreeze.freeze import FreezeCallback, freeze_leading
+from simfreeze.layers import layer_map
+from simfreeze.model import Classifier
+from simfreeze.prefix import PrefixCacheCallback, frozen_prefix_length, run_units, sequential_units
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_units_compose_to_the_network(arch):
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(arch, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(run_units(sequential_units(net), x), net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_frozen, boundary", [(0, None), (3, "maxpool"), (37, "layer3.4"), (40, "layer3.5"),
+                                                (45, "layer4.0"), (49, "layer4.2")])
+def test_the_prefix_ends_at_the_last_fully_frozen_block(n_frozen, boundary):
+    net = torchvision.models.resnet50(num_classes=2)
+    freeze_leading(net, layer_map(net, "resnet50"), n_frozen)
+    units = sequential_units(net)
+    k = frozen_prefix_length(units)
+    if n_frozen == 3:  # conv1 and layer1.0's first two convs: only the stem is whole
+        assert units[k - 1][0] == "bn1"
+    else:
+        assert (units[k - 1][0] if k else None) == boundary
+
+
+def fit(folder, cache: bool, budget_gb: float = 4.0, seed: int = 0):
+    L.seed_everything(seed, verbose=False)
+    dm = TaskDataModule(root=str(folder), classes=["ant", "bee"], per_class=24, batch_size=8, image_size=32)
+    dm.setup()
+    net = torchvision.models.resnet18(num_classes=2)
+    layers = layer_map(net, "resnet18")
+    callbacks = [FreezeCallback(layers, "static", k=9)]
+    prefix = PrefixCacheCallback(dm, budget_gb=budget_gb)
+    if cache:
+        callbacks.append(prefix)
+    module = Classifier(net, 2)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    return net, float(trainer.callback_metrics["val/loss"]), prefix.record, dm
+
+
+def test_cached_and_uncached_training_agree(image_folder_with_test):
+    plain, plain_loss, _, _ = fit(image_folder_with_test, cache=False)
+    cached, cached_loss, record, dm = fit(image_folder_with_test, cache=True)
+    assert record["used"] and record["boundary"] == "layer2.1" and record["views"] == 2
+    assert dm.features["train"].shape[:2] == (38, 2) and dm.features["val"].shape[1] == 1
+    assert abs(plain_loss - cached_loss) < 1e-3
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name
+
+
+def test_over_budget_falls_back_to_the_uncached_path(image_folder_with_test):
+    _, _, record, dm = fit(image_folder_with_test, cache=True, budget_gb=1e-6)
+    assert not record["used"] and "budget_gb" in record["reason"] and not dm.features
