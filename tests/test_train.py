@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import run_train
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "data.val_fraction=0.25", "data.batch_size=16",
-        "trainer.max_epochs=2", "progress=lines"]
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "progress=lines"]
 
 
 def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tmp_path):
