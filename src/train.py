@@ -197,7 +197,8 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
          "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
         {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
-    logger.save()  # hparams.yaml and a flush: fit already finalised the logger
+    (run_dir / "tensorboard" / "hparams.yaml").unlink(missing_ok=True)  # fit wrote it before S was known
+    logger.save()
     write_results(run_dir / "results.json", results)
     print(summary_line(results), flush=True)
     return results
