@@ -16,7 +16,7 @@ export CIFAR10_ROOT := $(SHARED_CIFAR10)
 endif
 endif
 
-.PHONY: install train test clean
+.PHONY: install train test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fit times of the arms side by side in one process (medians of 3); see README, Performance.
+bench: install
+	$(BIN)/python -m simfreeze.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) src/*.egg-info .pytest_cache

@@ -37,6 +37,7 @@ def source_run_config(cfg: dict) -> dict:
     source["data"].update(cfg["source"]["task"])
     source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
     source["freeze"]["policy"] = "none"
+    source["similarity"]["enabled"] = False
     source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
     return source
 
@@ -108,7 +109,7 @@ def build_similarity(cfg: dict, target, head: str, run_dir: Path):
         embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, **cfg["model"]["kwargs"])
     return SimilarityCallback(class_images, target.prepare, source_classes, target_classes, head,
                               embedder=embedder, embedder_name=embedder_name, matrix=spec["matrix"],
-                              out_dir=run_dir)
+                              batch_size=target.eval_batch_size, out_dir=run_dir)
 
 
 def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         callbacks.append(freezer)
     cache = None
     if cfg["cache"]["enabled"] and freezer is not None:
-        cache = PrefixCacheCallback(datamodule, cfg["cache"]["budget_gb"])
+        cache = PrefixCacheCallback(datamodule, cfg["cache"]["budget_gb"], batch_size=datamodule.eval_batch_size)
         callbacks.append(cache)
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.

@@ -18,8 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-# Keys of a run config that do not change the trained weights.
-NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache"}
+# Keys of a run config that do not change the trained weights (a source run never freezes,
+# never computes similarity and never transfers).
+NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
+              "source_only"}
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps"}
 
@@ -29,6 +31,7 @@ def source_key(run_cfg: dict[str, Any]) -> str:
     relevant = {k: v for k, v in run_cfg.items() if k not in NOT_IN_KEY}
     relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
     relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in ("eval_batch_size", "use_test")}
+    relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items() if k != "cache_dir"}
     if relevant["data"].get("root"):
         relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())
     blob = json.dumps(relevant, sort_keys=True, default=str)
