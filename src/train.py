@@ -118,7 +118,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from simfreeze.data import TaskDataModule
-    from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback
+    from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback, validate_policy
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
     from simfreeze.prefix import PrefixCacheCallback
@@ -138,11 +138,21 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     datamodule = TaskDataModule(**cfg["data"])
     freeze = cfg["freeze"]
     policy = freeze["policy"]
+    arch = cfg["model"]["arch"]
+    # Names only (layers, head) from a throw-away network: checked before any source is trained.
+    probe, probe_record = build_network(arch, datamodule.num_classes)
+    layers = None
+    if policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
+        layers = layer_map(probe, arch, freeze["l_total"])
+        validate_policy(policy, len(layers), freeze["k"], freeze["low"], freeze["high"], freeze["fallback"])
+    similarity = None
+    if policy in NEEDS_SIMILARITY or cfg["similarity"]["enabled"]:
+        similarity = build_similarity(cfg, datamodule, probe_record["head"], run_dir)
     if cfg["transfer"]:
         check_no_leakage(cfg, datamodule)
     weights, source_results = resolve_source(cfg) if cfg["transfer"] else (cfg["model"]["weights"], None)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
-    net, weights_record = build_network(cfg["model"]["arch"], datamodule.num_classes, weights, **cfg["model"]["kwargs"])
+    net, weights_record = build_network(arch, datamodule.num_classes, weights, **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
     module = Classifier(net, datamodule.num_classes,
@@ -150,14 +160,9 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
                         label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"])
 
-    callbacks: list[L.Callback] = []
-    similarity = None
-    if policy in NEEDS_SIMILARITY or cfg["similarity"]["enabled"]:
-        similarity = build_similarity(cfg, datamodule, weights_record["head"], run_dir)
-        callbacks.append(similarity)
+    callbacks: list[L.Callback] = [similarity] if similarity else []
     freezer = None
-    if policy != "none" or family(cfg["model"]["arch"]) is not None:  # plan.json for every mapped arch
-        layers = layer_map(net, cfg["model"]["arch"], freeze["l_total"])
+    if layers is not None:
         freezer = FreezeCallback(layers, policy, freeze["k"], freeze["low"], freeze["high"], freeze["fallback"],
                                  similarity=similarity, out_dir=run_dir)
         callbacks.append(freezer)

@@ -55,3 +55,11 @@ def test_leaking_source_is_refused(cat_dog_folder, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "trains on" in result.stderr and "target's validation split" in result.stderr
     assert not (tmp_path / "sources").exists()
+
+
+def test_a_bad_plan_fails_before_the_source_is_trained(cat_dog_folder, tmp_path):
+    result = run_train("arm=static45", "data.positive=dog", "source.task={positive:cat}", *SMALL, "freeze.k=99",
+                       f"data.root={cat_dog_folder}", f"hydra.run.dir={tmp_path / 'run'}",
+                       f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "freeze.k=99 must lie in [0, 17]" in result.stderr
+    assert not (tmp_path / "sources").exists()
