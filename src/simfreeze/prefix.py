@@ -88,9 +88,11 @@ class PrefixCacheCallback(L.Callback):
         self.record: dict = {"used": False}
 
     def _outputs(self, prefix: list[Unit], images: torch.Tensor, device, flip: bool) -> torch.Tensor:
-        prepare = self.datamodule.prepare
-        batches = (prepare(images[i:i + self.batch_size].to(device)) for i in range(0, len(images), self.batch_size))
-        return prefix_outputs(prefix, (x.flip(-1) for x in batches) if flip else batches)
+        def batches():
+            for i in range(0, len(images), self.batch_size):
+                x = self.datamodule.prepare(images[i:i + self.batch_size].to(device))
+                yield (x.flip(-1) if flip else x).contiguous(memory_format=torch.channels_last)
+        return prefix_outputs(prefix, batches()).contiguous()
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit" or self.record["used"]:
@@ -117,6 +119,9 @@ class PrefixCacheCallback(L.Callback):
             self.record["reason"] = f"needs {need / 2**30:.2f} GiB > cache.budget_gb={self.budget_bytes / 2**30:g}"
             log.warning("prefix cache off: %s", self.record["reason"])
             return
+        # The frozen prefix runs channels-last: measured 1.3-3x faster in fp32 on CPU, same numbers.
+        for _, unit in prefix:
+            unit.to(memory_format=torch.channels_last)
         features = {}
         for stage_name, (stage_images, _) in dm.tensors.items():
             flips = (False, True) if stage_name == "train" and views == 2 else (False,)
