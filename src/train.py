@@ -4,7 +4,7 @@ Examples::
 
     python -m train                                   # cat vs dog from scratch, ResNet-50, 3 epochs
     python -m train +experiment=cat_to_dog            # the paper's protocol: every arm, one summary
-    python -m train arm=dynamic data.positive=dog source.task.positive=cat
+    python -m train arm=dynamic data.positive=dog +source.task.positive=cat
     python -m train --cfg job                         # print the composed config
 """
 
@@ -57,7 +57,7 @@ def resolve_source(cfg: dict) -> tuple[str | None, dict | None]:
         return str(directory / "checkpoints" / "last.ckpt"), results
     if cfg["source"]["weights"]:
         return cfg["source"]["weights"], None
-    raise ConfigError("a transfer run needs source.task (e.g. source.task.positive=cat) or source.weights")
+    raise ConfigError("a transfer run needs source.task (e.g. +source.task.positive=cat) or source.weights (e.g. source.weights=IMAGENET1K_V2)")
 
 
 def check_no_leakage(cfg: dict, target) -> None:
