@@ -163,9 +163,6 @@ class FreezeCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         hold_eval(self._norms)
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        hold_eval(self._norms)
-
     def load_state_dict(self, state_dict):
         self.n_frozen = state_dict.get("n_frozen")
 
