@@ -155,6 +155,8 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     net, weights_record = build_network(arch, datamodule.num_classes, weights, **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
+    if cfg["model"]["compile"]:
+        net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
     module = Classifier(net, datamodule.num_classes,
                         optimizer=hydra.utils.instantiate(cfg["optimizer"]),
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
