@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. data.root=...)")
     args = parser.parse_args(argv)
     entry.quiet_lightning()
-    import logging
-    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning").setLevel(logging.WARNING)  # keep the tables readable
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.out))
