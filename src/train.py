@@ -170,7 +170,11 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         callbacks.append(freezer)
     cache = None
     if cfg["cache"]["enabled"] and freezer is not None:
-        cache = PrefixCacheCallback(datamodule, cfg["cache"]["budget_gb"], batch_size=datamodule.eval_batch_size)
+        cache = PrefixCacheCallback(datamodule, cfg["cache"]["budget_gb"], batch_size=datamodule.eval_batch_size,
+                                    similarity=similarity)
+        if similarity is not None:  # share the similarity pass with the cache fill
+            cache.request_captures(net, [freezer.frozen_parameter_ids(net, depth)
+                                         for depth in range(layers.l_total + 1)])
         callbacks.append(cache)
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.

@@ -63,3 +63,20 @@ def test_a_bad_plan_fails_before_the_source_is_trained(cat_dog_folder, tmp_path)
                        f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "freeze.k=99 must lie in [0, 17]" in result.stderr
     assert not (tmp_path / "sources").exists()
+
+
+def test_cache_fill_reuses_the_similarity_pass(cat_dog_folder, tmp_path):
+    # threshold with high=0 always freezes L_total layers: the deepest prefix the similarity pass kept
+    run = tmp_path / "run"
+    run_train("arm=threshold", "freeze.low=0", "freeze.high=0", "data.positive=dog", "source.task={positive:cat}",
+              *SMALL, f"data.root={cat_dog_folder}", f"hydra.run.dir={run}", f"source.cache_dir={tmp_path / 's'}",
+              cwd=tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["l_freeze"] == 13 and results["prefix_cache"]["boundary"] == "layer3.1"
+    assert results["prefix_cache"]["reused_similarity_pass"] is True
+    no_cache = tmp_path / "run_uncached"
+    run_train("arm=threshold", "freeze.low=0", "freeze.high=0", "data.positive=dog", "source.task={positive:cat}",
+              *SMALL, "cache.enabled=false", f"data.root={cat_dog_folder}", f"hydra.run.dir={no_cache}",
+              f"source.cache_dir={tmp_path / 's'}", cwd=tmp_path)
+    uncached = json.loads((no_cache / "results.json").read_text())
+    assert abs(uncached["best_val_acc"] - results["best_val_acc"]) < 0.1

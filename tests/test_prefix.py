@@ -76,3 +76,27 @@ def test_cached_views_are_the_prefix_outputs_of_the_image_and_its_mirror(image_f
         for view, x in enumerate((images, images.flip(-1))):
             expected = run_units(units[:record["units"]], x)
             assert torch.allclose(dm.features["train"][:8, view], expected, atol=1e-4)
+
+
+def test_the_similarity_pass_fills_view_zero_of_the_cache(image_folder_with_test):
+    from simfreeze.similarity import SimilarityCallback
+
+    L.seed_everything(0, verbose=False)
+    dm = TaskDataModule(root=str(image_folder_with_test), classes=["ant", "bee"], per_class=24, batch_size=8,
+                        image_size=32)
+    dm.setup()
+    net = torchvision.models.resnet18(num_classes=2)
+    layers = layer_map(net, "resnet18")
+    similarity = SimilarityCallback(dm.class_images, dm.prepare, ["ant"], ["bee"], "fc")
+    freezer = FreezeCallback(layers, "threshold", low=0.0, high=0.0, similarity=similarity)  # always L_total
+    cache = PrefixCacheCallback(dm, similarity=similarity)
+    cache.request_captures(net, [freezer.frozen_parameter_ids(net, d) for d in range(layers.l_total + 1)])
+    assert sorted(similarity.capture) == [9, 10]  # the two deepest prefixes: up to layer3.0, layer3.1
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[similarity, freezer, cache], num_sanity_val_steps=0)
+    trainer.fit(Classifier(net, 2), datamodule=dm)
+    assert cache.record["used"] and cache.record["reused_similarity_pass"] and cache.record["units"] == 10
+    net.eval()
+    with torch.no_grad():
+        expected = run_units(sequential_units(net)[:10], dm.prepare(dm.tensors["train"][0]))
+    assert torch.allclose(dm.features["train"][:, 0], expected, atol=1e-4)

@@ -146,6 +146,10 @@ class FreezeCallback(L.Callback):
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_text"):
                 logger.experiment.add_text("freeze/plan", self.markdown(), 0)
 
+    def frozen_parameter_ids(self, net: nn.Module, depth: int) -> frozenset[int]:
+        """Ids of the parameters a plan of ``depth`` frozen layers would freeze (nothing is changed)."""
+        return frozenset(id(p) for m in frozen_modules(net, self.layers, depth) for p in m.parameters(recurse=False))
+
     def record(self) -> dict:
         return {"arch": self.layers.arch, "policy": self.policy, "score": getattr(self.similarity, "score", None),
                 "l_total": self.layers.l_total, "n_layers": len(self.layers), "l_freeze": self.n_frozen,

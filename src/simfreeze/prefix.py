@@ -46,15 +46,20 @@ def run_units(units: Iterable[Unit], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def frozen_prefix_length(units: list[Unit]) -> int:
+def frozen_prefix_length(units: list[Unit], frozen: set[int] | None = None) -> int:
     """How many leading units hold no trainable parameter (parameter-free units count as frozen).
 
-    Trailing parameter-free units (a ReLU, a pool) are left to the trainable side, so the cache sits
-    at the output of the last frozen block. A dropout unit ends the prefix: its output is random.
+    ``frozen``: ids of the parameters to treat as frozen (default: those with requires_grad off),
+    so the prefix of a plan can be found before it is applied. Trailing parameter-free units (a
+    ReLU, a pool) are left to the trainable side, so the cache sits at the output of the last
+    frozen block. A dropout unit ends the prefix: its output is random.
     """
+    def trainable(p):
+        return p.requires_grad if frozen is None else id(p) not in frozen
+
     length = 0
     for i, (_, unit) in enumerate(units):
-        if any(p.requires_grad for p in unit.parameters()) or isinstance(unit, nn.Dropout):
+        if any(trainable(p) for p in unit.parameters()) or isinstance(unit, nn.Dropout):
             break  # trainable, or random: its output is not fixed
         if any(True for _ in unit.parameters()):
             length = i + 1
@@ -83,9 +88,32 @@ class PrefixCacheCallback(L.Callback):
     of units, nothing is frozen, or the cache would exceed ``budget_gb``.
     """
 
-    def __init__(self, datamodule, budget_gb: float = 4.0, batch_size: int = 256):
+    def __init__(self, datamodule, budget_gb: float = 4.0, batch_size: int = 256, similarity=None):
         self.datamodule, self.budget_bytes, self.batch_size = datamodule, budget_gb * 2**30, batch_size
+        self.similarity = similarity  # a SimilarityCallback whose pass captured prefix outputs, if any
         self.record: dict = {"used": False}
+
+    def request_captures(self, net: nn.Module, plans: list[frozenset[int]], most: int = 2) -> None:
+        """Ask the similarity pass (a full forward of the training images, run before the plan is
+        known) to keep the prefix outputs of the deepest ``most`` prefixes the plans can give.
+
+        ``plans``: for each reachable freeze depth, the ids of the parameters it would freeze.
+        """
+        units = sequential_units(net)
+        if units is None or self.similarity is None or self.similarity.embedder is not None:
+            return
+        lengths = sorted({frozen_prefix_length(units, plan) for plan in plans} - {0}, reverse=True)[:most]
+        self.similarity.capture = {k: units[k - 1][1] for k in lengths}
+        self.similarity.capture_budget_bytes = self.budget_bytes / 2  # the cache itself needs room too
+
+    def _from_similarity_pass(self, k: int) -> torch.Tensor | None:
+        """Training images' prefix outputs (view 0) from the similarity pass, when it kept them for
+        this prefix and for every class of the task (in the task's order)."""
+        captured = getattr(self.similarity, "captured", {})
+        classes = list(self.datamodule.split.train)
+        if not all(k in captured.get(name, {}) for name in classes):
+            return None
+        return torch.cat([captured[name][k] for name in classes]).contiguous()
 
     def _outputs(self, prefix: list[Unit], images: torch.Tensor, device, flip: bool) -> torch.Tensor:
         def batches():
@@ -123,12 +151,16 @@ class PrefixCacheCallback(L.Callback):
         for _, unit in prefix:
             unit.to(memory_format=torch.channels_last)
         features = {}
+        reused = self._from_similarity_pass(k)
         for stage_name, (stage_images, _) in dm.tensors.items():
             flips = (False, True) if stage_name == "train" and views == 2 else (False,)
-            features[stage_name] = torch.stack([self._outputs(prefix, stage_images, device, f) for f in flips], 1)
+            outputs = [reused if stage_name == "train" and not f and reused is not None
+                       else self._outputs(prefix, stage_images, device, f) for f in flips]
+            features[stage_name] = torch.stack(outputs, 1)
         dm.use_features(features)
         pl_module.suffix = units[k:]
         self.record.update(used=True, seconds=round(time.perf_counter() - start, 3),
-                           shape=list(features["train"].shape[2:]), views=views)
+                           shape=list(features["train"].shape[2:]), views=views,
+                           reused_similarity_pass=reused is not None)
         log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s", k, units[k - 1][0], need / 2**20,
                  self.record["seconds"])

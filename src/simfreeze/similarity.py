@@ -75,11 +75,28 @@ class SimilarityCallback(L.Callback):
         self.score: float | None = None
         self.seconds: float | None = None
         self.result: dict = {}
+        # Prefix length → the unit whose output to keep per class (asked for by the prefix cache,
+        # so its fill need not run the prefix over the training images a second time).
+        self.capture: dict[int, nn.Module] = {}
+        self.capture_budget_bytes = 0.0
+        self.captured: dict[str, dict[int, torch.Tensor]] = {}
 
     def embed_class(self, net: nn.Module, name: str, device: torch.device) -> torch.Tensor:
         images = self.class_images(name)
         batches = (self.prepare(images[i:i + self.batch_size].to(device)) for i in range(0, len(images), self.batch_size))
-        return pooled_features(net, self.head, batches)
+        kept: dict[int, list[torch.Tensor]] = {k: [] for k in self.capture}
+        hooks = [unit.register_forward_hook(lambda module, args, out, k=k: kept[k].append(out.detach().cpu()))
+                 for k, unit in self.capture.items()]
+        try:
+            features = pooled_features(net, self.head, batches)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.captured[name] = {k: torch.cat(outs) for k, outs in kept.items() if outs}
+        held = sum(t.numel() * t.element_size() for per_class in self.captured.values() for t in per_class.values())
+        if held > self.capture_budget_bytes:  # too big to keep: the cache fill recomputes instead
+            self.capture, self.captured = {}, {}
+        return features
 
     def compute(self, net: nn.Module, device: torch.device) -> dict:
         names = list(dict.fromkeys(self.source_classes + self.target_classes))
