@@ -80,3 +80,15 @@ def test_cache_fill_reuses_the_similarity_pass(cat_dog_folder, tmp_path):
               f"source.cache_dir={tmp_path / 's'}", cwd=tmp_path)
     uncached = json.loads((no_cache / "results.json").read_text())
     assert abs(uncached["best_val_acc"] - results["best_val_acc"]) < 0.1
+
+
+def test_source_key_ignores_how_the_network_runs_but_not_what_it_learns():
+    from simfreeze.sources import source_key
+
+    cfg = {"data": {"classes": ["cat", "dog"], "root": None}, "model": {"arch": "resnet50", "compile": False},
+           "trainer": {"max_epochs": 3, "devices": 1}, "seed": 0, "source": {"cache_dir": "a"}}
+    same = {**cfg, "model": {"arch": "resnet50", "compile": True}, "trainer": {"max_epochs": 3, "devices": 2},
+            "source": {"cache_dir": "b"}, "progress": "bar"}
+    assert source_key(cfg) == source_key(same)
+    assert source_key(cfg) != source_key({**cfg, "seed": 1})
+    assert source_key(cfg) != source_key({**cfg, "trainer": {"max_epochs": 4, "devices": 1}})

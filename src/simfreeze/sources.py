@@ -32,6 +32,8 @@ def source_key(run_cfg: dict[str, Any]) -> str:
     relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
     relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in ("eval_batch_size", "use_test")}
     relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items() if k != "cache_dir"}
+    # How the network runs, not what it learns (up to float rounding).
+    relevant["model"] = {k: v for k, v in run_cfg.get("model", {}).items() if k not in ("compile", "channels_last")}
     if relevant["data"].get("root"):
         relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())
     blob = json.dumps(relevant, sort_keys=True, default=str)
