@@ -93,6 +93,8 @@ def build_similarity(cfg: dict, target, head: str, run_dir: Path):
         raise ConfigError("similarity.source_classes is needed when the source is not a task "
                           "(e.g. similarity.source_classes=[cat])")
     target_classes = list(spec["target_classes"] or ([target.positive] if target.positive else target.classes))
+    if any(name not in target.classes for name in target_classes):
+        raise ConfigError(f"similarity.target_classes={target_classes} must be among data.classes {target.classes}")
 
     extra = None  # images of source classes the target task does not hold come from the source task
     if any(name not in target.classes for name in source_classes):

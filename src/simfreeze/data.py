@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-
-from simfreeze.config import ConfigError
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from simfreeze.config import ConfigError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)
 # Per-channel statistics of the CIFAR-10 training set (0-1 scale).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -352,9 +349,10 @@ class TaskDataModule(L.LightningDataModule):
             start += len(indices)
         raise DataConfigError(f"class '{name}' is not in this task's classes {self.classes}")
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch as the network sees it at evaluation (no augmentation)."""
-        return prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size)
+    def prepare(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """A uint8 batch as the network sees it (random flips only when ``flip``)."""
+        return prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size,
+                             flip=flip)
 
     def split_record(self) -> dict:
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
@@ -401,9 +399,7 @@ class TaskDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if self.features:
             return pick_views(images, training and self.flip), labels
-        x = prepare_batch(images, self.mean.to(images.device), self.std.to(images.device),
-                          self.image_size, flip=self.flip and training)
-        return x, labels
+        return self.prepare(images, flip=self.flip and training), labels
 
 
 def shared_images(trained_on: Split, held_out: Split) -> dict[str, list[int]]:

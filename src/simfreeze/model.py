@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-
-from simfreeze.config import ConfigError
-from simfreeze.prefix import run_units
 import torch
 import torchmetrics
 from torch import nn
+
+from simfreeze.config import ConfigError
+from simfreeze.prefix import run_units
 
 
 class WeightsError(ConfigError):
