@@ -240,8 +240,9 @@ def prepare_batch(
     flip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """uint8 NCHW → normalised float NCHW: optional resize and random horizontal flips per batch."""
-    x = images.float().div_(255)
+    """uint8 NCHW → normalised float NCHW (the default dtype): optional resize and random
+    horizontal flips per batch."""
+    x = images.to(torch.get_default_dtype()).div_(255)
     if image_size and x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                           align_corners=False)
