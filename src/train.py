@@ -123,10 +123,15 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback, validate_policy
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
+    from simfreeze.precision import resolve_precision
     from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
 
+    # precision=auto → this device type's measured default, before it enters the source key.
+    trainer_cfg = cfg["trainer"]
+    cfg = {**cfg, "trainer": {**trainer_cfg, "precision": resolve_precision(trainer_cfg["precision"],
+                                                                            trainer_cfg["accelerator"])}}
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
         _, source_results = resolve_source(cfg)
         results = {**source_results, "arm": "source", "run_dir": str(run_dir), "source_dir": source_results["run_dir"]}

@@ -97,7 +97,21 @@ def device_name(trainer: L.Trainer) -> str:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    from simfreeze.precision import native_cpu_bf16
+
+    bf16 = "native bf16" if native_cpu_bf16() else "no native bf16"
+    return f"{device} ({cpu_name()}, {torch.get_num_threads()} threads, {bf16})"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux): times differ a lot between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
