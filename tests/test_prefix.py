@@ -109,3 +109,30 @@ def test_the_similarity_pass_fills_view_zero_of_the_cache(image_folder_with_test
     with torch.no_grad():
         expected = run_units(sequential_units(net)[:10], dm.prepare(dm.tensors["train"][0]))
     assert torch.allclose(dm.features["train"][:, 0], expected, atol=1e-4)
+
+
+def test_the_cache_is_used_only_when_its_fill_saves_prefix_passes():
+    from simfreeze.prefix import prefix_passes
+
+    sizes = {"train": 100, "val": 25}
+    assert prefix_passes(sizes, views=2, epochs=3, reused=False) == (225, 375)
+    assert prefix_passes(sizes, views=2, epochs=1, reused=False) == (225, 125)  # too short: uncached
+    assert prefix_passes(sizes, views=2, epochs=1, reused=True) == (125, 125)   # the similarity pass did view 0
+    assert prefix_passes({**sizes, "test": 10}, views=1, epochs=2, reused=False) == (135, 260)
+    assert prefix_passes(sizes, views=2, epochs=None, reused=False)[1] == float("inf")
+
+
+def test_a_one_epoch_run_with_flips_trains_uncached(image_folder_with_test):
+    import simfreeze.prefix as prefix
+
+    L.seed_everything(0, verbose=False)
+    dm = TaskDataModule(root=str(image_folder_with_test), classes=["ant", "bee"], per_class=24, batch_size=8,
+                        image_size=32)
+    dm.setup()
+    net = torchvision.models.resnet18(num_classes=2)
+    cache = prefix.PrefixCacheCallback(dm)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[FreezeCallback(layer_map(net, "resnet18"), "static", k=9), cache])
+    trainer.fit(Classifier(net, 2), datamodule=dm)
+    assert not cache.record["used"] and "more than the" in cache.record["reason"] and not dm.features

@@ -5,7 +5,8 @@ avgpool, flatten, fc) whose composition is its forward. The frozen prefix is the
 leading units with no trainable parameter; with its BatchNorm in eval mode and no random
 augmentation before it, its output for an image never changes, so it is computed once per image
 (and once more for the horizontally flipped view when flips are on) and every epoch trains the
-remaining units on the stored outputs.
+remaining units on the stored outputs. A run too short for the fill to pay off (fewer epochs than
+views) trains uncached.
 """
 
 from __future__ import annotations
@@ -66,17 +67,34 @@ def frozen_prefix_length(units: list[Unit], frozen: set[int] | None = None) -> i
     return length
 
 
+def prefix_passes(sizes: dict[str, int], views: int, epochs: int | None, reused: bool) -> tuple[int, float]:
+    """Prefix forward passes with the cache (its fill) and without it (every epoch).
+
+    ``sizes``: images per stage (train, val, test). The fill runs the prefix once per view of each
+    training image, minus the view a shared similarity pass already computed, and once per other
+    image; without the cache it runs once per training and validation image every epoch (and once
+    per test image). ``epochs`` None or negative: unbounded, the cache always pays.
+    """
+    train, val = sizes.get("train", 0), sizes.get("val", 0)
+    test = sum(sizes.values()) - train - val
+    fill = train * views - (train if reused else 0) + val + test
+    if epochs is None or epochs < 0:
+        return fill, float("inf")
+    return fill, epochs * (train + val) + test
+
+
 @torch.no_grad()
 def prefix_outputs(units: list[Unit], batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Outputs of the (frozen, eval-mode) prefix units for every batch, concatenated on the CPU."""
     return torch.cat([run_units(units, x).cpu() for x in batches])
 
 
-def cache_bytes(units: list[Unit], example: torch.Tensor, outputs: int) -> int:
-    """Memory of ``outputs`` stored prefix outputs (float32), from the output of one example."""
+def cache_bytes(units: list[Unit], example: torch.Tensor, outputs: int) -> tuple[int, torch.dtype]:
+    """Memory of ``outputs`` stored prefix outputs, and their dtype (bf16 under autocast), from the
+    output of one example."""
     with torch.no_grad():
-        shape = run_units(units, example[:1]).shape[1:]
-    return outputs * shape.numel() * 4
+        out = run_units(units, example[:1])
+    return outputs * out[0].numel() * out.element_size(), out.dtype
 
 
 class PrefixCacheCallback(L.Callback):
@@ -84,7 +102,8 @@ class PrefixCacheCallback(L.Callback):
     datamodule to serve it and the model to run only the units after the prefix.
 
     Falls back to the uncached path, with a log line saying why, when the network is not a chain
-    of units, nothing is frozen, or the cache would exceed ``budget_gb``.
+    of units, nothing is frozen, the fill would cost more prefix passes than it saves (see
+    ``prefix_passes``), or the cache would exceed ``budget_gb``.
     """
 
     def __init__(self, datamodule, budget_gb: float = 4.0, batch_size: int = 256, similarity=None):
@@ -135,16 +154,28 @@ class PrefixCacheCallback(L.Callback):
         if k == 0:
             self.record["reason"] = "no frozen prefix"
             return
+        dm = self.datamodule
+        views = 2 if dm.flip else 1
+        sizes = {stage_name: len(labels) for stage_name, (_, labels) in dm.tensors.items()}
+        fill, uncached = prefix_passes(sizes, views, trainer.max_epochs, reused is not None)
+        if fill > uncached:
+            self.record["reason"] = (f"the fill would run the prefix {fill} times, more than the "
+                                     f"{uncached} of {trainer.max_epochs} epoch(s) without it")
+            log.info("prefix cache off: %s", self.record["reason"])
+            return
         start = time.perf_counter()
         device = trainer.strategy.root_device
         pl_module.to(device)
-        prefix, dm = units[:k], self.datamodule
-        views = 2 if dm.flip else 1
+        prefix = units[:k]
         example = dm.prepare(dm.tensors["train"][0][:1].to(device))
         images = sum(len(labels) * (views if stage_name == "train" else 1)
                      for stage_name, (_, labels) in dm.tensors.items())
-        need = cache_bytes(prefix, example, images)
-        self.record.update(boundary=units[k - 1][0], units=k, bytes=need)
+        # The prefix runs as it would uncached: under the precision's autocast (bf16 outputs, half
+        # the memory, with *-mixed), in fp32 otherwise.
+        precision_context = trainer.precision_plugin.forward_context
+        with precision_context():
+            need, dtype = cache_bytes(prefix, example, images)
+        self.record.update(boundary=units[k - 1][0], units=k, bytes=need, dtype=str(dtype).removeprefix("torch."))
         if need > self.budget_bytes:
             self.record["reason"] = f"needs {need / 2**30:.2f} GiB > cache.budget_gb={self.budget_bytes / 2**30:g}"
             log.warning("prefix cache off: %s", self.record["reason"])
@@ -156,8 +187,9 @@ class PrefixCacheCallback(L.Callback):
         features = {}
         for stage_name, (stage_images, _) in dm.tensors.items():
             flips = (False, True) if stage_name == "train" and views == 2 else (False,)
-            outputs = [reused if stage_name == "train" and not f and reused is not None
-                       else self._outputs(prefix, stage_images, device, f) for f in flips]
+            with precision_context():
+                outputs = [reused.to(dtype) if stage_name == "train" and not f and reused is not None
+                           else self._outputs(prefix, stage_images, device, f) for f in flips]
             features[stage_name] = torch.stack(outputs, 1)
         dm.use_features(features)
         pl_module.suffix = units[k:]
