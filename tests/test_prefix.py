@@ -32,7 +32,7 @@ def test_the_prefix_ends_at_the_last_fully_frozen_block(n_frozen, boundary):
         assert (units[k - 1][0] if k else None) == boundary
 
 
-def fit(folder, cache: bool, budget_gb: float = 4.0, seed: int = 0):
+def fit(folder, cache: bool, budget_gb: float = 4.0, seed: int = 0, max_epochs: int = 2):
     L.seed_everything(seed, verbose=False)
     dm = TaskDataModule(root=str(folder), classes=["ant", "bee"], per_class=24, batch_size=8, image_size=32)
     dm.setup()
@@ -43,10 +43,10 @@ def fit(folder, cache: bool, budget_gb: float = 4.0, seed: int = 0):
     if cache:
         callbacks.append(prefix)
     module = Classifier(net, 2)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
-    return net, float(trainer.callback_metrics["val/loss"]), prefix.record, dm
+    return net, float(trainer.callback_metrics["val/loss"]), prefix.record, dm, trainer
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def float64():
 
 
 def test_cached_and_uncached_training_agree(image_folder_with_test, float64):
-    plain, plain_loss, _, _ = fit(image_folder_with_test, cache=False)
-    cached, cached_loss, record, dm = fit(image_folder_with_test, cache=True)
+    plain, plain_loss, *_ = fit(image_folder_with_test, cache=False)
+    cached, cached_loss, record, dm, _ = fit(image_folder_with_test, cache=True)
     assert record["used"] and record["boundary"] == "layer2.1" and record["views"] == 2
     assert dm.features["train"].shape[:2] == (38, 2) and dm.features["val"].shape[1] == 1
     assert dm.features["train"].dtype == torch.float64
@@ -72,12 +72,12 @@ def test_cached_and_uncached_training_agree(image_folder_with_test, float64):
 
 
 def test_over_budget_falls_back_to_the_uncached_path(image_folder_with_test):
-    _, _, record, dm = fit(image_folder_with_test, cache=True, budget_gb=1e-6)
+    _, _, record, dm, _ = fit(image_folder_with_test, cache=True, budget_gb=1e-6)
     assert not record["used"] and "budget_gb" in record["reason"] and not dm.features
 
 
 def test_cached_views_are_the_prefix_outputs_of_the_image_and_its_mirror(image_folder_with_test):
-    net, _, record, dm = fit(image_folder_with_test, cache=True)
+    net, _, record, dm, _ = fit(image_folder_with_test, cache=True)
     net.eval()
     units = sequential_units(net)
     images = dm.prepare(dm.tensors["train"][0][:8])
@@ -123,16 +123,34 @@ def test_the_cache_is_used_only_when_its_fill_saves_prefix_passes():
 
 
 def test_a_one_epoch_run_with_flips_trains_uncached(image_folder_with_test):
-    import simfreeze.prefix as prefix
+    _, _, record, dm, _ = fit(image_folder_with_test, cache=True, max_epochs=1)
+    assert not record["used"] and "more than the" in record["reason"] and not dm.features
 
-    L.seed_everything(0, verbose=False)
-    dm = TaskDataModule(root=str(image_folder_with_test), classes=["ant", "bee"], per_class=24, batch_size=8,
-                        image_size=32)
-    dm.setup()
+
+def test_the_cache_key_covers_weights_images_and_preparation():
+    from simfreeze.prefix import prefix_key
+
     net = torchvision.models.resnet18(num_classes=2)
-    cache = prefix.PrefixCacheCallback(dm)
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[FreezeCallback(layer_map(net, "resnet18"), "static", k=9), cache])
-    trainer.fit(Classifier(net, 2), datamodule=dm)
-    assert not cache.record["used"] and "more than the" in cache.record["reason"] and not dm.features
+    prefix = sequential_units(net)[:5]
+    images = [torch.zeros(4, 3, 8, 8, dtype=torch.uint8)]
+    key = prefix_key(prefix, images, (32, True))
+    assert prefix_key(prefix, images, (32, True)) == key
+    assert prefix_key(prefix, images, (32, False)) != key                        # flips
+    assert prefix_key(prefix, [images[0] + 1], (32, True)) != key                # images
+    with torch.no_grad():
+        net.layer1[0].bn1.running_mean += 1e-3                                   # a buffer
+    assert prefix_key(prefix, images, (32, True)) != key
+
+
+def test_a_changed_prefix_is_refilled_at_fit_start(image_folder_with_test):
+    net, _, record, dm, trainer = fit(image_folder_with_test, cache=True)
+    stale = dm.features["train"].clone()
+    cache = next(c for c in trainer.callbacks if isinstance(c, PrefixCacheCallback))
+    with torch.no_grad():  # what a checkpoint with other frozen weights would bring
+        net.conv1.weight.mul_(1.5)
+    cache.on_fit_start(trainer, trainer.lightning_module)
+    net.eval()
+    with torch.no_grad():
+        expected = run_units(sequential_units(net)[:record["units"]], dm.prepare(dm.tensors["train"][0][:8]))
+    assert not torch.allclose(stale[:8, 0], expected, atol=1e-4)
+    assert torch.allclose(dm.features["train"][:8, 0], expected, atol=1e-4)

@@ -11,6 +11,7 @@ views) trains uncached.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Iterable
@@ -65,6 +66,18 @@ def frozen_prefix_length(units: list[Unit], frozen: set[int] | None = None) -> i
         if any(True for _ in unit.parameters()):
             length = i + 1
     return length
+
+
+def prefix_key(prefix: list[Unit], images: list[torch.Tensor], preparation) -> str:
+    """Digest of everything the cached outputs depend on: the prefix's parameters and buffers, the
+    images, and how they are prepared (size, flips, normalisation, dtype)."""
+    digest = hashlib.blake2b(repr(preparation).encode(), digest_size=16)
+    for _, unit in prefix:
+        for tensor in (*unit.parameters(), *unit.buffers()):
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for tensor in images:
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def prefix_passes(sizes: dict[str, int], views: int, epochs: int | None, reused: bool) -> tuple[int, float]:
@@ -142,8 +155,19 @@ class PrefixCacheCallback(L.Callback):
                 yield (x.flip(-1) if flip else x).contiguous(memory_format=torch.channels_last)
         return prefix_outputs(prefix, batches()).contiguous()
 
+    def _fill(self, prefix: list[Unit], device, dtype, views: int, reused: torch.Tensor | None,
+              precision_context) -> dict[str, torch.Tensor]:
+        features = {}
+        for stage_name, (stage_images, _) in self.datamodule.tensors.items():
+            flips = (False, True) if stage_name == "train" and views == 2 else (False,)
+            with precision_context():
+                outputs = [reused.to(dtype) if stage_name == "train" and not f and reused is not None
+                           else self._outputs(prefix, stage_images, device, f) for f in flips]
+            features[stage_name] = torch.stack(outputs, 1)
+        return features
+
     def setup(self, trainer, pl_module, stage):
-        if stage != "fit" or self.record["used"]:
+        if stage != "fit":
             return
         units = sequential_units(pl_module.net)
         if units is None:
@@ -155,6 +179,11 @@ class PrefixCacheCallback(L.Callback):
             self.record["reason"] = "no frozen prefix"
             return
         dm = self.datamodule
+        prefix = units[:k]
+        precision_context = trainer.precision_plugin.forward_context
+        if self.record["used"] and dm.features and self.record["key"] == self._key(prefix, trainer):
+            pl_module.suffix = units[k:]  # a later fit on the same prefix and images: still valid
+            return
         views = 2 if dm.flip else 1
         sizes = {stage_name: len(labels) for stage_name, (_, labels) in dm.tensors.items()}
         fill, uncached = prefix_passes(sizes, views, trainer.max_epochs, reused is not None)
@@ -166,13 +195,11 @@ class PrefixCacheCallback(L.Callback):
         start = time.perf_counter()
         device = trainer.strategy.root_device
         pl_module.to(device)
-        prefix = units[:k]
         example = dm.prepare(dm.tensors["train"][0][:1].to(device))
         images = sum(len(labels) * (views if stage_name == "train" else 1)
                      for stage_name, (_, labels) in dm.tensors.items())
         # The prefix runs as it would uncached: under the precision's autocast (bf16 outputs, half
         # the memory, with *-mixed), in fp32 otherwise.
-        precision_context = trainer.precision_plugin.forward_context
         with precision_context():
             need, dtype = cache_bytes(prefix, example, images)
         self.record.update(boundary=units[k - 1][0], units=k, bytes=need, dtype=str(dtype).removeprefix("torch."))
@@ -184,17 +211,30 @@ class PrefixCacheCallback(L.Callback):
         # outputs differ from the contiguous path by float rounding only.
         for _, unit in prefix:
             unit.to(memory_format=torch.channels_last)
-        features = {}
-        for stage_name, (stage_images, _) in dm.tensors.items():
-            flips = (False, True) if stage_name == "train" and views == 2 else (False,)
-            with precision_context():
-                outputs = [reused.to(dtype) if stage_name == "train" and not f and reused is not None
-                           else self._outputs(prefix, stage_images, device, f) for f in flips]
-            features[stage_name] = torch.stack(outputs, 1)
+        features = self._fill(prefix, device, dtype, views, reused, precision_context)
         dm.use_features(features)
         pl_module.suffix = units[k:]
+        self._refill = lambda: self._fill(prefix, device, dtype, views, None, precision_context)
         self.record.update(used=True, seconds=round(time.perf_counter() - start, 3),
                            shape=list(features["train"].shape[2:]), views=views,
-                           reused_similarity_pass=reused is not None)
+                           reused_similarity_pass=reused is not None, key=self._key(prefix, trainer))
         log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s", k, units[k - 1][0], need / 2**20,
                  self.record["seconds"])
+
+    def _key(self, prefix: list[Unit], trainer) -> str:
+        dm = self.datamodule
+        return prefix_key(prefix, [images for images, _ in dm.tensors.values()],
+                          (dm.image_size, dm.flip, dm.mean.tolist(), dm.std.tolist(), str(trainer.precision)))
+
+    def on_fit_start(self, trainer, pl_module):
+        """A checkpoint restored after setup (``ckpt_path``) could bring other prefix weights: the
+        key says whether the cached outputs still hold; if not, they are recomputed in place."""
+        if not self.record["used"]:
+            return
+        prefix = sequential_units(pl_module.net)[:self.record["units"]]
+        key = self._key(prefix, trainer)
+        if key != self.record["key"]:
+            log.warning("prefix cache: the frozen prefix changed after the fill (restored checkpoint?); refilling")
+            for stage_name, fresh in self._refill().items():
+                self.datamodule.features[stage_name].copy_(fresh)
+            self.record["key"] = key
