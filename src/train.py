@@ -33,12 +33,16 @@ def run_name(cfg: dict) -> str:
 
 def source_run_config(cfg: dict) -> dict:
     """The config that trains the source task: the target's recipe on the source task's data."""
+    from simfreeze.precision import resolve_precision
+
     source = copy.deepcopy(cfg)
     source["data"].update(cfg["source"]["task"])
     source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
     source["freeze"]["policy"] = "none"
     source["similarity"]["enabled"] = False
     source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
+    # The precision that runs, not "auto": it is part of the source's cache key.
+    source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
     return source
 
 

@@ -92,3 +92,16 @@ def test_source_key_ignores_how_the_network_runs_but_not_what_it_learns():
     assert source_key(cfg) == source_key(same)
     assert source_key(cfg) != source_key({**cfg, "seed": 1})
     assert source_key(cfg) != source_key({**cfg, "trainer": {"max_epochs": 4, "devices": 1}})
+
+
+def test_the_source_task_key_holds_the_precision_that_runs_not_auto(monkeypatch):
+    from simfreeze import precision
+    from simfreeze.bench import compose_run
+    from simfreeze.sources import source_key
+    from train import source_run_config
+
+    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)  # a CPU like this one
+    auto = source_run_config(compose_run(["arm=dynamic", "trainer.precision=auto", "trainer.accelerator=cpu"]))
+    explicit = source_run_config(compose_run(["arm=static45", "trainer.precision=32-true", "trainer.accelerator=cpu"]))
+    assert auto["trainer"]["precision"] == "32-true"
+    assert source_key(auto) == source_key(explicit)
