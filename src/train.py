@@ -132,7 +132,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
 
-    # precision=auto → this device type's measured default, before it enters the source key.
+    # precision=auto → this device type's measured default (simfreeze.precision), as results record it.
     trainer_cfg = cfg["trainer"]
     cfg = {**cfg, "trainer": {**trainer_cfg, "precision": resolve_precision(trainer_cfg["precision"],
                                                                             trainer_cfg["accelerator"])}}

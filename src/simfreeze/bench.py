@@ -216,14 +216,15 @@ def arm_flops(run: dict, cfg: dict) -> float:
                      cfg["trainer"]["max_epochs"], run.get("prefix_cache"), embedded)
 
 
-def format_table(cfg: dict) -> tuple[str, list[str]]:
+def format_table(cfg: dict) -> str:
     """Scratch training steps per precision × memory format, and what ``auto`` picks here."""
     lines = ["| precision | channels_last | train images/s | ÷ 32-true |", "|---|---|---|---|"]
     rates = {(p, cl): training_step_rate(cfg, p, cl) for p, cl in FORMATS}
     base = rates[("32-true", False)]
     lines += [f"| {p} | {str(cl).lower()} | {r:.1f} | {r / base:.2f} |" for (p, cl), r in rates.items()]
-    auto = resolve_precision("auto", cfg["trainer"]["accelerator"])
-    return "\n".join(lines), [f"precision=auto → {auto} on {device_type(cfg['trainer']['accelerator'])}"]
+    accelerator = cfg["trainer"]["accelerator"]
+    lines.append(f"\nprecision=auto → {resolve_precision('auto', accelerator)} on {device_type(accelerator)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,9 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     peak_bf16 = matmul_peak_flops(2048 if native_cpu_bf16() else 512, repeats=2, dtype=torch.bfloat16)
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s fp32, {peak_bf16 / 1e9:.1f} GFLOP/s bf16 "
           f"({torch.get_num_threads()} threads)", flush=True)
-    formats, format_notes = ("", []) if args.no_formats else format_table(base)
+    formats = "" if args.no_formats else format_table(base)
     if formats:
-        print(f"\n{formats}\n{format_notes[0]}\n", flush=True)
+        print(f"\n{formats}\n", flush=True)
     entry.resolve_source(compose_run([*common, "arm=dynamic"]))  # train the cat source once, untimed
 
     plan = [(arm, True) for arm in args.arms] + [(arm, False) for arm in args.uncached if arm in args.arms]
@@ -317,8 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench.json").write_text(json.dumps(
         {"rows": rows, "peak_flops": {"fp32": peak, "bf16": peak_bf16}, "precision": precision, "key": key,
          "formats": formats, "wall_seconds": round(wall, 1)}, indent=1))
-    (args.out / "bench.md").write_text(report + "\n\n" + "; ".join(key) + "\n\n" + formats + "\n"
-                                       + "".join(format_notes) + "\n")
+    (args.out / "bench.md").write_text(report + "\n\n" + "; ".join(key) + "\n\n" + formats + "\n")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def frozen_prefix_length(units: list[Unit], frozen: set[int] | None = None) -> i
 
 def prefix_key(prefix: list[Unit], images: list[torch.Tensor], preparation) -> str:
     """Digest of everything the cached outputs depend on: the prefix's parameters and buffers, the
-    images, and how they are prepared (size, flips, normalisation, dtype)."""
+    images, and how they are prepared (size, flips, normalisation, precision)."""
     digest = hashlib.blake2b(repr(preparation).encode(), digest_size=16)
     for _, unit in prefix:
         for tensor in (*unit.parameters(), *unit.buffers()):
