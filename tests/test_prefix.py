@@ -148,6 +148,7 @@ def test_a_changed_prefix_is_refilled_at_fit_start(image_folder_with_test):
     cache = next(c for c in trainer.callbacks if isinstance(c, PrefixCacheCallback))
     with torch.no_grad():  # what a checkpoint with other frozen weights would bring
         net.conv1.weight.mul_(1.5)
+    trainer.ckpt_path = "restored.ckpt"  # as when fit(ckpt_path=...) restored it after setup
     cache.on_fit_start(trainer, trainer.lightning_module)
     net.eval()
     with torch.no_grad():

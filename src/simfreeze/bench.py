@@ -70,21 +70,27 @@ def bench_device(cfg: dict) -> torch.device:
     return torch.device("cuda" if device_type(cfg["trainer"]["accelerator"]) == "cuda" else "cpu")
 
 
+def scratch_network(cfg: dict, num_classes: int, channels_last: bool):
+    """The arm's network from random init on the bench device, in the memory format asked for."""
+    from simfreeze.model import build_network
+
+    net, _ = build_network(cfg["model"]["arch"], num_classes, None, **cfg["model"]["kwargs"])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device = bench_device(cfg)
+    return net.to(device, memory_format=memory_format), device, memory_format
+
+
 def plain_loop_seconds(cfg: dict) -> float:
     """The scratch arm's training as a bare PyTorch loop: same model, data, batches, precision,
     memory format, optimizer, schedule and epochs, with validation each epoch; no Lightning."""
     import hydra
 
     from simfreeze.data import TaskDataModule, prepare_batch
-    from simfreeze.model import build_network
 
     torch.manual_seed(cfg["seed"])
     dm = TaskDataModule(**cfg["data"])
     dm.setup()
-    net, _ = build_network(cfg["model"]["arch"], dm.num_classes, None, **cfg["model"]["kwargs"])
-    memory_format = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
-    device = bench_device(cfg)
-    net = net.to(device, memory_format=memory_format)
+    net, device, memory_format = scratch_network(cfg, dm.num_classes, cfg["model"]["channels_last"])
     precision = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
     (x_train, y_train), (x_val, y_val) = [(x.to(device), y.to(device)) for x, y in (dm.tensors["train"], dm.tensors["val"])]
     mean, std = dm.mean.to(device), dm.std.to(device)
@@ -124,13 +130,9 @@ def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: in
     ``steps`` steps or ``within_s`` seconds (emulated bf16 can be very slow)."""
     import hydra
 
-    from simfreeze.model import build_network
-
     torch.manual_seed(0)
-    net, _ = build_network(cfg["model"]["arch"], 2, None, **cfg["model"]["kwargs"])
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    device = bench_device(cfg)
-    net = net.to(device, memory_format=memory_format).train()
+    net, device, memory_format = scratch_network(cfg, 2, channels_last)
+    net.train()
     optimizer = hydra.utils.instantiate(cfg["optimizer"])(net.parameters())
     size, batch = cfg["data"]["image_size"] or 32, cfg["data"]["batch_size"]
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)

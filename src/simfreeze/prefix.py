@@ -196,8 +196,7 @@ class PrefixCacheCallback(L.Callback):
         device = trainer.strategy.root_device
         pl_module.to(device)
         example = dm.prepare(dm.tensors["train"][0][:1].to(device))
-        images = sum(len(labels) * (views if stage_name == "train" else 1)
-                     for stage_name, (_, labels) in dm.tensors.items())
+        images = sum(n * (views if stage_name == "train" else 1) for stage_name, n in sizes.items())
         # The prefix runs as it would uncached: under the precision's autocast (bf16 outputs, half
         # the memory, with *-mixed), in fp32 otherwise.
         with precision_context():
@@ -229,8 +228,8 @@ class PrefixCacheCallback(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         """A checkpoint restored after setup (``ckpt_path``) could bring other prefix weights: the
         key says whether the cached outputs still hold; if not, they are recomputed in place."""
-        if not self.record["used"]:
-            return
+        if not self.record["used"] or trainer.ckpt_path is None:
+            return  # nothing was restored since the fill: skip the digest
         prefix = sequential_units(pl_module.net)[:self.record["units"]]
         key = self._key(prefix, trainer)
         if key != self.record["key"]:
