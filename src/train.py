@@ -10,6 +10,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import ConfigError, validate_config
@@ -38,7 +40,7 @@ def source_run_config(cfg: dict) -> dict:
     source = copy.deepcopy(cfg)
     source["data"].update(cfg["source"]["task"])
     source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
-    source["freeze"]["policy"] = "none"
+    source["freeze"].update(policy="none", depth=None)
     source["similarity"]["enabled"] = False
     source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
     # The precision that runs, not "auto": it is part of the source's cache key.
@@ -118,13 +120,13 @@ def build_similarity(cfg: dict, target, head: str, run_dir: Path):
                               batch_size=target.eval_batch_size, out_dir=run_dir)
 
 
-def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
+def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from simfreeze.data import TaskDataModule
-    from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback, validate_policy
+    from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback, depth_plan, validate_policy
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
     from simfreeze.precision import resolve_precision
@@ -136,9 +138,12 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
     trainer_cfg = cfg["trainer"]
     cfg = {**cfg, "trainer": {**trainer_cfg, "precision": resolve_precision(trainer_cfg["precision"],
                                                                             trainer_cfg["accelerator"])}}
+    if cfg["freeze"]["depth"] is not None:
+        cfg = {**cfg, "freeze": {**cfg["freeze"], **depth_plan(cfg["freeze"]["depth"])}}
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
         _, source_results = resolve_source(cfg)
-        results = {**source_results, "arm": "source", "run_dir": str(run_dir), "source_dir": source_results["run_dir"]}
+        results = {**source_results, "arm": "source", "run_dir": str(run_dir), "source_dir": source_results["run_dir"],
+                   "overrides": list(overrides)}
         write_results(run_dir / "results.json", results)
         print(summary_line(results), flush=True)
         return results
@@ -215,7 +220,7 @@ def train(cfg: dict, run_dir: Path) -> dict[str, Any]:
         similarity=similarity.score if similarity else None,
         l_freeze=freezer.n_frozen if freezer else 0, n_layers=len(freezer.layers) if freezer else None,
         source=source_results, similarity_seconds=similarity.seconds if similarity else None,
-        prefix_cache=cache.record if cache else None)
+        prefix_cache=cache.record if cache else None, overrides=list(overrides))
     logger.log_hyperparams(
         {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
          "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
@@ -242,16 +247,51 @@ def quiet_lightning() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     quiet_lightning()
     try:
         validate_config(cfg)
-        results = train(OmegaConf.to_container(cfg, resolve=True), run_dir)
-    except ConfigError as err:
-        # One clear line instead of a traceback: the message names the key and what is allowed.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        run_cfg = OmegaConf.to_container(cfg, resolve=True)
+        with job_devices(run_cfg, hydra_cfg, multirun):
+            results = train(run_cfg, run_dir, overrides)
+    except Exception as err:
+        if not multirun:
+            if isinstance(err, ConfigError):
+                # One clear line instead of a traceback: the message names the key and what is allowed.
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # One failed job must not stop the sweep: record it where the summary finds it, go on.
+        from simfreeze.report import failed_results, write_results
+
+        log.error("job %s failed", hydra_cfg.job.num, exc_info=not isinstance(err, ConfigError))
+        print(f"error: job {hydra_cfg.job.num} ({' '.join(overrides)}): {err}", file=sys.stderr)
+        raw = OmegaConf.to_container(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_results(run_dir / "results.json", failed_results(raw, run_name(raw), run_dir, err, overrides))
+        return None
     return results["best_val_acc"]  # the objective for Hydra sweepers
+
+
+@contextlib.contextmanager
+def job_devices(run_cfg: dict, hydra_cfg, multirun: bool):
+    """Pin a sweep job that asked for ``devices=auto`` to one GPU of its own (simfreeze.placement)."""
+    import torch
+
+    from simfreeze.placement import claim_gpu, wants_one_gpu
+
+    trainer = run_cfg["trainer"]
+    n_cuda = torch.cuda.device_count()
+    if not wants_one_gpu(trainer["devices"], trainer["accelerator"], multirun, n_cuda):
+        yield
+        return
+    with claim_gpu(Path(hydra_cfg.sweep.dir) / ".gpu-locks", n_cuda, first=hydra_cfg.job.num) as index:
+        log.info("job %s runs on cuda:%d", hydra_cfg.job.num, index)
+        trainer.update(devices=[index], accelerator="gpu")
+        yield
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", 
 SECTION_KEYS = {
     "source": {"task", "weights", "cache_dir"},
     "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix"},
-    "freeze": {"policy", "k", "low", "high", "fallback", "l_total"},
+    "freeze": {"policy", "k", "low", "high", "fallback", "l_total", "depth"},
     "cache": {"enabled", "budget_gb"},
 }
 MODEL_KEYS = {"arch", "weights", "kwargs", "channels_last", "compile", "label_smoothing"}

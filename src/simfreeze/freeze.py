@@ -8,6 +8,9 @@ Policies (``freeze.policy``):
 - ``head_only``: every layer but the head (a linear probe, seed 003's feature extraction).
 - ``threshold``: the regimes of the paper's Fig. 3: ``S < low`` → ``freeze.fallback`` (a policy
   name: ``none`` by default), ``low ≤ S < high`` → linear, ``S ≥ high`` → ``L_total``.
+
+``freeze.depth`` is a shorthand for depth sweeps, one axis holding fixed depths and the method:
+``N`` → static with ``k = N``, ``dynamic`` → linear.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ def linear_depth(score: float, l_total: int) -> int:
     if math.isnan(score):
         raise ConfigError("similarity S is NaN (an empty class or all-zero embeddings?)")
     return math.floor(min(max(score, 0.0), 1.0) * l_total + 0.5)
+
+
+def depth_plan(depth: int | str) -> dict:
+    """The ``freeze`` keys that ``freeze.depth`` stands for."""
+    if depth == "dynamic":
+        return {"policy": "linear"}
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise ConfigError(f"freeze.depth={depth} must be a number of frozen layers or 'dynamic'")
+    return {"policy": "static", "k": depth}
 
 
 def validate_policy(policy: str, n_layers: int, k: int | None = None, low: float = 0.5,

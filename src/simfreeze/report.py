@@ -117,18 +117,19 @@ def cpu_name() -> str:
 def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
                 *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
                 l_freeze: int, n_layers: int | None, source: dict | None,
-                similarity_seconds: float | None = None, prefix_cache: dict | None = None) -> dict[str, Any]:
+                similarity_seconds: float | None = None, prefix_cache: dict | None = None,
+                overrides: list[str] = ()) -> dict[str, Any]:
     """Everything ``results.json`` records about one run."""
     def metric(value):
         return None if value is None else round(float(value), 6)
 
     return {
-        "name": name, "arm": cfg["arm"], "run_dir": str(run_dir),
+        "status": "ok", "name": name, "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": overrides,
         "best_val_acc": metric(best), "final_val_acc": metric(final), "test_acc": metric(test_acc),
         **clock.summary(),
         "epochs": trainer.current_epoch, "images": images,
         "similarity_seconds": None if similarity_seconds is None else round(similarity_seconds, 3),
-        "policy": cfg["freeze"]["policy"], "S": None if similarity is None else round(similarity, 6),
+        "transfer": cfg["transfer"], "policy": cfg["freeze"]["policy"], "depth": cfg["freeze"]["depth"], "S": None if similarity is None else round(similarity, 6),
         "l_freeze": l_freeze, "n_layers": n_layers, "prefix_cache": prefix_cache,
         "trainable_parameters": trainable, "total_parameters": total,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
@@ -138,6 +139,13 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
             "name", "run_dir", "best_val_acc", "fit_seconds", "cached")},
         "versions": library_versions(), "git_revision": git_revision(), "command": " ".join(sys.argv),
     }
+
+
+def failed_results(cfg: dict, name: str, run_dir: Path, error: BaseException, overrides: list[str]) -> dict[str, Any]:
+    """What ``results.json`` records for a sweep job that failed: enough for the summary to list it."""
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "name": name, "arm": cfg.get("arm"),
+            "seed": cfg.get("seed"), "run_dir": str(run_dir), "overrides": overrides,
+            "git_revision": git_revision(), "command": " ".join(sys.argv)}
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:

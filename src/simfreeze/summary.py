@@ -1,12 +1,24 @@
-"""One summary per multirun: every job's ``results.json`` → mean ± std per arm over seeds.
+"""One summary per multirun: every job's ``results.json`` → mean ± std per setting over seeds.
 
-Runs as a Hydra callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and
-writes ``summary.csv`` (one row per job), ``summary.md`` (the table, the per-job rows, the
-command) in the sweep directory, and prints the table.
+A *setting* is what the sweep varies besides ``seed`` (``arm=dynamic``, ``freeze.depth=35``,
+``freeze.low=0.5 freeze.high=0.8``, …), read from each job's recorded overrides. Runs as a Hydra
+callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and writes into the sweep
+directory:
+
+- ``summary.md``: the table, the depth verdict (best fixed depth, where dynamic landed), failed jobs,
+  every job's row, the command;
+- ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
+- ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
+- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step.
+
+A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
+is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
+sweep directory by hand with ``python -m simfreeze.summary <sweep dir>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -16,21 +28,51 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-RUN_COLUMNS = ["job", "arm", "name", "seed", "S", "l_freeze", "trainable_parameters", "best_val_acc",
-               "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds", "train_images_per_second",
-               "run_dir"]
+from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
+
+RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
+               "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
+               "train_images_per_second", "precision", "device", "error", "run_dir"]
 
 
 def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job's results; a job directory without ``results.json`` is a job that never finished."""
     runs = []
-    for path in sweep_dir.glob("*/results.json"):
-        run = json.loads(path.read_text())
-        run["job"] = path.parent.name
+    for job_dir in sweep_dir.iterdir():
+        path = job_dir / "results.json"
+        if path.is_file():
+            run = json.loads(path.read_text())
+        elif (job_dir / ".hydra").is_dir():
+            run = {"status": "missing", "error": "no results.json: the job was killed or is still running",
+                   "run_dir": str(job_dir)}
+        else:
+            continue
+        run["job"] = job_dir.name
+        run.setdefault("status", "ok")
         runs.append(run)
     return sorted(runs, key=lambda r: (int(r["job"]) if r["job"].isdigit() else r["job"]))
 
 
-def mean_std(values: list[float]) -> tuple[float, float] | None:
+def parse_override(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
+
+
+def setting_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between jobs, in first-seen order (``seed`` aside)."""
+    present = [dict(parse_override(o) for o in run.get("overrides") or []) for run in runs]
+    keys = list(dict.fromkeys(key for overrides in present for key in overrides))
+    values = {key: {overrides.get(key) for overrides in present} for key in keys}
+    return [key for key, seen in values.items() if len(seen) > 1 and key != "seed"]
+
+
+def setting_of(run: dict[str, Any], keys: list[str]) -> str:
+    present = dict(parse_override(o) for o in run.get("overrides") or [])
+    return " ".join(f"{key}={present[key]}" for key in keys if key in present) or \
+        f"{run.get('arm', '?')} {run.get('name', '')}".strip()
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float] | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -38,25 +80,65 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
 
 
 def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> list[dict[str, Any]]:
-    """Per (arm, task) in first-seen order: seeds, S, L_freeze, parameters, accuracy and time."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Per setting, in first-seen order: seeds, S, L_freeze, parameters, accuracy and time over the
+    jobs that finished, and how many did not."""
+    keys = setting_keys(runs)
+    groups: dict[str, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run.get("arm", "?"), run["name"]), []).append(run)
-    reference = mean_std([r["fit_seconds"] for (arm, _), rs in groups.items() if arm == reference_arm for r in rs])
+        groups.setdefault(setting_of(run, keys), []).append(run)
+    reference = mean_std([r["fit_seconds"] for r in runs if r["status"] == "ok" and r.get("arm") == reference_arm])
     rows = []
-    for (arm, name), members in groups.items():
-        fit = mean_std([r["fit_seconds"] for r in members])
+    for setting, members in groups.items():
+        ok = [r for r in members if r["status"] == "ok"]
+        first = (ok or members)[0]
+        fit = mean_std([r["fit_seconds"] for r in ok])
+        depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
         rows.append({
-            "arm": arm, "name": name, "seeds": sorted({r["seed"] for r in members}), "n": len(members),
-            "S": mean_std([r.get("S") for r in members]),
-            "l_freeze": sorted({r.get("l_freeze") for r in members if r.get("n_layers")}),
-            "trainable_parameters": members[0].get("trainable_parameters"),
-            "best_val_acc": mean_std([r.get("best_val_acc") for r in members]),
-            "test_acc": mean_std([r.get("test_acc") for r in members]),
+            "setting": setting, "arm": first.get("arm"), "name": first.get("name"),
+            "transfer": first.get("transfer"), "policy": first.get("policy"),
+            "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
+            "S": mean_std([r.get("S") for r in ok]),
+            "l_freeze": sorted(set(depths)), "depth": statistics.fmean(depths) if depths else None,
+            "trainable_parameters": first.get("trainable_parameters"),
+            "best_val_acc": mean_std([r.get("best_val_acc") for r in ok]),
+            "test_acc": mean_std([r.get("test_acc") for r in ok]),
             "fit_seconds": fit,
             "time_vs_scratch": fit[0] / reference[0] if fit and reference and reference[0] else None,
         })
     return rows
+
+
+def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
+    fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers."""
+    fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
+    dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
+    if len(fixed) < 2:
+        return None
+    best = max(fixed, key=lambda r: r["best_val_acc"][0])
+    return {
+        "best_setting": best["setting"], "best_depth": best["depth"], "best_acc": best["best_val_acc"],
+        "dynamic": [{"setting": r["setting"], "depth": r["depth"], "l_freeze": r["l_freeze"], "acc": r["best_val_acc"],
+                     "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
+                     "layers_from_best": None if r["depth"] is None else round(r["depth"] - best["depth"], 2)}
+                    for r in dynamic],
+    }
+
+
+def verdict_text(verdict: dict[str, Any] | None) -> str:
+    if verdict is None:
+        return ""
+    mean, std = verdict["best_acc"]
+    lines = [f"Best fixed depth: **{verdict['best_depth']:g}** frozen layers ({verdict['best_setting']}), "
+             f"best val acc {mean:.3f} ± {std:.3f}."]
+    for d in verdict["dynamic"]:
+        gap = d["points_below_best"]
+        where = "above" if gap < 0 else "below"
+        lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
+                     f"{abs(d['layers_from_best']):g} {'deeper' if d['layers_from_best'] > 0 else 'shallower'} "
+                     f"than the best depth, and is **{abs(gap):.1f} points {where}** it "
+                     f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
+    return "\n".join(lines)
 
 
 def _pm(value: tuple[float, float] | None, digits: int = 3) -> str:
@@ -68,47 +150,123 @@ def _pm(value: tuple[float, float] | None, digits: int = 3) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     has_test = any(r["test_acc"] for r in rows)
-    header = ["arm", "task", "n", "S", "L_freeze", "trainable params", "best val acc"]
-    header += ["test acc"] if has_test else []
-    header += ["fit s", "time ÷ scratch"]
+    has_failed = any(r["failed"] for r in rows)
+    header = ["setting", "arm", "n", *(["failed"] if has_failed else []), "S", "L_freeze", "trainable params",
+              "best val acc", *(["test acc"] if has_test else []), "fit s", "time ÷ scratch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["arm"], r["name"], str(r["n"]), _pm(r["S"], 4),
-                 "/".join(map(str, r["l_freeze"])) or "–", f"{r['trainable_parameters']:,}",
-                 _pm(r["best_val_acc"])]
-        cells += [_pm(r["test_acc"])] if has_test else []
-        cells += [_pm(r["fit_seconds"], 1),
-                  "–" if r["time_vs_scratch"] is None else f"{r['time_vs_scratch']:.3f}"]
+        params = r["trainable_parameters"]
+        cells = [r["setting"], str(r["arm"]), str(r["n"]), *([str(r["failed"])] if has_failed else []),
+                 _pm(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
+                 "–" if params is None else f"{params:,}", _pm(r["best_val_acc"]),
+                 *([_pm(r["test_acc"])] if has_test else []), _pm(r["fit_seconds"], 1),
+                 "–" if r["time_vs_scratch"] is None else f"{r['time_vs_scratch']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_summary(sweep_dir: Path, command: str = "") -> str | None:
-    """Write summary.csv and summary.md for a sweep directory; returns the table (None: no runs)."""
+def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    keys = setting_keys(runs)
+    with open(sweep_dir / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "setting": setting_of(r, keys)} for r in runs)
+    columns = ["setting", "arm", "name", "n", "failed", "seeds", "l_freeze", "trainable_parameters"]
+    stats = ["S", "best_val_acc", "test_acc", "fit_seconds"]
+    with open(sweep_dir / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns + [f"{s}_{part}" for s in stats for part in ("mean", "std")] + ["time_vs_scratch"])
+        for r in rows:
+            cells = [r[c] if not isinstance(r[c], list) else " ".join(map(str, r[c])) for c in columns]
+            for s in stats:
+                cells += list(r[s]) if r[s] else ["", ""]
+            writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
+
+
+def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")
+        for r in rows:
+            if r["depth"] is None or not r["best_val_acc"] or not r["transfer"]:
+                continue
+            group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
+            step = round(r["depth"])
+            writer.add_scalar(f"{group}/best_val_acc", r["best_val_acc"][0], step)
+            writer.add_scalar(f"{group}/fit_seconds", r["fit_seconds"][0], step)
+        if figure is not None:
+            writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
+
+
+def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
+    """Write the summary files of a sweep directory. Returns the table, the verdict text, the failed
+    jobs and the written paths (None: no jobs)."""
+    from simfreeze.plots import depth_figure
+
     runs = read_runs(sweep_dir)
     if not runs:
         return None
-    with open(sweep_dir / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
-    table = markdown_table(summarise(runs))
-    per_run = "\n".join(f"| {r['job']} | {r['arm']} | {r['seed']} | {r.get('S')} | {r.get('l_freeze')} | "
-                        f"{r['best_val_acc']} | {r['fit_seconds']} |" for r in runs)
+    rows = summarise(runs)
+    write_csvs(sweep_dir, runs, rows)
+    table, verdict = markdown_table(rows), depth_verdict(rows)
+    verdict_md = verdict_text(verdict)
+    failed = [r for r in runs if r["status"] != "ok"]
+    figure = depth_figure(rows, verdict)
+    plot = None
+    if figure is not None:
+        plot = sweep_dir / "summary.png"
+        figure.savefig(plot, dpi=120, bbox_inches="tight")
+    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
+    keys = setting_keys(runs)
+    per_run = "\n".join(
+        f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
+        f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
+    failures = "".join(f"- job {r['job']} ({setting_of(r, keys)}, seed {r.get('seed')}): {r.get('error')} — "
+                       f"`{r['run_dir']}`\n" for r in failed)
     (sweep_dir / "summary.md").write_text(
-        f"# Sweep summary\n\n`{command}`\n\nMean ± std over seeds (sample std; 0 for one seed). "
-        f"`time ÷ scratch`: mean fit seconds over the scratch arm's.\n\n{table}\n\n## Runs\n\n"
-        f"| job | arm | seed | S | L_freeze | best val acc | fit s |\n|---|---|---|---|---|---|---|\n{per_run}\n")
-    return table
+        f"# Sweep summary\n\n`{command}`\n\nMean ± std over seeds (sample std; 0 for one seed) of the jobs that "
+        f"finished. `time ÷ scratch`: mean fit seconds over the scratch arm's.\n\n{table}\n\n"
+        + (f"{verdict_md}\n\n" if verdict_md else "")
+        + ("![accuracy and fit time vs frozen layers](summary.png)\n\n" if plot else "")
+        + (f"## Failed jobs\n\n{failures}\n" if failed else "")
+        + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
+          f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
+    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot}
+
+
+def report(sweep_dir: Path, command: str) -> int:
+    """Write and print the summary; the exit status the sweep should end with."""
+    summary = write_summary(sweep_dir, command)
+    if summary is None:
+        print(f"no results.json under {sweep_dir}", file=sys.stderr)
+        return 1
+    print(f"\n{summary['table']}\n", flush=True)
+    if summary["verdict"]:
+        print(summary["verdict"].replace("**", "") + "\n")
+    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else ""), flush=True)
+    for run in summary["failed"]:
+        print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} job(s) failed; the others are summarised above", file=sys.stderr)
+    return 1 if summary["failed"] else 0
 
 
 class SweepSummary(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+    """Hydra callback: summarise the sweep directory when a multirun ends; exit 1 if a job failed."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        table = write_summary(sweep_dir, " ".join(["python -m train", *config.hydra.overrides.task]))
-        if table:
-            print(f"\n{table}\n\nsummary: {sweep_dir / 'summary.md'}", flush=True)
-        else:
-            print(f"no results.json under {sweep_dir}", file=sys.stderr)
+        status = report(Path(config.hydra.sweep.dir), " ".join(["python -m train", *config.hydra.overrides.task]))
+        if status:
+            sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simfreeze.summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
+    args = parser.parse_args(argv)
+    return report(args.sweep_dir, f"python -m simfreeze.summary {args.sweep_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

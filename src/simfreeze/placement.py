@@ -1,0 +1,46 @@
+"""Where a sweep job runs: one GPU per job when jobs of a multirun run side by side.
+
+Lightning's ``devices=auto`` takes every visible GPU (and DDP), which is wrong for a job that
+shares the machine with other jobs of its sweep. In a multirun, ``trainer.devices=auto`` therefore
+means one GPU, claimed with a non-blocking file lock under the sweep directory so that jobs
+running at the same time (joblib, submitit local) get different GPUs; the lock is released when the
+job ends. SLURM jobs each see only their own allocation, so they claim its first GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def wants_one_gpu(devices, accelerator: str, multirun: bool, n_cuda: int) -> bool:
+    """Whether a job should be pinned to a single GPU (it asked for none in particular)."""
+    return multirun and str(devices) == "auto" and accelerator in ("auto", "gpu", "cuda") and n_cuda > 0
+
+
+@contextlib.contextmanager
+def claim_gpu(lock_dir: Path, n_gpus: int, first: int = 0, poll_seconds: float = 2.0) -> Iterator[int]:
+    """Hold an exclusive lock on one of ``n_gpus`` GPUs, trying ``first`` (the job number) first.
+
+    When every GPU is held by another job, waits until one is free.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    order = [(first + i) % n_gpus for i in range(n_gpus)]
+    while True:
+        for index in order:
+            handle = open(lock_dir / f"gpu{index}.lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield index
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(poll_seconds)
