@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from simfreeze.config import ConfigError, validate_config
 
 log = logging.getLogger("simfreeze")
+# conf/hydra/launcher/local_queue.yaml: submitit hides every GPU from a job unless told how many to show.
+OmegaConf.register_new_resolver("cuda_count", lambda: __import__("torch").cuda.device_count(), replace=True)
 
 
 def run_name(cfg: dict) -> str:
@@ -45,6 +47,9 @@ def source_run_config(cfg: dict) -> dict:
     source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
     # The precision that runs, not "auto": it is part of the source's cache key.
     source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
+    # One device: a multi-device source started inside a DDP target run would relaunch the whole
+    # command, whose processes would then wait on the source's lock held by their own parent.
+    source["trainer"].update(devices=1, num_nodes=1, strategy="auto")
     return source
 
 
@@ -202,7 +207,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
                         callbacks=[clock, *callbacks, checkpoint, last, progress_bar(cfg["progress"])])
 
     datamodule.setup("fit")
-    datamodule.save_split(run_dir / "split.json")
+    if trainer.is_global_zero:  # with DDP every process runs this function; one writes the files
+        datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.sizes)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg["ckpt_path"])
@@ -227,8 +233,9 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
     (run_dir / "tensorboard" / "hparams.yaml").unlink(missing_ok=True)  # fit wrote it before S was known
     logger.save()
-    write_results(run_dir / "results.json", results)
-    print(summary_line(results), flush=True)
+    if trainer.is_global_zero:
+        write_results(run_dir / "results.json", results)
+        print(summary_line(results), flush=True)
     return results
 
 

@@ -16,9 +16,9 @@ def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_p
     sweep = tmp_path / "sweep"
     result = run_train("+experiment=cat_to_dog", *SMALL, f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}",
                        f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path)
-    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    rows = list(csv.DictReader(open(sweep / "runs.csv")))
     assert [r["arm"] for r in rows] == ["source", "scratch", "dynamic", "static45", "head_only", "finetune"]
-    assert "| dynamic | dynamic:dog |" in result.stdout and (sweep / "summary.md").is_file()
+    assert "| arm=dynamic | dynamic | 1 |" in result.stdout and (sweep / "summary.md").is_file()
     # the cat source was trained once, by the first job, and reused by every transfer arm
     assert len(list((tmp_path / "sources").glob("source-cat-*"))) == 1
     runs = {r["arm"]: json.loads((sweep / r["job"] / "results.json").read_text()) for r in rows}

@@ -152,7 +152,7 @@ class FreezeCallback(L.Callback):
         net = pl_module.net
         self._norms = freeze_leading(net, self.layers, self.n_frozen)
         self.rows = plan_rows(net, self.layers, self.n_frozen)
-        if self.out_dir is not None:
+        if self.out_dir is not None and trainer.is_global_zero:
             (self.out_dir / "plan.json").write_text(json.dumps(self.record(), indent=1))
         for logger in trainer.loggers:
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "add_text"):

@@ -163,7 +163,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)  # mean over DDP processes
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):

@@ -133,7 +133,7 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "l_freeze": l_freeze, "n_layers": n_layers, "prefix_cache": prefix_cache,
         "trainable_parameters": trainable, "total_parameters": total,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
-        "precision": str(trainer.precision), "device": device_name(trainer),
+        "precision": str(trainer.precision), "device": device_name(trainer), "world_size": trainer.world_size,
         "weights": weights,
         "source": None if source is None else {k: source.get(k) for k in (
             "name", "run_dir", "best_val_acc", "fit_seconds", "cached")},

@@ -125,7 +125,7 @@ class SimilarityCallback(L.Callback):
         self.result = self.compute(net, device)
         self.seconds = time.perf_counter() - start
         self.score = self.result["S"]
-        if self.out_dir is not None:
+        if self.out_dir is not None and trainer.is_global_zero:
             (self.out_dir / "similarity.json").write_text(json.dumps(self.result, indent=1))
         for logger in trainer.loggers:
             logger.log_metrics({"similarity/S": self.score}, step=0)

@@ -22,8 +22,9 @@ from typing import Any, Callable
 # never computes similarity and never transfers).
 NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
               "source_only"}
+# devices / num_nodes / strategy: a source always trains on one device (train.source_run_config).
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
-                      "accelerator", "num_sanity_val_steps"}
+                      "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
 
 
 def source_key(run_cfg: dict[str, Any]) -> str:

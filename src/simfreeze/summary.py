@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
 
@@ -43,8 +44,10 @@ def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
         if path.is_file():
             run = json.loads(path.read_text())
         elif (job_dir / ".hydra").is_dir():
+            overrides = job_dir / ".hydra" / "overrides.yaml"
             run = {"status": "missing", "error": "no results.json: the job was killed or is still running",
-                   "run_dir": str(job_dir)}
+                   "run_dir": str(job_dir),
+                   "overrides": list(OmegaConf.load(overrides)) if overrides.is_file() else None}
         else:
             continue
         run["job"] = job_dir.name
@@ -60,7 +63,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 def setting_keys(runs: list[dict[str, Any]]) -> list[str]:
     """The override keys whose values differ between jobs, in first-seen order (``seed`` aside)."""
-    present = [dict(parse_override(o) for o in run.get("overrides") or []) for run in runs]
+    present = [dict(parse_override(o) for o in run["overrides"]) for run in runs if run.get("overrides")]
     keys = list(dict.fromkeys(key for overrides in present for key in overrides))
     values = {key: {overrides.get(key) for overrides in present} for key in keys}
     return [key for key, seen in values.items() if len(seen) > 1 and key != "seed"]
@@ -116,11 +119,14 @@ def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if len(fixed) < 2:
         return None
     best = max(fixed, key=lambda r: r["best_val_acc"][0])
+    means = [r["best_val_acc"][0] for r in fixed]
     return {
         "best_setting": best["setting"], "best_depth": best["depth"], "best_acc": best["best_val_acc"],
+        # how much the fixed depths differ against how much seeds move one depth: the noise floor
+        "fixed_range": (min(means), max(means)), "largest_std": max(r["best_val_acc"][1] for r in fixed + dynamic),
         "dynamic": [{"setting": r["setting"], "depth": r["depth"], "l_freeze": r["l_freeze"], "acc": r["best_val_acc"],
                      "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
-                     "layers_from_best": None if r["depth"] is None else round(r["depth"] - best["depth"], 2)}
+                     "layers_from_best": None if r["depth"] is None else round(r["depth"] - best["depth"], 1)}
                     for r in dynamic],
     }
 
@@ -138,6 +144,10 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
                      f"{abs(d['layers_from_best']):g} {'deeper' if d['layers_from_best'] > 0 else 'shallower'} "
                      f"than the best depth, and is **{abs(gap):.1f} points {where}** it "
                      f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
+    low, high = verdict["fixed_range"]
+    lines.append(f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); the largest "
+                 f"std over seeds is {verdict['largest_std']:.3f} ({100 * verdict['largest_std']:.1f} points): "
+                 f"differences smaller than that are within seed noise.")
     return "\n".join(lines)
 
 

@@ -1,0 +1,138 @@
+"""Sweeps: one summary per setting, the depth verdict, failure isolation, parallel jobs, launchers."""
+
+import csv
+import json
+import os
+import threading
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from simfreeze.config import ConfigError
+from simfreeze.freeze import depth_plan
+from simfreeze.placement import claim_gpu, wants_one_gpu
+from simfreeze.summary import depth_verdict, setting_keys, summarise, write_summary
+from tests.conftest import REPO, run_train
+from tests.test_experiment import SMALL
+
+
+def run(job, seed, acc, seconds, *, arm="depth", policy="static", depth=None, transfer=True, extra=(), status="ok"):
+    overrides = ["+experiment=depth_sweep", *extra, f"seed={seed}"] + ([f"freeze.depth={depth}"] if depth is not None else [])
+    return {"job": str(job), "status": status, "arm": arm, "name": f"{arm}:dog", "seed": seed, "overrides": overrides,
+            "transfer": transfer, "policy": policy, "l_freeze": 0 if depth in (None, "dynamic") else depth,
+            "n_layers": 50, "S": 0.98 if policy == "linear" else None, "best_val_acc": acc, "test_acc": None,
+            "fit_seconds": seconds, "trainable_parameters": 10, "run_dir": f"/x/{job}"}
+
+
+def depth_runs():
+    runs = []
+    for seed, accs in enumerate([(0.60, 0.64, 0.62, 0.61), (0.62, 0.66, 0.60, 0.63)]):
+        for depth, acc in zip((0, 45, 49, "dynamic"), accs):
+            r = run(len(runs), seed, acc, 100 - (depth if depth != "dynamic" else 39), depth=depth,
+                    policy="linear" if depth == "dynamic" else "static")
+            if depth == "dynamic":
+                r["l_freeze"] = 39 + seed  # seeds' S differ a little
+            runs.append(r)
+    return runs
+
+
+def test_settings_are_what_the_sweep_varies_besides_the_seed():
+    runs = depth_runs()
+    assert setting_keys(runs) == ["freeze.depth"]
+    rows = summarise(runs)
+    assert [r["setting"] for r in rows] == ["freeze.depth=0", "freeze.depth=45", "freeze.depth=49", "freeze.depth=dynamic"]
+    assert rows[1]["n"] == 2 and rows[1]["best_val_acc"][0] == pytest.approx(0.65)
+    assert rows[1]["best_val_acc"][1] == pytest.approx(0.0141421, rel=1e-4)  # sample std of 0.64, 0.66
+    assert rows[3]["l_freeze"] == [39, 40] and rows[3]["depth"] == 39.5
+    # a threshold sweep: two swept keys make the setting; a key given once everywhere does not
+    thresholds = [run(i, s, 0.6, 10, policy="threshold", extra=[f"freeze.low={lo}", "freeze.high=0.9", "arm=threshold"])
+                  for i, (lo, s) in enumerate([(0.5, 0), (0.5, 1), (0.7, 0), (0.7, 1)])]
+    assert [r["setting"] for r in summarise(thresholds)] == ["freeze.low=0.5", "freeze.low=0.7"]
+
+
+def test_the_verdict_names_the_best_fixed_depth_and_how_far_dynamic_landed():
+    verdict = depth_verdict(summarise(depth_runs()))
+    assert verdict["best_depth"] == 45 and verdict["best_acc"][0] == pytest.approx(0.65)
+    (dynamic,) = verdict["dynamic"]
+    assert dynamic["points_below_best"] == pytest.approx(3.0) and dynamic["layers_from_best"] == -5.5
+
+
+def test_failed_and_killed_jobs_are_listed_and_not_averaged(tmp_path):
+    runs = depth_runs()
+    runs[1] = {**runs[1], "status": "failed", "error": "RuntimeError: out of memory", "best_val_acc": None}
+    for r in runs:
+        (tmp_path / r["job"]).mkdir()
+        (tmp_path / r["job"] / "results.json").write_text(json.dumps(r))
+    (tmp_path / "9" / ".hydra").mkdir(parents=True)  # a job that never wrote results
+    (tmp_path / "9" / ".hydra" / "overrides.yaml").write_text("- +experiment=depth_sweep\n- seed=2\n- freeze.depth=45\n")
+    summary = write_summary(tmp_path, "python -m train +experiment=depth_sweep")
+    assert [r["job"] for r in summary["failed"]] == ["1", "9"]
+    rows = {r["setting"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    assert rows["freeze.depth=45"]["n"] == "1" and rows["freeze.depth=45"]["failed"] == "2"
+    assert float(rows["freeze.depth=45"]["best_val_acc_mean"]) == pytest.approx(0.66)
+    text = (tmp_path / "summary.md").read_text()
+    assert "RuntimeError: out of memory" in text and "## Failed jobs" in text
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list(csv.DictReader(open(tmp_path / "runs.csv")))) == 9
+
+
+def test_depth_shorthand():
+    assert depth_plan(35) == {"policy": "static", "k": 35}
+    assert depth_plan("dynamic") == {"policy": "linear"}
+    with pytest.raises(ConfigError, match="freeze.depth=deep"):
+        depth_plan("deep")
+
+
+def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path):
+    assert wants_one_gpu("auto", "auto", True, 4) and not wants_one_gpu(2, "auto", True, 4)
+    assert not wants_one_gpu("auto", "auto", False, 4) and not wants_one_gpu("auto", "cpu", True, 4)
+    got = []
+    with claim_gpu(tmp_path, 2, first=1) as a, claim_gpu(tmp_path, 2, first=1) as b:
+        assert (a, b) == (1, 0)
+        waiter = threading.Thread(target=lambda: got.append(claim_gpu(tmp_path, 2, poll_seconds=0.05).__enter__()))
+        waiter.start()
+        waiter.join(0.3)
+        assert got == []  # both GPUs held: the third job waits
+    waiter.join(5)
+    assert got in ([0], [1])
+
+
+@pytest.mark.parametrize("launcher, target, gpus", [
+    ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", 0), ("slurm", "SlurmLauncher", 1)])
+def test_launcher_configs_compose(launcher, target, gpus):
+    import train  # noqa: F401  (registers the cuda_count resolver)
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if gpus is not None:  # this test machine has no GPU
+        assert cfg.hydra.launcher.gpus_per_node == gpus
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_the_sweep_exits_non_zero(image_folder, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("-m", "data.per_class=20,1000", "data.classes=[ant,bee]", *SMALL, "trainer.precision=16-mixed",
+                       f"data.root={image_folder}",
+                       f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stderr
+    ok, failed = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1"))
+    assert ok["status"] == "ok" and ok["best_val_acc"] is not None
+    assert ok["precision"] == "bf16-mixed"  # what ran: Lightning has no fp16 autocast on a CPU
+    assert failed["status"] == "failed" and "1000" in failed["error"]
+    assert "FAILED job 1" in result.stderr and "data.per_class=1000" in (sweep / "summary.md").read_text()
+
+
+def test_two_seeds_by_four_arms_in_parallel_jobs(cat_dog_folder, tmp_path):
+    sweep, sources = tmp_path / "sweep", tmp_path / "sources"
+    run_train("+experiment=cat_to_dog", "hydra/launcher=parallel", "arm=scratch,dynamic,static45,head_only", "seed=0,1",
+              *SMALL, f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}", f"source.cache_dir={sources}", cwd=tmp_path)
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 8 and all(r["status"] == "ok" for r in runs)
+    threads = max(1, os.cpu_count() // 2)  # joblib gives each of its 2 workers its share of the cores
+    assert all(f"{threads} threads" in r["device"] for r in runs)
+    assert sum(not r["source"]["cached"] for r in runs if r["source"]) <= 2
+    assert len(list(sources.glob("source-cat-*"))) == 2  # one cat model per seed, each trained once
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["setting"], r["n"]) for r in rows] == [
+        ("arm=scratch", "2"), ("arm=dynamic", "2"), ("arm=static45", "2"), ("arm=head_only", "2")]
