@@ -112,15 +112,15 @@ def test_launcher_configs_compose(launcher, target, gpus):
 
 def test_a_failing_job_does_not_stop_the_sweep_and_the_sweep_exits_non_zero(image_folder, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", "data.per_class=20,1000", "data.classes=[ant,bee]", *SMALL, "trainer.precision=16-mixed",
+    result = run_train("-m", "data.classes=[ant,bee],[ant,zebra]", *SMALL, "trainer.precision=16-mixed",
                        f"data.root={image_folder}",
                        f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert result.returncode == 1, result.stderr
     ok, failed = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1"))
     assert ok["status"] == "ok" and ok["best_val_acc"] is not None
     assert ok["precision"] == "bf16-mixed"  # what ran: Lightning has no fp16 autocast on a CPU
-    assert failed["status"] == "failed" and "1000" in failed["error"]
-    assert "FAILED job 1" in result.stderr and "data.per_class=1000" in (sweep / "summary.md").read_text()
+    assert failed["status"] == "failed" and "unknown class ['zebra']" in failed["error"]
+    assert "FAILED job 1" in result.stderr and "data.classes=[ant,zebra]" in (sweep / "summary.md").read_text()
 
 
 def test_two_seeds_by_four_arms_in_parallel_jobs(cat_dog_folder, tmp_path):

@@ -39,6 +39,7 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
         axis.set_xlabel("frozen layers (L_freeze)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    panels[0].legend(fontsize=8, loc="best")
+    if panels[0].get_legend_handles_labels()[0]:
+        panels[0].legend(fontsize=8, loc="best")
     figure.suptitle("accuracy and fit time vs frozen layers (mean ± std over seeds)")
     return figure
