@@ -102,7 +102,7 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
             "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
             "S": mean_std([r.get("S") for r in ok]),
             "l_freeze": sorted(set(depths)), "depth": statistics.fmean(depths) if depths else None,
-            "trainable_parameters": first.get("trainable_parameters"),
+            "trainable_parameters": sorted({r["trainable_parameters"] for r in ok}),  # differs where L_freeze does
             "best_val_acc": mean_std([r.get("best_val_acc") for r in ok]),
             "test_acc": mean_std([r.get("test_acc") for r in ok]),
             "fit_seconds": fit,
@@ -140,9 +140,11 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
     for d in verdict["dynamic"]:
         gap = d["points_below_best"]
         where = "above" if gap < 0 else "below"
+        layers = d["layers_from_best"]
+        offset = ("at the best depth" if layers == 0 else
+                  f"{abs(layers):g} {'deeper' if layers > 0 else 'shallower'} than the best depth")
         lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
-                     f"{abs(d['layers_from_best']):g} {'deeper' if d['layers_from_best'] > 0 else 'shallower'} "
-                     f"than the best depth, and is **{abs(gap):.1f} points {where}** it "
+                     f"{offset}, and is **{abs(gap):.1f} points {where}** it "
                      f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
     low, high = verdict["fixed_range"]
     lines.append(f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); the largest "
@@ -165,10 +167,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
               "best val acc", *(["test acc"] if has_test else []), "fit s", "time ÷ scratch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        params = r["trainable_parameters"]
         cells = [r["setting"], str(r["arm"]), str(r["n"]), *([str(r["failed"])] if has_failed else []),
                  _pm(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
-                 "–" if params is None else f"{params:,}", _pm(r["best_val_acc"]),
+                 "/".join(f"{p:,}" for p in r["trainable_parameters"]) or "–", _pm(r["best_val_acc"]),
                  *([_pm(r["test_acc"])] if has_test else []), _pm(r["fit_seconds"], 1),
                  "–" if r["time_vs_scratch"] is None else f"{r['time_vs_scratch']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -275,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simfreeze.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
     args = parser.parse_args(argv)
-    return report(args.sweep_dir, f"python -m simfreeze.summary {args.sweep_dir}")
+    multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
+    command = (" ".join(["python -m train", *OmegaConf.load(multirun).hydra.overrides.task]) if multirun.is_file()
+               else f"python -m simfreeze.summary {args.sweep_dir}")
+    return report(args.sweep_dir, command)
 
 
 if __name__ == "__main__":
