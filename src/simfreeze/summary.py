@@ -263,11 +263,17 @@ def report(sweep_dir: Path, command: str) -> int:
     return 1 if summary["failed"] else 0
 
 
+def sweep_command(config) -> str:
+    """The command line that ran the sweep, Hydra's own overrides (launcher, sweep dir) included."""
+    hydra_overrides = [o for o in config.hydra.overrides.hydra if o != "hydra.mode=MULTIRUN"]
+    return " ".join(["python -m train", *hydra_overrides, *config.hydra.overrides.task])
+
+
 class SweepSummary(Callback):
     """Hydra callback: summarise the sweep directory when a multirun ends; exit 1 if a job failed."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        status = report(Path(config.hydra.sweep.dir), " ".join(["python -m train", *config.hydra.overrides.task]))
+        status = report(Path(config.hydra.sweep.dir), sweep_command(config))
         if status:
             sys.exit(status)
 
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
     args = parser.parse_args(argv)
     multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
-    command = (" ".join(["python -m train", *OmegaConf.load(multirun).hydra.overrides.task]) if multirun.is_file()
+    command = (sweep_command(OmegaConf.load(multirun)) if multirun.is_file()
                else f"python -m simfreeze.summary {args.sweep_dir}")
     return report(args.sweep_dir, command)
 
