@@ -124,6 +124,7 @@ def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         "best_setting": best["setting"], "best_depth": best["depth"], "best_acc": best["best_val_acc"],
         # how much the fixed depths differ against how much seeds move one depth: the noise floor
         "fixed_range": (min(means), max(means)), "largest_std": max(r["best_val_acc"][1] for r in fixed + dynamic),
+        "seeds": min(r["n"] for r in fixed + dynamic),
         "dynamic": [{"setting": r["setting"], "depth": r["depth"], "l_freeze": r["l_freeze"], "acc": r["best_val_acc"],
                      "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
                      "layers_from_best": None if r["depth"] is None else round(r["depth"] - best["depth"], 1)}
@@ -147,9 +148,12 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
                      f"{offset}, and is **{abs(gap):.1f} points {where}** it "
                      f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
     low, high = verdict["fixed_range"]
-    lines.append(f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); the largest "
-                 f"std over seeds is {verdict['largest_std']:.3f} ({100 * verdict['largest_std']:.1f} points): "
-                 f"differences smaller than that are within seed noise.")
+    spread = f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); "
+    if verdict["seeds"] < 2:
+        lines.append(spread + "with one seed per setting there is no estimate of seed noise (add seed=0,1,2).")
+    else:
+        lines.append(spread + f"the largest std over seeds is {verdict['largest_std']:.3f} "
+                     f"({100 * verdict['largest_std']:.1f} points): differences smaller than that are within seed noise.")
     return "\n".join(lines)
 
 
