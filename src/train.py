@@ -43,7 +43,7 @@ def source_run_config(cfg: dict) -> dict:
     source["data"].update(cfg["source"]["task"])
     source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
     source["freeze"].update(policy="none", depth=None)
-    source["similarity"]["enabled"] = False
+    source["similarity"].update(enabled=False, analysis=False)
     source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
     # The precision that runs, not "auto": it is part of the source's cache key.
     source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
@@ -145,6 +145,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
                                                                             trainer_cfg["accelerator"])}}
     if cfg["freeze"]["depth"] is not None:
         cfg = {**cfg, "freeze": {**cfg["freeze"], **depth_plan(cfg["freeze"]["depth"])}}
+    if cfg["similarity"]["analysis"]:  # no training: embed every class, write the paper's figures
+        return run_analysis(cfg, run_dir, overrides)
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
         _, source_results = resolve_source(cfg)
         results = {**source_results, "arm": "source", "run_dir": str(run_dir), "source_dir": source_results["run_dir"],
@@ -239,6 +241,22 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     return results
 
 
+def run_analysis(cfg: dict, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    from simfreeze.analysis import analysis_line, analyze
+    from simfreeze.report import write_results
+
+    embedder = cfg["similarity"]["embedder"]
+    if embedder == "source":  # the source model: a source task (trained once, cached) or source.weights
+        weights, _ = resolve_source(cfg)
+    else:
+        weights = embedder  # a torchvision weights enum or a checkpoint path
+    results = {**analyze(cfg, run_dir, weights, str(weights if embedder == "source" else embedder)),
+               "overrides": list(overrides)}
+    write_results(run_dir / "results.json", results)
+    print(analysis_line(results), flush=True)
+    return results
+
+
 def quiet_lightning() -> None:
     """Route Lightning's messages through Hydra's log handlers only (console + train.log), once."""
     import lightning  # noqa: F401  (its import installs the handlers removed here)
@@ -280,7 +298,7 @@ def main(cfg: DictConfig) -> float | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_results(run_dir / "results.json", failed_results(raw, run_name(raw), run_dir, err, overrides))
         return None
-    return results["best_val_acc"]  # the objective for Hydra sweepers
+    return results.get("best_val_acc")  # the objective for Hydra sweepers
 
 
 @contextlib.contextmanager

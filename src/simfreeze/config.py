@@ -16,7 +16,7 @@ TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", 
                   "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze", "cache"}
 SECTION_KEYS = {
     "source": {"task", "weights", "cache_dir"},
-    "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix"},
+    "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix", "analysis"},
     "freeze": {"policy", "k", "low", "high", "fallback", "l_total", "depth"},
     "cache": {"enabled", "budget_gb"},
 }

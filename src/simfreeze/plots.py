@@ -43,3 +43,80 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
         panels[0].legend(fontsize=8, loc="best")
     figure.suptitle("accuracy and fit time vs frozen layers (mean ± std over seeds)")
     return figure
+
+
+def similarity_heatmap(matrix, names: list[str]) -> Figure:
+    """The class × class cosine matrix, every cell annotated (the paper's Fig. 1)."""
+    values = [[float(v) for v in row] for row in matrix]
+    off_diagonal = [v for i, row in enumerate(values) for j, v in enumerate(row) if i != j]
+    figure = Figure(figsize=(1 + 0.75 * len(names), 0.75 * len(names)), layout="constrained")
+    axis = figure.subplots()
+    # Colour over the off-diagonal range: with post-ReLU features every S is near 1.
+    image = axis.imshow(values, cmap="viridis", vmin=min(off_diagonal), vmax=max(off_diagonal))
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), names)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            axis.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                      color="white" if v < (min(off_diagonal) + max(off_diagonal)) / 2 else "black")
+    figure.colorbar(image, ax=axis, label="cosine similarity of class centroids")
+    axis.set_title("class similarity S (colour spans the off-diagonal range)")
+    return figure
+
+
+def centroid_map(coords, names: list[str], explained: list[float]) -> Figure:
+    """Class centroids on their first two principal axes, labelled (the paper's Fig. 2)."""
+    figure = Figure(figsize=(6, 5), layout="constrained")
+    axis = figure.subplots()
+    xs, ys = [float(c[0]) for c in coords], [float(c[1]) for c in coords]
+    axis.scatter(xs, ys, s=40)
+    for x, y, name in zip(xs, ys, names):
+        axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    axis.set_xlabel(f"PC 1 ({100 * explained[0]:.1f} % of variance)")
+    axis.set_ylabel(f"PC 2 ({100 * explained[1]:.1f} % of variance)" if len(explained) > 1 else "PC 2")
+    axis.set_title("class centroids, PCA")
+    axis.grid(alpha=0.3)
+    return figure
+
+
+def freeze_curve(depth, l_total: int, low: float, high: float, marks: dict[str, float]) -> Figure:
+    """``L_freeze`` against S (the paper's Fig. 3): the linear rule, the threshold policy with its
+    regimes shaded, and the measured pairs' S marked. ``depth(policy, S)`` gives the depth."""
+    grid = [i / 400 for i in range(401)]
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axis = figure.subplots()
+    for start, stop, colour, label in ((0, low, "tab:red", "S < low: fallback"), (low, high, "tab:orange", "linear"),
+                                       (high, 1, "tab:green", "S ≥ high: L_total")):
+        axis.axvspan(start, stop, color=colour, alpha=0.12, label=f"threshold regime: {label}")
+    axis.plot(grid, [depth("linear", s) for s in grid], label="linear: round(S · L_total)")
+    axis.plot(grid, [depth("threshold", s) for s in grid], linestyle="--", label=f"threshold (low {low}, high {high})")
+    for name, s in marks.items():
+        axis.axvline(s, color="gray", linewidth=0.6, alpha=0.6)
+    if marks:  # the extremes by name; the rest as plain ticks
+        for name, s in (min(marks.items(), key=lambda m: m[1]), max(marks.items(), key=lambda m: m[1])):
+            axis.annotate(name, (s, l_total * 0.05), rotation=90, fontsize=7, ha="right")
+    axis.set_xlabel("S (cosine similarity of centroids)")
+    axis.set_ylabel("frozen layers L_freeze")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(-1, l_total + 2)
+    axis.set_title(f"freeze depth vs S (L_total = {l_total}); grey lines: the measured class pairs")
+    axis.legend(fontsize=7, loc="upper left")
+    return figure
+
+
+def cost_figure(rows: list[dict], arm: str) -> Figure:
+    """Seed 001's cost model against measured seconds for k = 1… target models."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axis = figure.subplots()
+    ks = [r["k"] for r in rows]
+    axis.plot(ks, [r["predicted_classic_s"] for r in rows], "--", color="tab:blue", label="classic, formula 50·k·t")
+    axis.plot(ks, [r["measured_classic_s"] for r in rows], "o-", color="tab:blue", label="classic, measured k·scratch")
+    axis.plot(ks, [r["predicted_transfer_s"] for r in rows], "--", color="tab:orange", label="transfer, formula (45 + 5·k)·t")
+    axis.plot(ks, [r["measured_transfer_s"] for r in rows], "o-", color="tab:orange",
+              label=f"transfer, measured source + k·{arm}")
+    axis.set_xlabel("target models k")
+    axis.set_ylabel("seconds")
+    axis.set_title("cost of k target models: both grow linearly in k")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure

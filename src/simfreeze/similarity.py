@@ -56,6 +56,29 @@ def cosine_matrix(centroids: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
+def pair_spread(matrix: torch.Tensor, names: Sequence[str]) -> dict:
+    """Min / median / max of S over the distinct class pairs (the upper triangle), with the pairs
+    at the extremes: post-ReLU features bunch cosines near 1, so the spread says how much S can
+    discriminate at all."""
+    i, j = torch.triu_indices(len(names), len(names), offset=1)
+    values = matrix[i, j].double()
+    order = values.argsort()
+    low, high = order[0], order[-1]
+    return {"pairs": len(values), "min": float(values[low]), "median": float(values.median()),
+            "max": float(values[high]), "min_pair": [names[i[low]], names[j[low]]],
+            "max_pair": [names[i[high]], names[j[high]]]}
+
+
+def pca_2d(points: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The rows of ``points`` (C, D) on their first two principal axes, and the share of the
+    variance each axis explains (the paper's Fig. 2 map of class centroids)."""
+    centred = points.double() - points.double().mean(dim=0)
+    _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    share = (variance / variance.sum()).tolist() if variance.sum() > 0 else [0.0] * len(variance)
+    return centred @ basis[:2].T, share[:2]
+
+
 class SimilarityCallback(L.Callback):
     """Computes ``S = cos(centroid(source classes), centroid(target classes))`` in ``setup``.
 
