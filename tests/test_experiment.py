@@ -19,6 +19,12 @@ def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_p
     rows = list(csv.DictReader(open(sweep / "runs.csv")))
     assert [r["arm"] for r in rows] == ["source", "scratch", "dynamic", "static45", "head_only", "finetune"]
     assert "| arm=dynamic | dynamic | 1 |" in result.stdout and (sweep / "summary.md").is_file()
+    # the readable report: plans, the table, the figures and seed 001's cost model beside measured times
+    report = (sweep / "report.md").read_text()
+    assert "![cost model](cost_model.png)" in report and "| arm=dynamic |" in report
+    assert (sweep / "cost_model.png").read_bytes()[:4] == b"\x89PNG" and (sweep / "summary.png").is_file()
+    costs = list(csv.DictReader(open(sweep / "cost_model.csv")))
+    assert {c["setting"] for c in costs} == {"arm=dynamic", "arm=static45", "arm=head_only", "arm=finetune"}
     # the cat source was trained once, by the first job, and reused by every transfer arm
     assert len(list((tmp_path / "sources").glob("source-cat-*"))) == 1
     runs = {r["arm"]: json.loads((sweep / r["job"] / "results.json").read_text()) for r in rows}

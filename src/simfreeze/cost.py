@@ -29,3 +29,46 @@ def cost_table(scratch_seconds: float, source_seconds: float, transfer_seconds: 
                      "measured_classic_s": k * scratch_seconds,
                      "measured_transfer_s": source_seconds + k * transfer_seconds})
     return rows
+
+
+def sweep_costs(rows: list[dict], ks: Sequence[int] = range(1, 11)) -> tuple[dict[str, list[dict]], float | None]:
+    """Cost tables for every transfer setting of a sweep summary (``simfreeze.summary.summarise``)
+    that has a measured source, priced with its own frozen depth F, against the scratch arm.
+    Returns the tables and the scratch seconds (None: no scratch arm, no tables)."""
+    scratch = [r for r in rows if r["arm"] == "scratch" and r["fit_seconds"]]
+    if not scratch:
+        return {}, None
+    scratch_s = scratch[0]["fit_seconds"][0]
+    tables = {r["setting"]: cost_table(scratch_s, r["source_seconds"][0], r["fit_seconds"][0], ks,
+                                       r["n_layers"], round(r["depth"]))
+              for r in rows if r["transfer"] and r["fit_seconds"] and r.get("source_seconds") and r["depth"] is not None
+              and r.get("n_layers")}
+    return tables, scratch_s
+
+
+def cost_markdown(tables: dict[str, list[dict]], scratch_s: float, shown: Sequence[int] = (1, 2, 3, 5, 10)) -> str:
+    """The formula beside the measurement for a few k, and each line's slope in seconds per model."""
+    if not tables:
+        return ""
+    first = next(iter(tables.values()))
+    header = ["k", "classic s (formula = measured)"]
+    for setting in tables:
+        header += [f"{setting}: formula s", f"{setting}: measured s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, k_row in enumerate(first):
+        if k_row["k"] not in shown:
+            continue
+        cells = [str(k_row["k"]), f"{k_row['measured_classic_s']:.0f}"]
+        for table in tables.values():
+            cells += [f"{table[i]['predicted_transfer_s']:.0f}", f"{table[i]['measured_transfer_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    total = first[0]["layers_classic"]
+    slopes = [f"classic {scratch_s:.1f} s per model (the formula's too: it prices a layer at t = scratch ÷ {total})"]
+    for setting, table in tables.items():
+        slope = table[1]["measured_transfer_s"] - table[0]["measured_transfer_s"]
+        once = table[0]["measured_transfer_s"] - slope
+        predicted = table[1]["predicted_transfer_s"] - table[0]["predicted_transfer_s"]
+        slopes.append(f"{setting} {slope:.1f} s per model after a one-off source of {once:.1f} s "
+                      f"(formula: {predicted:.1f} s per model)")
+    return ("\n".join(lines) + "\n\nBoth grow linearly in k — the transfer line is not logarithmic, it has a smaller "
+            "slope: " + "; ".join(slopes) + ".")

@@ -104,19 +104,22 @@ def freeze_curve(depth, l_total: int, low: float, high: float, marks: dict[str, 
     return figure
 
 
-def cost_figure(rows: list[dict], arm: str) -> Figure:
-    """Seed 001's cost model against measured seconds for k = 1… target models."""
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+def cost_figure(tables: dict[str, list[dict]]) -> Figure:
+    """Seed 001's cost model (dashed) against measured seconds (solid) for k = 1… target models:
+    classic (every model from scratch) and each transfer setting (one source, then k targets)."""
+    figure = Figure(figsize=(8, 5), layout="constrained")
     axis = figure.subplots()
-    ks = [r["k"] for r in rows]
-    axis.plot(ks, [r["predicted_classic_s"] for r in rows], "--", color="tab:blue", label="classic, formula 50·k·t")
-    axis.plot(ks, [r["measured_classic_s"] for r in rows], "o-", color="tab:blue", label="classic, measured k·scratch")
-    axis.plot(ks, [r["predicted_transfer_s"] for r in rows], "--", color="tab:orange", label="transfer, formula (45 + 5·k)·t")
-    axis.plot(ks, [r["measured_transfer_s"] for r in rows], "o-", color="tab:orange",
-              label=f"transfer, measured source + k·{arm}")
+    first = next(iter(tables.values()))
+    ks = [r["k"] for r in first]
+    axis.plot(ks, [r["measured_classic_s"] for r in first], "o-", color="black", label="classic: k · scratch (= formula)")
+    for (setting, rows), colour in zip(tables.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
+        frozen = rows[0]["layers_transfer"] - (rows[1]["layers_transfer"] - rows[0]["layers_transfer"])
+        axis.plot(ks, [r["measured_transfer_s"] for r in rows], "o-", color=colour, label=f"{setting}: source + k · arm")
+        axis.plot(ks, [r["predicted_transfer_s"] for r in rows], "--", color=colour,
+                  label=f"{setting}: formula ({frozen} + {rows[0]['layers_transfer'] - frozen}·k) · t")
     axis.set_xlabel("target models k")
     axis.set_ylabel("seconds")
-    axis.set_title("cost of k target models: both grow linearly in k")
+    axis.set_title("cost of k target models (seed 001's model, dashed): all lines are linear in k")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
     return figure

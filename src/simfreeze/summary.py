@@ -105,7 +105,8 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
             "trainable_parameters": sorted({r["trainable_parameters"] for r in ok}),  # differs where L_freeze does
             "best_val_acc": mean_std([r.get("best_val_acc") for r in ok]),
             "test_acc": mean_std([r.get("test_acc") for r in ok]),
-            "fit_seconds": fit,
+            "fit_seconds": fit, "n_layers": first.get("n_layers"),
+            "source_seconds": mean_std([r["source"]["fit_seconds"] for r in ok if r.get("source")]),
             "time_vs_scratch": fit[0] / reference[0] if fit and reference and reference[0] else None,
         })
     return rows
@@ -247,7 +248,65 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         + (f"## Failed jobs\n\n{failures}\n" if failed else "")
         + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
           f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
-    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot}
+    cost = write_cost_model(sweep_dir, rows)
+    write_report(sweep_dir, command, runs, rows, table, verdict_md, plot, cost)
+    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "cost_plot": cost and cost["plot"]}
+
+
+def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Seed 001's cost model beside the sweep's measured times (needs a scratch arm and a transfer
+    arm with a measured source): ``cost_model.csv``, ``cost_model.png``, and the text for the report."""
+    from simfreeze.cost import cost_markdown, sweep_costs
+    from simfreeze.plots import cost_figure
+
+    tables, scratch_s = sweep_costs(rows)
+    if not tables:
+        return None
+    with open(sweep_dir / "cost_model.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(tables.values()))[0]])
+        writer.writeheader()
+        writer.writerows({"setting": setting, **row} for setting, table in tables.items() for row in table)
+    plot = sweep_dir / "cost_model.png"
+    cost_figure(tables).savefig(plot, dpi=120, bbox_inches="tight")
+    return {"text": cost_markdown(tables, scratch_s), "plot": plot}
+
+
+def write_report(sweep_dir: Path, command: str, runs: list[dict], rows: list[dict], table: str, verdict_md: str,
+                 plot: Path | None, cost: dict | None) -> None:
+    """``report.md``: what ran, S and the plan per setting, the results with their figures, the cost model."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    first = ok[0] if ok else {}
+    lines = [f"# Sweep report\n\n```bash\n{command}\n```\n",
+             f"{len(runs)} jobs ({len(ok)} finished, {len(runs) - len(ok)} failed); device {first.get('device')}, "
+             f"precision {first.get('precision')}, git {first.get('git_revision')}.\n"]
+    planned = [r for r in rows if r["S"] is not None or r["l_freeze"]]
+    if planned:
+        lines.append("## Similarity and freeze plans\n\n| setting | S (mean ± std) | L_freeze | first trained layer |\n"
+                     "|---|---|---|---|")
+        keys = setting_keys(runs)
+        for r in planned:
+            job = next((j for j in ok if setting_of(j, keys) == r["setting"]), None)
+            plan_file = Path(job["run_dir"]) / "plan.json" if job else None
+            first_trained = (json.loads(plan_file.read_text()).get("first_trainable")
+                             if plan_file and plan_file.is_file() else None)
+            lines.append(f"| {r['setting']} | {_pm(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
+                         f"{first_trained or '–'} |")
+        lines.append("")
+    lines += ["## Results\n", "Mean ± std over seeds.\n", table, ""]
+    if verdict_md:
+        lines += [verdict_md, ""]
+    if plot:
+        lines += ["![accuracy and fit time vs frozen layers](summary.png)\n"]
+    if cost:
+        lines += ["## Cost model (seed 001)\n",
+                  "Layers trained for k target models: classic `50·k`, transfer `F + (50 − F)·k` with each arm's "
+                  "own frozen depth F (seed 001: 45), priced at t = scratch fit seconds ÷ 50; measured: "
+                  "`k · scratch` against `source + k · arm` (fit seconds, mean over seeds).\n",
+                  cost["text"], "", "![cost model](cost_model.png)\n"]
+    lines += ["## Files\n", "`summary.md`, `summary.csv` (per setting), `runs.csv` (per job)"
+              + (", `summary.png`" if plot else "") + (", `cost_model.csv`, `cost_model.png`" if cost else "")
+              + ", `tensorboard/`; every job's directory holds `results.json`, `plan.json`, `split.json`."]
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def report(sweep_dir: Path, command: str) -> int:
