@@ -71,6 +71,12 @@ def resolve_source(cfg: dict) -> tuple[str | None, dict | None]:
     raise ConfigError("a transfer run needs source.task (e.g. +source.task.positive=cat) or source.weights (e.g. source.weights=IMAGENET1K_V2)")
 
 
+def check_resume_path(ckpt_path: str | None) -> None:
+    """A resume checkpoint that is not there fails now, not after the similarity pass and the fill."""
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).expanduser().is_file():
+        raise ConfigError(f"ckpt_path='{ckpt_path}': no such checkpoint file (resume from <run dir>/checkpoints/last.ckpt)")
+
+
 def check_no_leakage(cfg: dict, target) -> None:
     """A source task must not have trained on any image the target validates on."""
     from simfreeze.data import TaskDataModule, shared_images
@@ -119,7 +125,8 @@ def build_similarity(cfg: dict, target, head: str, run_dir: Path):
 
     embedder, embedder_name = None, spec["embedder"]
     if embedder_name != "source":
-        embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, **cfg["model"]["kwargs"])
+        embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, key="similarity.embedder",
+                                    **cfg["model"]["kwargs"])
     return SimilarityCallback(class_images, target.prepare, source_classes, target_classes, head,
                               embedder=embedder, embedder_name=embedder_name, matrix=spec["matrix"],
                               batch_size=target.eval_batch_size, out_dir=run_dir)
@@ -145,6 +152,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
                                                                             trainer_cfg["accelerator"])}}
     if cfg["freeze"]["depth"] is not None:
         cfg = {**cfg, "freeze": {**cfg["freeze"], **depth_plan(cfg["freeze"]["depth"])}}
+    check_resume_path(cfg["ckpt_path"])
     if cfg["similarity"]["analysis"]:  # no training: embed every class, write the paper's figures
         return run_analysis(cfg, run_dir, overrides)
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
@@ -175,7 +183,9 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         check_no_leakage(cfg, datamodule)
     weights, source_results = resolve_source(cfg) if cfg["transfer"] else (cfg["model"]["weights"], None)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
-    net, weights_record = build_network(arch, datamodule.num_classes, weights, **cfg["model"]["kwargs"])
+    weights_key = "source.weights" if cfg["transfer"] and not cfg["source"]["task"] else "model.weights"
+    net, weights_record = build_network(arch, datamodule.num_classes, weights, key=weights_key,
+                                        **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
     if cfg["model"]["compile"]:

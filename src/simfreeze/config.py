@@ -36,6 +36,18 @@ def reject_unknown(section: str, keys: Iterable[str], allowed: set[str]) -> None
                           f"allowed: {', '.join(sorted(allowed))}")
 
 
+def lightning_precisions() -> list[str]:
+    """``auto`` and every value Lightning's Trainer accepts for ``precision`` (as strings)."""
+    from typing import get_args
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+
+    def flatten(hint):
+        args = get_args(hint)
+        return [v for a in args for v in flatten(a)] if args else [hint]
+    return ["auto", *dict.fromkeys(str(v) for v in flatten(_PRECISION_INPUT))]
+
+
 def validate_config(cfg: DictConfig) -> None:
     import lightning as L
 
@@ -49,6 +61,9 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.source.task:
         reject_unknown("source.task.", cfg.source.task.keys(), parameter_names(TaskDataModule.__init__))
     reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
+    precisions = lightning_precisions()
+    if str(cfg.trainer.precision) not in precisions:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision} must be one of {', '.join(precisions)}")
     if cfg.progress not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")
 

@@ -37,19 +37,20 @@ def replace_head(net: nn.Module, num_classes: int) -> str:
     return name
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys)."""
+def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys).
+    ``key`` is the config key the path came from, for the error messages."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsError(f"model.weights='{path}': no such checkpoint file")
+        raise WeightsError(f"{key}='{path}': no such checkpoint file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-tensor payloads
-        raise WeightsError(f"model.weights='{path}' is not a readable state dict: {err}") from err
+        raise WeightsError(f"{key}='{path}' is not a readable state dict: {err}") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WeightsError(f"model.weights='{path}' does not hold a state dict of tensors")
+        raise WeightsError(f"{key}='{path}' does not hold a state dict of tensors")
     return loaded
 
 
@@ -72,7 +73,8 @@ def load_backbone(net: nn.Module, state: dict[str, torch.Tensor], head: str) -> 
     return dropped
 
 
-def build_network(arch: str, num_classes: int, weights: str | None = None, **kwargs: Any) -> tuple[nn.Module, dict]:
+def build_network(arch: str, num_classes: int, weights: str | None = None, key: str = "model.weights",
+                  **kwargs: Any) -> tuple[nn.Module, dict]:
     """A torchvision classifier with a ``num_classes`` head.
 
     ``weights``: None (random init), a torchvision weights enum name such as ``IMAGENET1K_V2``
@@ -91,13 +93,13 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, **kwa
             enum = models.get_model_weights(arch)[weights]
         except KeyError:
             names = [w.name for w in models.get_model_weights(arch)]
-            raise WeightsError(f"model.weights='{weights}' is neither a file nor one of "
+            raise WeightsError(f"{key}='{weights}' is neither a file nor one of "
                                f"{arch}'s torchvision weights {names}") from None
         try:
             net = models.get_model(arch, weights=enum, **kwargs)
         except Exception as err:  # offline: URLError and friends
             raise WeightsError(f"could not fetch torchvision weights {arch}.{weights}: {err}. "
-                               f"Offline, pass a local file as model.weights=/path/to/state_dict.pt") from err
+                               f"Offline, pass a local file as {key}=/path/to/state_dict.pt") from err
         record["head"] = replace_head(net, num_classes)
         return net, record
     net = models.get_model(arch, num_classes=num_classes, **kwargs)
@@ -106,7 +108,7 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, **kwa
         replace_head(net, num_classes)
     record["head"] = head
     if weights:
-        record["dropped_head_keys"] = load_backbone(net, read_state_dict(weights), head)
+        record["dropped_head_keys"] = load_backbone(net, read_state_dict(weights, key), head)
     return net, record
 
 
