@@ -145,6 +145,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
+    from simfreeze.resume import RandomStateCallback
 
     # precision=auto → this device type's measured default (simfreeze.precision), as results record it.
     trainer_cfg = cfg["trainer"]
@@ -213,10 +214,14 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
                                  mode="max", save_weights_only=True)
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)
+    # Written at every epoch end (save_last alone writes last.ckpt only when another checkpoint is
+    # saved in that step, so a killed run would have nothing to resume from).
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, enable_version_counter=False)
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
-                        callbacks=[clock, *callbacks, checkpoint, last, progress_bar(cfg["progress"])])
+                        callbacks=[clock, *callbacks, checkpoint, last, RandomStateCallback(),
+                                   progress_bar(cfg["progress"])])
 
     datamodule.setup("fit")
     if trainer.is_global_zero:  # with DDP every process runs this function; one writes the files

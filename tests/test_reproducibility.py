@@ -32,3 +32,30 @@ def test_same_seed_same_metrics_and_weights_other_seed_other_weights(image_folde
     # the split depends on data.seed only, not on the training seed
     split = [json.loads((tmp_path / d / "split.json").read_text())["train"] for d in "ac"]
     assert split[0] == split[1]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_folder, tmp_path, monkeypatch):
+    from simfreeze.report import FitClock
+
+    transfer = ["arm=static45", "freeze.k=9", "+source.task.positive=ant", "data.positive=bee", "trainer.max_epochs=3",
+                f"source.cache_dir={tmp_path / 'sources'}"]  # a frozen prefix: the cache and the plan are restored too
+    whole, _, w_whole = fit(image_folder, tmp_path / "whole", *transfer)
+
+    original = FitClock.on_train_epoch_start
+
+    def killed_in_epoch_two(self, trainer, pl_module):  # after epoch one and its checkpoint
+        if trainer.current_epoch == 1:
+            raise RuntimeError("killed")
+        original(self, trainer, pl_module)
+    monkeypatch.setattr(FitClock, "on_train_epoch_start", killed_in_epoch_two)
+    try:
+        fit(image_folder, tmp_path / "killed", *transfer)
+    except RuntimeError as err:
+        assert "killed" in str(err)
+    monkeypatch.setattr(FitClock, "on_train_epoch_start", original)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0  # one epoch done
+    resumed, _, w_resumed = fit(image_folder, tmp_path / "resumed", *transfer, f"ckpt_path={last}")
+    assert resumed["l_freeze"] == whole["l_freeze"] == 9 and resumed["epochs"] == whole["epochs"] == 3
+    assert all(torch.equal(w_whole[k], w_resumed[k]) for k in w_whole)  # bit for bit
+    assert resumed["final_val_acc"] == whole["final_val_acc"]
