@@ -73,8 +73,13 @@ def test_short_fit_leaves_frozen_weights_and_buffers_bit_identical(tmp_path):
     trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[freezer])
-    trainer.fit(module, data, data)
     frozen = {m for layer in layers.layers[:7] for m in layer.modules}
+    modes = []  # every forward of a frozen BatchNorm, in training steps and validation alike
+    for name in frozen:
+        if isinstance(net.get_submodule(name), torch.nn.BatchNorm2d):
+            net.get_submodule(name).register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    trainer.fit(module, data, data)
+    assert len(modes) > 6 * 3 and not any(modes)  # eval mode at every step, also after mid-epoch validation
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     frozen_keys = {k for k in before if k.rpartition(".")[0] in frozen}
     assert frozen_keys and not (changed & frozen_keys), "a frozen weight or BN buffer moved"
