@@ -228,13 +228,15 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.sizes)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg["ckpt_path"])
+    # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg["ckpt_path"], weights_only=True)
     final = trainer.callback_metrics.get("val/acc")  # read before testing replaces the metrics
 
     test_acc = None
     if cfg["test"] and "test" in datamodule.tensors:
         ckpt = "best" if checkpoint.best_model_path else None
-        test_acc = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]["test/acc"]
+        test_acc = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False,
+                                weights_only=True)[0]["test/acc"]
 
     trainable, total = count_parameters(module.net)
     results = run_results(
