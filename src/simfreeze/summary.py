@@ -9,7 +9,10 @@ directory:
   every job's row, the command;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
-- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step.
+- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step;
+- ``report.md``: the document to read (command, S and the plans, the results with their figures);
+- ``cost_model.{csv,png}``: seed 001's cost model beside measured times (``simfreeze.cost``), when the
+  sweep has a scratch arm and transfer arms.
 
 A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
 is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
