@@ -25,7 +25,7 @@ from simfreeze.layers import layer_map
 from simfreeze.model import build_network
 from simfreeze.plots import centroid_map, freeze_curve, similarity_heatmap
 from simfreeze.precision import device_type
-from simfreeze.similarity import centroid, cosine_matrix, pair_spread, pca_2d, pooled_features
+from simfreeze.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
 
 FIGURES = {"similarity_matrix": "similarity_matrix.png", "centroids_pca": "centroids_pca.png",
            "freeze_vs_similarity": "freeze_vs_similarity.png"}
@@ -41,11 +41,9 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
     device = torch.device("cuda" if device_type(cfg["trainer"]["accelerator"]) == "cuda" else "cpu")
     net.to(device)
     names = datamodule.classes
-    batch = datamodule.eval_batch_size
     centroids, counts = [], {}
     for name in names:
-        images = datamodule.class_images(name)
-        batches = (datamodule.prepare(images[i:i + batch].to(device)) for i in range(0, len(images), batch))
+        batches = image_batches(datamodule.class_images(name), datamodule.prepare, datamodule.eval_batch_size, device)
         features = pooled_features(net, record["head"], batches)
         centroids.append(centroid(features))
         counts[name] = len(features)

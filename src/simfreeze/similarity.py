@@ -37,6 +37,12 @@ def pooled_features(net: nn.Module, head: str, batches: Iterable[torch.Tensor]) 
     return torch.cat(captured) if captured else torch.empty(0)
 
 
+def image_batches(images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+                  device: torch.device) -> Iterable[torch.Tensor]:
+    """uint8 images → prepared network inputs on ``device``, ``batch_size`` at a time."""
+    return (prepare(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size))
+
+
 def centroid(features: torch.Tensor) -> torch.Tensor:
     if len(features) == 0:
         raise ConfigError("a class used for similarity has no images")
@@ -105,8 +111,7 @@ class SimilarityCallback(L.Callback):
         self.captured: dict[str, dict[int, torch.Tensor]] = {}
 
     def embed_class(self, net: nn.Module, name: str, device: torch.device) -> torch.Tensor:
-        images = self.class_images(name)
-        batches = (self.prepare(images[i:i + self.batch_size].to(device)) for i in range(0, len(images), self.batch_size))
+        batches = image_batches(self.class_images(name), self.prepare, self.batch_size, device)
         kept: dict[int, list[torch.Tensor]] = {k: [] for k in self.capture}
         hooks = [unit.register_forward_hook(lambda module, args, out, k=k: kept[k].append(out.detach().cpu()))
                  for k, unit in self.capture.items()]

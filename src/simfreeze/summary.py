@@ -184,8 +184,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-    keys = setting_keys(runs)
+def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str]) -> None:
     with open(sweep_dir / "runs.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -227,7 +226,8 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     if not runs:
         return None
     rows = summarise(runs)
-    write_csvs(sweep_dir, runs, rows)
+    keys = setting_keys(runs)
+    write_csvs(sweep_dir, runs, rows, keys)
     table, verdict = markdown_table(rows), depth_verdict(rows)
     verdict_md = verdict_text(verdict)
     failed = [r for r in runs if r["status"] != "ok"]
@@ -237,7 +237,6 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         plot = sweep_dir / "summary.png"
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
-    keys = setting_keys(runs)
     per_run = "\n".join(
         f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
         f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
@@ -252,8 +251,8 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
           f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
     cost = write_cost_model(sweep_dir, rows)
-    write_report(sweep_dir, command, runs, rows, table, verdict_md, plot, cost)
-    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "cost_plot": cost and cost["plot"]}
+    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost)
+    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot}
 
 
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -274,8 +273,8 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, A
     return {"text": cost_markdown(tables, scratch_s), "plot": plot}
 
 
-def write_report(sweep_dir: Path, command: str, runs: list[dict], rows: list[dict], table: str, verdict_md: str,
-                 plot: Path | None, cost: dict | None) -> None:
+def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str], rows: list[dict], table: str,
+                 verdict_md: str, plot: Path | None, cost: dict | None) -> None:
     """``report.md``: what ran, S and the plan per setting, the results with their figures, the cost model."""
     ok = [r for r in runs if r["status"] == "ok"]
     first = ok[0] if ok else {}
@@ -286,7 +285,6 @@ def write_report(sweep_dir: Path, command: str, runs: list[dict], rows: list[dic
     if planned:
         lines.append("## Similarity and freeze plans\n\n| setting | S (mean ± std) | L_freeze | first trained layer |\n"
                      "|---|---|---|---|")
-        keys = setting_keys(runs)
         for r in planned:
             job = next((j for j in ok if setting_of(j, keys) == r["setting"]), None)
             plan_file = Path(job["run_dir"]) / "plan.json" if job else None
