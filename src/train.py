@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import ConfigError, validate_config
+from simfreeze.preflight import RunDirInUse
 
 log = logging.getLogger("simfreeze")
 # conf/hydra/launcher/local_queue.yaml: submitit hides every GPU from a job unless told how many to show.
@@ -142,6 +144,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
     from simfreeze.precision import resolve_precision
+    from simfreeze.preflight import claim_run_dir, is_launched_rank
     from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
@@ -210,6 +213,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
             cache.request_captures(net, [freezer.frozen_parameter_ids(net, depth)
                                          for depth in range(layers.l_total + 1)])
         callbacks.append(cache)
+    if not is_launched_rank():
+        claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
@@ -293,9 +298,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    quiet_lightning()
     try:
         validate_config(cfg)
+        quiet_lightning()
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         with job_devices(run_cfg, hydra_cfg, multirun):
             results = train(run_cfg, run_dir, overrides)
@@ -311,6 +316,8 @@ def main(cfg: DictConfig) -> float | None:
 
         log.error("job %s failed", hydra_cfg.job.num, exc_info=not isinstance(err, ConfigError))
         print(f"error: job {hydra_cfg.job.num} ({' '.join(overrides)}): {err}", file=sys.stderr)
+        if isinstance(err, RunDirInUse):
+            return None  # that directory's results.json belongs to the other run
         raw = OmegaConf.to_container(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_results(run_dir / "results.json", failed_results(raw, run_name(raw), run_dir, err, overrides))
@@ -336,5 +343,25 @@ def job_devices(run_cfg: dict, hydra_cfg, multirun: bool):
         yield
 
 
+def cli() -> None:
+    """``python -m train``: Hydra's composition errors (an unknown group option or key, override
+    syntax) end like ours, with one ``error:`` line and exit status 2, instead of Hydra's report."""
+    from hydra.errors import CompactHydraException
+
+    from simfreeze.preflight import hydra_error_line
+
+    if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full report
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach this function
+    try:
+        main()
+    except CompactHydraException as err:
+        print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,9 @@
 """Every bad setting fails before any work with one message that names the key, the value and
 what is allowed; the run directory stays empty (no split, plan, checkpoint or results)."""
 
+import subprocess
+import sys
+import threading
 import urllib.error
 
 import pytest
@@ -10,6 +13,7 @@ from omegaconf import OmegaConf
 
 import train
 from simfreeze.config import ConfigError, validate_config
+from simfreeze.preflight import RunDirInUse, claim_run_dir
 from tests.conftest import REPO, run_train
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=1",
@@ -18,6 +22,8 @@ TRANSFER = ["+source.task.positive=ant", "data.positive=bee"]
 
 CASES = {
     "unknown key": (["+epochs=5"], "unknown key epochs"),
+    "unknown data key": (["+data.per_clas=5"], "unknown key data.per_clas"),
+    "unknown trainer key": (["+trainer.max_epoch=5"], "unknown key trainer.max_epoch"),
     "unknown class": (["data.classes=[ant,zebra]"], "unknown class ['zebra']"),
     "positive not in classes": (["data.positive=fox"], "data.positive='fox' is not one of data.classes"),
     "per_class above the images": (["data.per_class=31"], "data.per_class=31 but class 'ant' has only 30 images"),
@@ -68,9 +74,83 @@ def test_a_download_that_fails_offline_says_how_to_provide_the_data(tmp_path, mo
         open_source("cifar10", None, True, str(tmp_path))
 
 
-def test_the_command_line_shows_one_error_line_and_exits_2(image_folder, tmp_path):
-    result = run_train(*TINY, f"data.root={image_folder}", "ckpt_path=/nonexistent/last.ckpt",
-                       f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ckpt_path='/nonexistent/last.ckpt'")
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.json").exists()
+def one_error_line(result) -> str:
+    """The whole of stderr, which must be exactly one ``error:`` line; exit status 2."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# Hydra's own composition errors, which it would print as a multi-line report.
+HYDRA_CASES = {
+    "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of dynamic, finetune, "
+                                           "head_only, scratch, source, static45, threshold"),
+    "unknown experiment": (["+experiment=nope"], "error: experiment=nope: no such option; experiment is one of "
+                                                 "cat_to_dog, depth_sweep, similarity_matrix"),
+    "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),
+    "unknown key without +": (["data.per_clas=5"], "error: unknown key data.per_clas: the config has no such key"),
+    "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
+    "unknown option in a sweep": (["-m", "arm=scratch,nope"], "error: arm=nope: no such option"),
+    "bad key in one sweep job": (["-m", "seed=0,1", "+epochs=5"], "error: unknown key epochs; allowed: arm, cache"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", HYDRA_CASES.values(), ids=HYDRA_CASES.keys())
+def test_hydra_errors_are_one_line_before_any_work(overrides, message, tmp_path):
+    line = one_error_line(run_train(*overrides, cwd=tmp_path, check=False))
+    assert line.startswith(message)
+    assert not (tmp_path / "outputs").exists()  # no run or sweep directory made
+
+
+def test_concurrent_runs_get_their_own_directories_and_one_error_line(tmp_path):
+    """Two runs started together from one directory (default run dirs) fail with one line each."""
+    command = [sys.executable, "-m", "train", "+epochs=5"]
+    runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=120)
+        assert one_error_line(subprocess.CompletedProcess(command, run.returncode, "", stderr)).startswith(
+            "error: unknown key epochs; allowed:")
+    run_dirs = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(run_dirs) == 2  # distinct timestamps, down to the microsecond
+    assert all((d / ".hydra" / "config.yaml").is_file() and not (d / "results.json").exists() for d in run_dirs)
+
+
+def test_a_used_run_or_sweep_directory_is_refused_before_hydra_writes_to_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("{}")
+    line = one_error_line(run_train(f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False))
+    assert line.startswith(f"error: hydra.run.dir='{run_dir}' already holds a run (results.json)")
+    assert not (run_dir / ".hydra").exists() and (run_dir / "results.json").read_text() == "{}"
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text("{}")
+    line = one_error_line(run_train("-m", "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False))
+    assert line == f"error: hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new " \
+                   "directory (the default is a new timestamp)"
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["multirun.yaml"]
+
+
+def test_of_runs_claiming_one_directory_together_exactly_one_wins(tmp_path):
+    run_dir = tmp_path / "run"
+    outcomes = []
+
+    def claim():
+        try:
+            claim_run_dir(run_dir, None)
+            outcomes.append("claimed")
+        except RunDirInUse:
+            outcomes.append("refused")
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["claimed"] + ["refused"] * 7
+    # resuming from the directory's own checkpoint continues that run in place; another one may not
+    claim_run_dir(run_dir, str(run_dir / "checkpoints" / "last.ckpt"))
+    with pytest.raises(RunDirInUse, match="resume that run with ckpt_path="):
+        claim_run_dir(run_dir, str(tmp_path / "other" / "checkpoints" / "last.ckpt"))

@@ -49,11 +49,11 @@ def lightning_precisions() -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    reject_unknown("", cfg.keys(), TOP_LEVEL_KEYS)  # before the imports: a typo fails at once
     import lightning as L
 
     from simfreeze.data import TaskDataModule
 
-    reject_unknown("", cfg.keys(), TOP_LEVEL_KEYS)
     reject_unknown("data.", cfg.data.keys(), parameter_names(TaskDataModule.__init__))
     reject_unknown("model.", cfg.model.keys(), MODEL_KEYS)
     for section, allowed in SECTION_KEYS.items():

@@ -32,7 +32,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
                "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
@@ -118,6 +117,9 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
 def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
     fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers."""
+    # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
+    from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
+
     fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
     dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
     if len(fixed) < 2:
@@ -203,6 +205,8 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
 
 def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
     from torch.utils.tensorboard import SummaryWriter
+
+    from simfreeze.freeze import NEEDS_SIMILARITY
 
     with SummaryWriter(str(log_dir)) as writer:
         writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")

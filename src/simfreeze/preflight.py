@@ -1,0 +1,146 @@
+"""Checks before Hydra starts a run or a sweep, and Hydra's own errors as one line.
+
+- A run directory that already holds a run (``results.json`` or ``checkpoints/``), or a sweep
+  directory that already holds a sweep (``multirun.yaml``), is refused before Hydra writes into it:
+  nothing overwrites another run's outputs. A resume from the directory's own checkpoint
+  (``ckpt_path=<run dir>/checkpoints/last.ckpt``) continues that run there. (The default directories are new timestamps, down to
+  the microsecond; this catches an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` given twice.)
+- Every job of a sweep is composed and checked (``simfreeze.config.validate_config``) before the
+  first job starts, so a bad key in job 30 does not fail it after 29 jobs of training.
+- ``hydra_error_line`` turns Hydra's multi-line composition errors (unknown group option, unknown
+  key, override syntax) into the same one-line form as ours.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hydra.errors import CompactHydraException, MissingConfigException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from simfreeze.config import ConfigError, validate_config
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class RunDirInUse(ConfigError):
+    """The run directory holds another run's outputs."""
+
+
+def used_run_dir(run_dir: Path) -> str | None:
+    """What in ``run_dir`` shows that a run already lives there, or None."""
+    for name in ("results.json", "checkpoints"):
+        if (run_dir / name).exists():
+            return name
+    return None
+
+
+def resumes_in_place(run_dir: Path, ckpt_path: str | None) -> bool:
+    """A resume from this directory's own checkpoint continues that run; it may write there."""
+    return bool(ckpt_path) and Path(ckpt_path).expanduser().resolve().is_relative_to(run_dir.resolve())
+
+
+def refuse_used_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    found = used_run_dir(run_dir)
+    if found and not resumes_in_place(run_dir, ckpt_path):
+        raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds a run ({found}); give a new directory "
+                          f"(the default is a new timestamp), or resume that run with "
+                          f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+
+
+def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """Atomically take ``run_dir`` for this run: of two runs started on one directory, one fails."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "checkpoints").mkdir()
+    except FileExistsError:
+        refuse_used_run_dir(run_dir, ckpt_path)
+
+
+def refuse_used_sweep_dir(sweep_dir: Path) -> None:
+    if (sweep_dir / "multirun.yaml").exists():
+        raise ConfigError(f"hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new "
+                          f"directory (the default is a new timestamp)")
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """The override lists of every job of a basic-sweeper multirun, as the sweeper will expand them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def validate_sweep(config: DictConfig) -> None:
+    """Compose every job's config, then check each; the first bad one fails, naming its overrides."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return  # other sweepers (Optuna, Ax) choose their values while they run
+    loader = GlobalHydra.instance().config_loader()
+    composed = [(job, loader.load_sweep_config(config, list(job))) for job in sweep_jobs(config)]
+    for job, job_cfg in composed:
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        try:
+            validate_config(job_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in the sweep's job {' '.join(job)})") from err
+
+
+def is_launched_rank() -> bool:
+    """A process that Lightning started for DDP rank > 0: it shares rank 0's run directory."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def exit_with(message: str) -> None:
+    # Hydra turns a callback's exception into a warning and goes on; SystemExit gets through.
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Preflight(Callback):
+    """Hydra callback (``hydra.callbacks.preflight`` in conf/train.yaml): the checks above."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if is_launched_rank():
+            return
+        try:
+            refuse_used_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
+        except ConfigError as err:
+            exit_with(str(err))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            refuse_used_sweep_dir(Path(config.hydra.sweep.dir))
+            validate_sweep(config)
+        except ConfigError as err:
+            exit_with(str(err))
+        except CompactHydraException as err:  # a job's overrides do not compose
+            exit_with(hydra_error_line(err))
+
+
+def hydra_error_line(err: Exception) -> str:
+    """One line for an error Hydra raises while composing the config."""
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option; {group} is one of {', '.join(err.options)}"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
+        return (f"unknown key {getattr(cause, 'full_key', None) or '?'}: the config has no such key "
+                f"(python -m train --cfg job prints every key)")
+    lines = []
+    for line in str(err).splitlines():
+        if line.startswith("Config search path"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
