@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="seed=0,1,2"
 ARGS ?=
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist); each runs torch with one thread. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 # Point the project at a local CIFAR-10 ImageFolder when one sits beside the repository
 # (../shared/data/cifar10); otherwise torchvision downloads CIFAR-10 on first use.
@@ -31,7 +33,7 @@ train: install
 	$(BIN)/python -m train +experiment=cat_to_dog $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Fit times of the arms side by side in one process (medians of 3); see README, Performance.
 bench: install

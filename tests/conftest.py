@@ -13,6 +13,12 @@ from torchvision.io import write_png
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, also for the runs a test starts
+    # (torch's default of one thread per core, twice over, made the lane slower than one worker).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 16, test_per_class: int = 0) -> Path:
     """``root/train/<class>/*.png`` (+ ``root/test/...``): each class a different mean colour plus
