@@ -144,7 +144,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
     from simfreeze.precision import resolve_precision
-    from simfreeze.preflight import claim_run_dir, is_launched_rank
+    from simfreeze.preflight import claim_run_dir
     from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
     from simfreeze.report import FitClock, run_results, summary_line, write_results
@@ -213,8 +213,6 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
             cache.request_captures(net, [freezer.frozen_parameter_ids(net, depth)
                                          for depth in range(layers.l_total + 1)])
         callbacks.append(cache)
-    if not is_launched_rank():
-        claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
@@ -228,8 +226,9 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
                         callbacks=[clock, *callbacks, checkpoint, last, RandomStateCallback(),
                                    progress_bar(cfg["progress"])])
 
-    datamodule.setup("fit")
+    datamodule.setup("fit")  # the last check: class sizes, unreadable images
     if trainer.is_global_zero:  # with DDP every process runs this function; one writes the files
+        claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
         datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.sizes)
 

@@ -60,7 +60,7 @@ def test_bad_setting_fails_before_any_work(overrides, message, image_folder, tmp
         train.train(OmegaConf.to_container(cfg, resolve=True), run_dir)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)  # one line
-    assert not [p for p in run_dir.rglob("*") if p.is_file()]  # nothing written
+    assert not list(run_dir.rglob("*"))  # nothing written, not even the claimed checkpoints/ folder
     assert not (tmp_path / "sources").exists()  # and no source trained
 
 
@@ -85,7 +85,7 @@ def one_error_line(result) -> str:
 # Hydra's own composition errors, which it would print as a multi-line report.
 HYDRA_CASES = {
     "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of dynamic, finetune, "
-                                           "head_only, scratch, source, static45, threshold"),
+                                           "head_only, scratch, source, staged, static45, threshold"),
     "unknown experiment": (["+experiment=nope"], "error: experiment=nope: no such option; experiment is one of "
                                                  "cat_to_dog, depth_sweep, similarity_matrix"),
     "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),

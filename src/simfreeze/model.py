@@ -46,7 +46,11 @@ def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, t
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-tensor payloads
-        raise WeightsError(f"{key}='{path}' is not a readable state dict: {err}") from err
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's weights_only refusal is a page of advice; its one telling line names the global
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(err).__name__)
+        raise WeightsError(f"{key}='{path}' is not a readable state dict of tensors ({reason}); "
+                           f"save net.state_dict() or a Lightning checkpoint") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
