@@ -38,21 +38,41 @@ def run_name(cfg: dict) -> str:
 
 
 def source_run_config(cfg: dict) -> dict:
-    """The config that trains the source task: the target's recipe on the source task's data."""
+    """The config that trains the source task: the target's recipe on the source task's data.
+
+    A source may have a source of its own (``source.source``: a chain of stages, seed 004); it then
+    trains from that one with ``source.freeze``, and so on up the chain. Each stage is cached.
+    """
     from simfreeze.precision import resolve_precision
 
+    spec = cfg["source"]
     source = copy.deepcopy(cfg)
-    source["data"].update(cfg["source"]["task"])
-    source.update(arm="source", name=None, transfer=False, source_only=False, ckpt_path=None)
+    if "classes" in spec["task"]:  # a task of its own classes: the target's labelling does not carry over
+        source["data"].update(positive=None, groups={})
+    source["data"].update(spec["task"])
+    inner = spec.get("source")  # the source's own source, if this stage transfers too
+    source.update(arm="source", name=None, transfer=bool(inner), source_only=False, ckpt_path=None)
     source["freeze"].update(policy="none", depth=None)
+    if inner:
+        source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
-    source["source"] = {"task": None, "weights": None, "cache_dir": cfg["source"]["cache_dir"]}
+    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, **(inner or {}),
+                        "cache_dir": spec["cache_dir"]}
     # The precision that runs, not "auto": it is part of the source's cache key.
     source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
     # command, whose processes would then wait on the source's lock held by their own parent.
     source["trainer"].update(devices=1, num_nodes=1, strategy="auto")
     return source
+
+
+def source_chain(cfg: dict) -> list[dict]:
+    """The run configs of the source stages, nearest first (empty for a run without a source task)."""
+    chain = []
+    while cfg["source"]["task"]:
+        cfg = source_run_config(cfg)
+        chain.append(cfg)
+    return chain
 
 
 def resolve_source(cfg: dict) -> tuple[str | None, dict | None]:
@@ -80,20 +100,19 @@ def check_resume_path(ckpt_path: str | None) -> None:
 
 
 def check_no_leakage(cfg: dict, target) -> None:
-    """A source task must not have trained on any image the target validates on."""
+    """No source stage may have trained on an image the target validates on."""
     from simfreeze.data import TaskDataModule, shared_images
 
-    if not cfg["source"]["task"]:
-        return
-    source_data = source_run_config(cfg)["data"]
-    if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
-        return  # different data: nothing to share
-    source = TaskDataModule(**source_data)
-    overlap = shared_images(source.plan_split(), target.plan_split())
-    if overlap:
-        counts = {name: len(idx) for name, idx in overlap.items()}
-        raise ConfigError(f"the source task trains on {counts} images of the target's validation split; "
-                          f"use the same data.seed/per_class/val_fraction for both, or disjoint classes")
+    for stage, source_cfg in enumerate(source_chain(cfg), 1):
+        source_data = source_cfg["data"]
+        if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
+            continue  # different data: nothing to share
+        overlap = shared_images(TaskDataModule(**source_data).plan_split(), target.plan_split())
+        if overlap:
+            counts = {name: len(idx) for name, idx in overlap.items()}
+            where = "the source task" if stage == 1 else f"source stage {stage} (source.{'source.' * (stage - 1)}task)"
+            raise ConfigError(f"{where} trains on {counts} images of the target's validation split; "
+                              f"use the same data.seed/per_class/val_fraction for both, or disjoint classes")
 
 
 def build_similarity(cfg: dict, target, head: str, run_dir: Path):

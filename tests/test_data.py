@@ -118,3 +118,32 @@ def test_prepare_batch_normalises_resizes_and_flips():
     turned = flipped[..., 0].eq(-1).all(dim=(1, 2))
     assert 10 < int(turned.sum()) < 54  # about half the batch, each image whole
     assert torch.equal(flipped[turned], x[turned].flip(-1)) and torch.equal(flipped[~turned], x[~turned])
+
+
+def test_a_group_class_draws_its_images_evenly_from_its_members(tmp_path):
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path, {"ant": 20, "bee": 20, "cow": 20, "elk": 20}, test_per_class=4)
+    dm = TaskDataModule(root=str(root), classes=["ant", "bee", "noise"], groups={"noise": ["cow", "elk"]},
+                        per_class=10, val_fraction=0.2)
+    dm.setup()
+    assert dm.num_classes == 3 and dm.labels == {"ant": 0, "bee": 1, "noise": 2}
+    assert dm.tensors["train"][1].bincount().tolist() == [8, 8, 8] and dm.sizes["val"] == 6
+    assert {name: len(idx) for name, idx in dm.split.train.items()} == {"ant": 8, "bee": 8, "cow": 4, "elk": 4}
+    assert dm.tensors["test"][1].bincount().tolist() == [4, 4, 4]  # a group holds one class's share
+    assert len(dm.class_images("noise")) == 8
+    # a member's images are a prefix of what a task on that class alone takes: its validation
+    # images stay validation images there, so no stage of a chain trains on them
+    alone = TaskDataModule(root=str(root), classes=["cow", "elk"], per_class=10, val_fraction=0.2).plan_split()
+    assert set(dm.split.val["cow"]) <= set(alone.val["cow"])
+    assert dm.split_record()["groups"] == {"noise": ["cow", "elk"]}
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"fox": ["cow"]}, "every group must be one of data.classes"),
+    ({"noise": ["ant"]}, "a member class is also a class or in two groups"),
+    ({"noise": []}, "name at least one member class"),
+])
+def test_bad_groups_are_refused(groups, message):
+    with pytest.raises(DataConfigError, match=message):
+        TaskDataModule(classes=["ant", "noise"], groups=groups)

@@ -46,7 +46,7 @@ def test_lightning_checkpoint_weights_are_read(tmp_path):
 def test_checkpoint_that_does_not_fit_lists_the_offending_keys(tmp_path):
     other, _ = build_network("resnet34", num_classes=2)
     torch.save(other.state_dict(), tmp_path / "r34.pt")
-    with pytest.raises(WeightsError, match="does not fit.*unexpected: layer1.2"):
+    with pytest.raises(WeightsError, match=r"model.weights='.*r34.pt': checkpoint does not fit.*unexpected: layer1.2.*\(resnet18\)"):
         build_network("resnet18", 2, weights=str(tmp_path / "r34.pt"))
     with pytest.raises(WeightsError, match="no such checkpoint"):
         build_network("resnet18", 2, weights=str(tmp_path / "missing.pt"))
@@ -70,3 +70,21 @@ def test_optimizer_gets_trainable_parameters_only():
     trainable, total = count_parameters(net)
     assert trainable == sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert trainable < total
+
+
+def test_seed_004s_small_cnn_has_the_shapes_and_parameters_of_its_table_1():
+    from simfreeze.layers import layer_map
+    from simfreeze.prefix import run_units, sequential_units
+
+    net, record = build_network("small_cnn", num_classes=3)
+    x = torch.randn(2, 3, 52, 52)
+    assert net.features(x).shape == (2, 128, 7, 7) and net.avgpool(net.features(x)).shape == (2, 128, 3, 3)
+    # Table 1's parameter counts (its BatchNorm rows also count the two running statistics)
+    convs_and_dense = [1216, 4640, 18496, 73856, 590336, 262656, 1539]
+    layers = layer_map(net, "small_cnn")
+    assert [sum(p.numel() for n, p in net.named_parameters() if n.startswith(layer.name + "."))
+            for layer in layers.layers] == convs_and_dense
+    assert len(layers) == 7 and layers.l_total == 6 and record["head"] == "classifier.5"
+    assert torch.equal(run_units(sequential_units(net), x), net(x))  # the prefix cache can run it
+    with pytest.raises(WeightsError, match="small_cnn has no torchvision weights"):
+        build_network("small_cnn", 3, weights="IMAGENET1K_V1")

@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", "seed", "ckpt_path",
                   "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze", "cache"}
 SECTION_KEYS = {
-    "source": {"task", "weights", "cache_dir"},
+    "source": {"task", "weights", "freeze", "source", "cache_dir"},
     "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix", "analysis"},
     "freeze": {"policy", "k", "low", "high", "fallback", "l_total", "depth"},
     "cache": {"enabled", "budget_gb"},
@@ -58,8 +58,14 @@ def validate_config(cfg: DictConfig) -> None:
     reject_unknown("model.", cfg.model.keys(), MODEL_KEYS)
     for section, allowed in SECTION_KEYS.items():
         reject_unknown(f"{section}.", cfg[section].keys(), allowed)
-    if cfg.source.task:
-        reject_unknown("source.task.", cfg.source.task.keys(), parameter_names(TaskDataModule.__init__))
+    stage, prefix = cfg.source, "source."
+    while stage:  # a chain: source.source.… (each stage: task, weights, freeze, source)
+        reject_unknown(prefix, stage.keys(), SECTION_KEYS["source"])
+        if stage.get("task"):
+            reject_unknown(f"{prefix}task.", stage.task.keys(), parameter_names(TaskDataModule.__init__))
+        if stage.get("freeze"):
+            reject_unknown(f"{prefix}freeze.", stage.freeze.keys(), SECTION_KEYS["freeze"])
+        stage, prefix = stage.get("source"), f"{prefix}source."
     reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
     precisions = lightning_precisions()
     if str(cfg.trainer.precision) not in precisions:

@@ -57,30 +57,45 @@ def class_permutation(n_items: int, class_name: str, seed: int) -> list[int]:
 
 
 def balanced_split(
-    class_sizes: dict[str, int], per_class: int, val_fraction: float, seed: int
+    class_sizes: dict[str, int], per_class: int, val_fraction: float, seed: int,
+    quotas: dict[str, int] | None = None,
 ) -> Split:
-    """Take ``per_class`` items of every class, the first ``round(val_fraction·per_class)`` of
-    them for validation: balanced, stratified, disjoint and deterministic."""
+    """Take ``per_class`` items of every class (``quotas`` overrides it per class), the first
+    ``round(val_fraction·quota)`` of them for validation: balanced, stratified, disjoint and
+    deterministic. A class's items are a prefix of its seeded permutation, so a smaller quota
+    takes a subset of a larger one's items, validation items included."""
     if not 0.0 < val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
     if per_class < 2:
         raise DataConfigError(f"data.per_class={per_class} must be at least 2")
-    n_val = round(val_fraction * per_class)
-    if n_val == 0 or n_val == per_class:
-        raise DataConfigError(
-            f"data.val_fraction={val_fraction} with data.per_class={per_class} leaves "
-            f"{n_val} validation and {per_class - n_val} training images per class; both must be > 0"
-        )
     train, val = {}, {}
     for name, size in class_sizes.items():
-        if per_class > size:
+        quota = (quotas or {}).get(name, per_class)
+        n_val = round(val_fraction * quota)
+        if n_val == 0 or n_val == quota:
+            raise DataConfigError(
+                f"data.val_fraction={val_fraction} with {quota} images of class '{name}' leaves "
+                f"{n_val} validation and {quota - n_val} training images; both must be > 0"
+            )
+        if quota > size:
             raise DataConfigError(
                 f"data.per_class={per_class} but class '{name}' has only {size} images"
+                if quota == per_class else f"class '{name}' needs {quota} images but has only {size}"
             )
-        chosen = class_permutation(size, name, seed)[:per_class]
+        chosen = class_permutation(size, name, seed)[:quota]
         val[name] = sorted(chosen[:n_val])
         train[name] = sorted(chosen[n_val:])
     return Split(train=train, val=val)
+
+
+def group_quotas(groups: dict[str, Sequence[str]], per_class: int) -> dict[str, int]:
+    """Images per member class of each group: a group's ``per_class`` images spread evenly over
+    its members (the first ones take the remainder)."""
+    quotas = {}
+    for members in groups.values():
+        share, extra = divmod(per_class, len(members))
+        quotas.update({member: share + (i < extra) for i, member in enumerate(members)})
+    return quotas
 
 
 def task_labels(classes: Sequence[str], positive: str | None) -> dict[str, int]:
@@ -279,6 +294,7 @@ class TaskDataModule(L.LightningDataModule):
         download_dir: str = "~/.cache/simfreeze/cifar10",
         classes: Sequence[str] = ("cat", "dog"),
         positive: str | None = None,
+        groups: dict[str, Sequence[str]] | None = None,
         per_class: int = 800,
         val_fraction: float = 0.2,
         seed: int = 0,
@@ -296,6 +312,17 @@ class TaskDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.classes={self.classes} must name at least two distinct classes")
         self.labels = task_labels(self.classes, positive)
         self.num_classes = len(set(self.labels.values()))
+        # A class made of other classes (seed 004's "noise"): its images come from its members.
+        self.groups = {name: list(members) for name, members in (groups or {}).items()}
+        unused = [name for name in self.groups if name not in self.classes]
+        if unused or any(not members for members in self.groups.values()):
+            raise DataConfigError(f"data.groups={self.groups}: every group must be one of data.classes "
+                                  f"{self.classes} and name at least one member class")
+        self.members = {name: self.groups.get(name, [name]) for name in self.classes}
+        real = [member for members in self.members.values() for member in members]
+        if len(set(real)) != len(real):
+            raise DataConfigError(f"data.groups={self.groups}: a member class is also a class or in two groups")
+        self.label_of = {member: self.labels[name] for name, members in self.members.items() for member in members}
         self.dataset, self.root, self.download, self.download_dir = dataset, root, download, download_dir
         self.positive, self.per_class, self.val_fraction, self.seed = positive, per_class, val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -311,13 +338,13 @@ class TaskDataModule(L.LightningDataModule):
         """Open the data and choose the split's images, without decoding any."""
         if self.split is None:
             self.source = open_source(self.dataset, self.root, self.download, self.download_dir)
-            unknown = [c for c in self.classes if c not in self.source.classes]
+            unknown = [c for c in self.label_of if c not in self.source.classes]
             if unknown:
-                raise DataConfigError(
-                    f"data.classes: unknown class {unknown}; the data has {self.source.classes}"
-                )
-            sizes = {name: self.source.class_size(name) for name in self.classes}
-            self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed)
+                key = "data.classes" if not self.groups else "data.classes / data.groups"
+                raise DataConfigError(f"{key}: unknown class {unknown}; the data has {self.source.classes}")
+            sizes = {name: self.source.class_size(name) for name in self.label_of}
+            self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed,
+                                        group_quotas(self.groups, self.per_class))
         return self.split
 
     def setup(self, stage: str | None = None) -> None:
@@ -327,7 +354,10 @@ class TaskDataModule(L.LightningDataModule):
         for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
             self.tensors[stage_name] = self._load(chosen, "train")
         if self.use_test and self.source.has_test:
-            everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.classes}
+            everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.label_of}
+            # A group takes as many test images in all as one of its members has.
+            quotas = group_quotas(self.groups, max(map(len, everything.values())))
+            everything = {name: indices[:quotas.get(name, len(indices))] for name, indices in everything.items()}
             if any(everything.values()):
                 self.tensors["test"] = self._load(everything, "test")
 
@@ -337,12 +367,14 @@ class TaskDataModule(L.LightningDataModule):
             if not indices:
                 continue
             images.append(self.source.load(name, indices, stage))
-            labels.append(torch.full((len(indices),), self.labels[name], dtype=torch.long))
+            labels.append(torch.full((len(indices),), self.label_of[name], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
 
     def class_images(self, name: str) -> torch.Tensor:
-        """The training images of one class (uint8), in split order."""
+        """The training images of one class (or of every member of a group; uint8), in split order."""
         self.setup()
+        if name in self.groups:
+            return torch.cat([self.class_images(member) for member in self.groups[name]])
         start = 0
         for other, indices in self.split.train.items():
             if other == name:
@@ -357,7 +389,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def split_record(self) -> dict:
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
-        record = {"classes": self.classes, "positive": self.positive, "labels": self.labels,
+        record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
                   "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
                   **self.split.to_json()}
         if isinstance(self.source, ImageFolderSource):

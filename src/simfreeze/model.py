@@ -77,9 +77,41 @@ def load_backbone(net: nn.Module, state: dict[str, torch.Tensor], head: str) -> 
     return dropped
 
 
+class SmallCNN(nn.Module):
+    """Seed 004's AlexNet-style CNN (its Table 1): four convolutions 16→32→64→128, the first two
+    with BatchNorm, max pooling after the 2nd and the 4th, then dense 512 → 512 → classes.
+
+    At ``data.image_size=52`` the shapes are the table's (48² → 24² → 22² → 11² → 9² → 7² → 3²,
+    1,152 features). The last pooling is adaptive to 3×3 so other input sizes work too. Built like
+    torchvision's AlexNet (``features`` / ``avgpool`` / ``classifier``): the layer map and the
+    frozen-prefix cache treat it the same way.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 5), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 128, 3), nn.ReLU(inplace=True),
+        )
+        self.avgpool = nn.AdaptiveMaxPool2d(3)  # the name torchvision's AlexNet gives this slot
+        self.classifier = nn.Sequential(
+            nn.Flatten(1), nn.Linear(128 * 3 * 3, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+# Architectures of the seed papers that torchvision does not have, by ``model.arch`` name.
+OWN_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+
+
 def build_network(arch: str, num_classes: int, weights: str | None = None, key: str = "model.weights",
                   **kwargs: Any) -> tuple[nn.Module, dict]:
-    """A torchvision classifier with a ``num_classes`` head.
+    """A torchvision classifier (or one of ``OWN_ARCHS``) with a ``num_classes`` head.
 
     ``weights``: None (random init), a torchvision weights enum name such as ``IMAGENET1K_V2``
     (downloaded by torchvision), or a path to a state dict / Lightning checkpoint.
@@ -87,11 +119,13 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
     """
     from torchvision import models
 
-    available = models.list_models(module=models)
+    available = [*models.list_models(module=models), *OWN_ARCHS]
     if arch not in available:
         raise WeightsError(f"model.arch='{arch}' is not a torchvision classification model; "
                            f"choose one of: {', '.join(sorted(available))}")
     record: dict[str, Any] = {"arch": arch, "weights": weights, "dropped_head_keys": []}
+    if weights and not _looks_like_path(weights) and arch in OWN_ARCHS:
+        raise WeightsError(f"{key}='{weights}': {arch} has no torchvision weights; give a checkpoint path")
     if weights and not _looks_like_path(weights):
         try:
             enum = models.get_model_weights(arch)[weights]
@@ -106,13 +140,20 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
                                f"Offline, pass a local file as {key}=/path/to/state_dict.pt") from err
         record["head"] = replace_head(net, num_classes)
         return net, record
-    net = models.get_model(arch, num_classes=num_classes, **kwargs)
+    if arch in OWN_ARCHS:
+        net = OWN_ARCHS[arch](num_classes=num_classes, **kwargs)
+    else:
+        net = models.get_model(arch, num_classes=num_classes, **kwargs)
     head = classifier_head_name(net)
     if net.get_submodule(head).out_features != num_classes:  # archs that ignore num_classes
         replace_head(net, num_classes)
     record["head"] = head
     if weights:
-        record["dropped_head_keys"] = load_backbone(net, read_state_dict(weights, key), head)
+        state = read_state_dict(weights, key)
+        try:
+            record["dropped_head_keys"] = load_backbone(net, state, head)
+        except WeightsError as err:
+            raise WeightsError(f"{key}='{weights}': {err} ({arch})") from None
     return net, record
 
 

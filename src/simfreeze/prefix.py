@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def sequential_units(net: nn.Module) -> list[Unit] | None:
-    """The chain of units of a torchvision ResNet / VGG / AlexNet / MobileNet / EfficientNet, or
-    None for networks whose forward is not such a chain (they train uncached)."""
+    """The chain of units of a torchvision ResNet / VGG / AlexNet / MobileNet / EfficientNet or our
+    SmallCNN, or None for networks whose forward is not such a chain (they train uncached)."""
     from torchvision import models
+
+    from simfreeze.model import SmallCNN  # here: simfreeze.model imports this module
 
     if isinstance(net, models.ResNet):
         units: list[Unit] = [(name, getattr(net, name)) for name in ("conv1", "bn1", "relu", "maxpool")]
@@ -35,7 +37,7 @@ def sequential_units(net: nn.Module) -> list[Unit] | None:
             units += [(f"{stage}.{i}", block) for i, block in enumerate(getattr(net, stage))]
         return units + [("avgpool", net.avgpool), ("flatten", nn.Flatten(1)), ("fc", net.fc)]
     if isinstance(net, (models.VGG, models.AlexNet, models.MobileNetV2, models.MobileNetV3,
-                        models.EfficientNet)):
+                        models.EfficientNet, SmallCNN)):
         units = [(f"features.{i}", m) for i, m in enumerate(net.features)]
         units += [("avgpool", net.avgpool), ("flatten", nn.Flatten(1))]
         return units + [(f"classifier.{i}", m) for i, m in enumerate(net.classifier)]

@@ -136,8 +136,9 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
         "precision": str(trainer.precision), "device": device_name(trainer), "world_size": trainer.world_size,
         "weights": weights,
+        # A chain's stages nest: a source's own source is under its "source" (simfreeze.stages).
         "source": None if source is None else {k: source.get(k) for k in (
-            "name", "run_dir", "best_val_acc", "fit_seconds", "cached")},
+            "name", "run_dir", "best_val_acc", "test_acc", "fit_seconds", "l_freeze", "images", "cached", "source")},
         "versions": library_versions(), "git_revision": git_revision(), "command": " ".join(sys.argv),
     }
 

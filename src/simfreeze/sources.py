@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-# Keys of a run config that do not change the trained weights (a source run never freezes,
-# never computes similarity and never transfers).
+# Keys of a run config that do not change the trained weights (a source run from scratch never
+# freezes, never computes similarity and never transfers; a stage of a chain does, see source_key).
 NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
               "source_only"}
 # devices / num_nodes / strategy: a source always trains on one device (train.source_run_config).
@@ -30,6 +30,8 @@ TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_
 def source_key(run_cfg: dict[str, Any]) -> str:
     """A short stable hash of the parts of a resolved run config that determine the weights."""
     relevant = {k: v for k, v in run_cfg.items() if k not in NOT_IN_KEY}
+    if run_cfg.get("transfer"):  # a stage of a chain: it trains from its own source with a freeze plan
+        relevant.update(transfer=True, freeze=run_cfg["freeze"])
     relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
     relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in ("eval_batch_size", "use_test")}
     relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items() if k != "cache_dir"}

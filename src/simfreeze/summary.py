@@ -163,7 +163,7 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def _pm(value: tuple[float, float] | None, digits: int = 3) -> str:
+def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
     if value is None:
         return "–"
     mean, std = value
@@ -178,9 +178,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["setting"], str(r["arm"]), str(r["n"]), *([str(r["failed"])] if has_failed else []),
-                 _pm(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
-                 "/".join(f"{p:,}" for p in r["trainable_parameters"]) or "–", _pm(r["best_val_acc"]),
-                 *([_pm(r["test_acc"])] if has_test else []), _pm(r["fit_seconds"], 1),
+                 plus_minus(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
+                 "/".join(f"{p:,}" for p in r["trainable_parameters"]) or "–", plus_minus(r["best_val_acc"]),
+                 *([plus_minus(r["test_acc"])] if has_test else []), plus_minus(r["fit_seconds"], 1),
                  "–" if r["time_vs_scratch"] is None else f"{r['time_vs_scratch']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -241,6 +241,9 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         plot = sweep_dir / "summary.png"
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
+    from simfreeze.stages import stages_markdown  # here: simfreeze.stages imports this module
+
+    stages_md = stages_markdown(runs)
     per_run = "\n".join(
         f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
         f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
@@ -250,13 +253,14 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         f"# Sweep summary\n\n`{command}`\n\nMean ± std over seeds (sample std; 0 for one seed) of the jobs that "
         f"finished. `time ÷ scratch`: mean fit seconds over the scratch arm's.\n\n{table}\n\n"
         + (f"{verdict_md}\n\n" if verdict_md else "")
+        + (f"## Stages of the chain\n\n{stages_md}\n\n" if stages_md else "")
         + ("![accuracy and fit time vs frozen layers](summary.png)\n\n" if plot else "")
         + (f"## Failed jobs\n\n{failures}\n" if failed else "")
         + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
           f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
     cost = write_cost_model(sweep_dir, rows)
-    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost)
-    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot}
+    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost, stages_md)
+    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "stages": stages_md}
 
 
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -278,7 +282,7 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, A
 
 
 def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str], rows: list[dict], table: str,
-                 verdict_md: str, plot: Path | None, cost: dict | None) -> None:
+                 verdict_md: str, plot: Path | None, cost: dict | None, stages_md: str = "") -> None:
     """``report.md``: what ran, S and the plan per setting, the results with their figures, the cost model."""
     ok = [r for r in runs if r["status"] == "ok"]
     first = ok[0] if ok else {}
@@ -294,7 +298,7 @@ def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str
             plan_file = Path(job["run_dir"]) / "plan.json" if job else None
             first_trained = (json.loads(plan_file.read_text()).get("first_trainable")
                              if plan_file and plan_file.is_file() else None)
-            lines.append(f"| {r['setting']} | {_pm(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
+            lines.append(f"| {r['setting']} | {plus_minus(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
                          f"{first_trained or '–'} |")
         lines.append("")
     lines += ["## Results\n", "Mean ± std over seeds.\n", table, ""]
@@ -302,6 +306,9 @@ def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str
         lines += [verdict_md, ""]
     if plot:
         lines += ["![accuracy and fit time vs frozen layers](summary.png)\n"]
+    if stages_md:
+        lines += ["## Stages of the chain (seed 004)\n", "Mean ± std over the chained runs (one chain per seed).\n",
+                  stages_md, ""]
     if cost:
         lines += ["## Cost model (seed 001)\n",
                   "Layers trained for k target models: classic `50·k`, transfer `F + (50 − F)·k` with each arm's "
@@ -323,6 +330,8 @@ def report(sweep_dir: Path, command: str) -> int:
     print(f"\n{summary['table']}\n", flush=True)
     if summary["verdict"]:
         print(summary["verdict"].replace("**", "") + "\n")
+    if summary["stages"]:
+        print(summary["stages"].replace("**", "") + "\n")
     print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else ""), flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
