@@ -194,7 +194,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     policy = freeze["policy"]
     arch = cfg["model"]["arch"]
     # Names only (layers, head) from a throw-away network: checked before any source is trained.
-    probe, probe_record = build_network(arch, datamodule.num_classes)
+    probe, probe_record = build_network(arch, datamodule.num_classes, head_init=cfg["model"]["head_init"])
     layers = None
     if policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
         layers = layer_map(probe, arch, freeze["l_total"])
@@ -208,7 +208,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
     weights_key = "source.weights" if cfg["transfer"] and not cfg["source"]["task"] else "model.weights"
     net, weights_record = build_network(arch, datamodule.num_classes, weights, key=weights_key,
-                                        **cfg["model"]["kwargs"])
+                                        head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
     if cfg["model"]["compile"]:

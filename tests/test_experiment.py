@@ -111,3 +111,20 @@ def test_the_source_task_key_holds_the_precision_that_runs_not_auto(monkeypatch)
     explicit = source_run_config(compose_run(["arm=static45", "trainer.precision=32-true", "trainer.accelerator=cpu"]))
     assert auto["trainer"]["precision"] == "32-true"
     assert source_key(auto) == source_key(explicit)
+
+
+def test_architectures_experiment_writes_seed_003s_table(cat_dog_folder, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("+experiment=architectures", "model.arch=small_cnn,mobilenet_v3_small", "arm=scratch,head_only",
+                       "data.per_class=20", "data.image_size=52", "trainer.max_epochs=1", "progress=lines",
+                       f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}",
+                       f"source.cache_dir={tmp_path / 'sources'}", cwd=tmp_path)
+    summary = (sweep / "summary.md").read_text()
+    assert "## Architectures" in summary and "| architecture | scratch | head_only |" in summary
+    rows = [line for line in summary.splitlines() if line.startswith(("| small_cnn |", "| mobilenet_v3_small |"))]
+    assert len(rows) == 4  # an accuracy row and a fit-seconds row per architecture
+    assert "Fit seconds (mean ± std over seeds)" in result.stdout
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    head_only = {r["weights"]["arch"]: r for r in runs if r["arm"] == "head_only"}
+    assert head_only["small_cnn"]["trainable_parameters"] == 512 * 2 + 2  # only the new head trains
+    assert len(list((tmp_path / "sources").glob("source-cat-*"))) == 2  # one cat model per architecture

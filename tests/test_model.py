@@ -88,3 +88,13 @@ def test_seed_004s_small_cnn_has_the_shapes_and_parameters_of_its_table_1():
     assert torch.equal(run_units(sequential_units(net), x), net(x))  # the prefix cache can run it
     with pytest.raises(WeightsError, match="small_cnn has no torchvision weights"):
         build_network("small_cnn", 3, weights="IMAGENET1K_V1")
+
+
+def test_a_normal_head_init_is_seed_003s_new_last_layer(tmp_path):
+    source, _ = build_network("resnet18", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    net, _ = build_network("resnet18", 2, weights=str(tmp_path / "source.pt"), head_init="normal")
+    assert 0.008 < net.fc.weight.std().item() < 0.012 and not net.fc.bias.any()
+    assert torch.equal(net.conv1.weight, source.conv1.weight)  # the body keeps the source's weights
+    with pytest.raises(WeightsError, match="model.head_init=xavier must be null or normal"):
+        build_network("resnet18", 2, head_init="xavier")

@@ -20,7 +20,7 @@ SECTION_KEYS = {
     "freeze": {"policy", "k", "low", "high", "fallback", "l_total", "depth"},
     "cache": {"enabled", "budget_gb"},
 }
-MODEL_KEYS = {"arch", "weights", "kwargs", "channels_last", "compile", "label_smoothing"}
+MODEL_KEYS = {"arch", "weights", "kwargs", "head_init", "channels_last", "compile", "label_smoothing"}
 # Passed by train.py itself, so not settable from the config.
 TRAINER_RESERVED = {"logger", "callbacks", "default_root_dir"}
 

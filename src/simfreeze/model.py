@@ -109,8 +109,21 @@ class SmallCNN(nn.Module):
 OWN_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
 
 
+def init_head(net: nn.Module, head: str, how: str | None) -> None:
+    """``normal``: the head's weights from N(0, 0.01²) and zero bias (seed 003's new last layer);
+    None keeps the architecture's own initialisation."""
+    if how is None:
+        return
+    if how != "normal":
+        raise WeightsError(f"model.head_init={how} must be null or normal")
+    layer = net.get_submodule(head)
+    nn.init.normal_(layer.weight, std=0.01)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 def build_network(arch: str, num_classes: int, weights: str | None = None, key: str = "model.weights",
-                  **kwargs: Any) -> tuple[nn.Module, dict]:
+                  head_init: str | None = None, **kwargs: Any) -> tuple[nn.Module, dict]:
     """A torchvision classifier (or one of ``OWN_ARCHS``) with a ``num_classes`` head.
 
     ``weights``: None (random init), a torchvision weights enum name such as ``IMAGENET1K_V2``
@@ -139,6 +152,7 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
             raise WeightsError(f"could not fetch torchvision weights {arch}.{weights}: {err}. "
                                f"Offline, pass a local file as {key}=/path/to/state_dict.pt") from err
         record["head"] = replace_head(net, num_classes)
+        init_head(net, record["head"], head_init)
         return net, record
     if arch in OWN_ARCHS:
         net = OWN_ARCHS[arch](num_classes=num_classes, **kwargs)
@@ -154,6 +168,7 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
             record["dropped_head_keys"] = load_backbone(net, state, head)
         except WeightsError as err:
             raise WeightsError(f"{key}='{weights}': {err} ({arch})") from None
+    init_head(net, head, head_init)  # after loading: the head is new whatever the weights held
     return net, record
 
 

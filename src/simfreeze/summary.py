@@ -13,6 +13,9 @@ directory:
 - ``report.md``: the document to read (command, S and the plans, the results with their figures);
 - ``cost_model.{csv,png}``: seed 001's cost model beside measured times (``simfreeze.cost``), when the
   sweep has a scratch arm and transfer arms.
+- in ``summary.md`` and ``report.md`` also, where they apply: each stage of a chain of transfers and
+  the last stage against scratch (``simfreeze.stages``, seed 004), and architecture × arm tables
+  (``simfreeze.architecture_table``, seed 003).
 
 A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
 is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
@@ -241,9 +244,11 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         plot = sweep_dir / "summary.png"
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
-    from simfreeze.stages import stages_markdown  # here: simfreeze.stages imports this module
+    # Imported here: both modules import this one.
+    from simfreeze.architecture_table import architecture_markdown
+    from simfreeze.stages import stages_markdown
 
-    stages_md = stages_markdown(runs)
+    stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
     per_run = "\n".join(
         f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
         f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
@@ -254,13 +259,15 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         f"finished. `time ÷ scratch`: mean fit seconds over the scratch arm's.\n\n{table}\n\n"
         + (f"{verdict_md}\n\n" if verdict_md else "")
         + (f"## Stages of the chain\n\n{stages_md}\n\n" if stages_md else "")
+        + (f"## Architectures\n\n{architectures_md}\n\n" if architectures_md else "")
         + ("![accuracy and fit time vs frozen layers](summary.png)\n\n" if plot else "")
         + (f"## Failed jobs\n\n{failures}\n" if failed else "")
         + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
           f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
     cost = write_cost_model(sweep_dir, rows)
-    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost, stages_md)
-    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "stages": stages_md}
+    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost, stages_md, architectures_md)
+    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "stages": stages_md,
+            "architectures": architectures_md}
 
 
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -282,7 +289,8 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, A
 
 
 def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str], rows: list[dict], table: str,
-                 verdict_md: str, plot: Path | None, cost: dict | None, stages_md: str = "") -> None:
+                 verdict_md: str, plot: Path | None, cost: dict | None, stages_md: str = "",
+                 architectures_md: str = "") -> None:
     """``report.md``: what ran, S and the plan per setting, the results with their figures, the cost model."""
     ok = [r for r in runs if r["status"] == "ok"]
     first = ok[0] if ok else {}
@@ -309,6 +317,8 @@ def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str
     if stages_md:
         lines += ["## Stages of the chain (seed 004)\n", "Mean ± std over the chained runs (one chain per seed).\n",
                   stages_md, ""]
+    if architectures_md:
+        lines += ["## Architectures (seed 003's tables)\n", architectures_md, ""]
     if cost:
         lines += ["## Cost model (seed 001)\n",
                   "Layers trained for k target models: classic `50·k`, transfer `F + (50 − F)·k` with each arm's "
@@ -330,8 +340,9 @@ def report(sweep_dir: Path, command: str) -> int:
     print(f"\n{summary['table']}\n", flush=True)
     if summary["verdict"]:
         print(summary["verdict"].replace("**", "") + "\n")
-    if summary["stages"]:
-        print(summary["stages"].replace("**", "") + "\n")
+    for section in ("stages", "architectures"):
+        if summary[section]:
+            print(summary[section].replace("**", "") + "\n")
     print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else ""), flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
