@@ -45,6 +45,10 @@ CASES = {
     "missing resume checkpoint": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt': no such"),
     "unknown precision": (["trainer.precision=17"], "trainer.precision=17 must be one of auto, 64, 32"),
     "unknown progress": (["progress=fancy"], "progress=fancy must be one of auto, bar, lines"),
+    "an earlier stage of a chain leaks": (
+        ["arm=staged", "freeze.k=3", "source.task={classes:[ant,bee,cow]}", "source.freeze={policy:static,k:2}",
+         "source.source={task:{classes:[ant,bee,cow],val_fraction:0.1}}"],
+        "source stage 2 (source.source.task) trains on {'ant': 2, 'bee': 2} images of the target's validation split"),
 }
 
 
