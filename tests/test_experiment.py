@@ -124,6 +124,10 @@ def test_architectures_experiment_writes_seed_003s_table(cat_dog_folder, tmp_pat
     rows = [line for line in summary.splitlines() if line.startswith(("| small_cnn |", "| mobilenet_v3_small |"))]
     assert len(rows) == 4  # an accuracy row and a fit-seconds row per architecture
     assert "Fit seconds (mean ± std over seeds)" in result.stdout
+    # depths and times are compared within an architecture only
+    assert "Best fixed depth" not in summary and not (sweep / "cost_model.png").exists()
+    scratch_rows = [r for r in csv.DictReader(open(sweep / "summary.csv")) if r["arm"] == "scratch"]
+    assert [r["time_vs_scratch"] for r in scratch_rows] == ["1.0", "1.0"]
     runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
     head_only = {r["weights"]["arch"]: r for r in runs if r["arm"] == "head_only"}
     assert head_only["small_cnn"]["trainable_parameters"] == 512 * 2 + 2  # only the new head trains

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simfreeze.summary import mean_std, plus_minus
-
-
-def architecture_of(run: dict[str, Any]) -> str | None:
-    weights = run.get("weights")
-    return weights.get("arch") if isinstance(weights, dict) else None
+from simfreeze.summary import architecture_of, mean_std, plus_minus
 
 
 def architecture_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], list[dict]]]:

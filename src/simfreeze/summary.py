@@ -80,6 +80,11 @@ def setting_of(run: dict[str, Any], keys: list[str]) -> str:
         f"{run.get('arm', '?')} {run.get('name', '')}".strip()
 
 
+def architecture_of(run: dict[str, Any]) -> str | None:
+    weights = run.get("weights")
+    return weights.get("arch") if isinstance(weights, dict) else None
+
+
 def mean_std(values: list[float | None]) -> tuple[float, float] | None:
     values = [v for v in values if v is not None]
     if not values:
@@ -94,12 +99,17 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(setting_of(run, keys), []).append(run)
-    reference = mean_std([r["fit_seconds"] for r in runs if r["status"] == "ok" and r.get("arm") == reference_arm])
+    # The reference is the scratch arm of the same architecture (a sweep may vary model.arch).
+    references = {}
+    for run in runs:
+        if run["status"] == "ok" and run.get("arm") == reference_arm:
+            references.setdefault(architecture_of(run), []).append(run["fit_seconds"])
     rows = []
     for setting, members in groups.items():
         ok = [r for r in members if r["status"] == "ok"]
         first = (ok or members)[0]
         fit = mean_std([r["fit_seconds"] for r in ok])
+        reference = mean_std(references.get(architecture_of(first), []))
         depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
         rows.append({
             "setting": setting, "arm": first.get("arm"), "name": first.get("name"),
@@ -235,20 +245,22 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     rows = summarise(runs)
     keys = setting_keys(runs)
     write_csvs(sweep_dir, runs, rows, keys)
-    table, verdict = markdown_table(rows), depth_verdict(rows)
-    verdict_md = verdict_text(verdict)
-    failed = [r for r in runs if r["status"] != "ok"]
-    figure = depth_figure(rows, verdict)
-    plot = None
-    if figure is not None:
-        plot = sweep_dir / "summary.png"
-        figure.savefig(plot, dpi=120, bbox_inches="tight")
-    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
     # Imported here: both modules import this one.
     from simfreeze.architecture_table import architecture_markdown
     from simfreeze.stages import stages_markdown
 
     stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
+    # Depths, the depth figure and the cost model compare layers of one architecture only.
+    one_architecture = not architectures_md
+    table, verdict = markdown_table(rows), depth_verdict(rows) if one_architecture else None
+    verdict_md = verdict_text(verdict)
+    failed = [r for r in runs if r["status"] != "ok"]
+    figure = depth_figure(rows, verdict) if one_architecture else None
+    plot = None
+    if figure is not None:
+        plot = sweep_dir / "summary.png"
+        figure.savefig(plot, dpi=120, bbox_inches="tight")
+    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
     per_run = "\n".join(
         f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
         f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
@@ -256,7 +268,7 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
                        f"`{r['run_dir']}`\n" for r in failed)
     (sweep_dir / "summary.md").write_text(
         f"# Sweep summary\n\n`{command}`\n\nMean ± std over seeds (sample std; 0 for one seed) of the jobs that "
-        f"finished. `time ÷ scratch`: mean fit seconds over the scratch arm's.\n\n{table}\n\n"
+        f"finished. `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's.\n\n{table}\n\n"
         + (f"{verdict_md}\n\n" if verdict_md else "")
         + (f"## Stages of the chain\n\n{stages_md}\n\n" if stages_md else "")
         + (f"## Architectures\n\n{architectures_md}\n\n" if architectures_md else "")
@@ -264,7 +276,7 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
         + (f"## Failed jobs\n\n{failures}\n" if failed else "")
         + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
           f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
-    cost = write_cost_model(sweep_dir, rows)
+    cost = write_cost_model(sweep_dir, rows) if one_architecture else None
     write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost, stages_md, architectures_md)
     return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "stages": stages_md,
             "architectures": architectures_md}
