@@ -4,8 +4,6 @@ import csv
 import json
 from pathlib import Path
 
-import pytest
-
 from simfreeze.data import TaskDataModule, shared_images
 from tests.conftest import run_train
 

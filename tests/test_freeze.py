@@ -4,7 +4,6 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from simfreeze.config import ConfigError
 from simfreeze.freeze import FreezeCallback, freeze_leading, frozen_depth, linear_depth, plan_rows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from omegaconf import DictConfig
 

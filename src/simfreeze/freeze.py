@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch import nn
 
 from simfreeze.config import ConfigError
