@@ -27,6 +27,9 @@ def architecture_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[str]
 def architecture_markdown(runs: list[dict[str, Any]]) -> str:
     """Two tables (best val acc; fit seconds), mean ± std over seeds, and the dynamic arm's depth;
     "" when the runs hold fewer than two architectures."""
+    # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
+    from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
+
     archs, arms, cells = architecture_cells(runs)
     if len(archs) < 2:
         return ""
@@ -40,7 +43,7 @@ def architecture_markdown(runs: list[dict[str, Any]]) -> str:
 
     depth_lines = []
     for arch in archs:
-        planned = [r for arm in arms for r in cells.get((arch, arm), []) if r.get("policy") in ("linear", "threshold")]
+        planned = [r for arm in arms for r in cells.get((arch, arm), []) if r.get("policy") in NEEDS_SIMILARITY]
         if planned:
             frozen = sorted({r["l_freeze"] for r in planned})
             scores = mean_std([r.get("S") for r in planned])

@@ -21,10 +21,16 @@ def chain_of(run: dict[str, Any]) -> list[dict[str, Any]]:
     return chain
 
 
+def finished_chains(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The chains of the finished runs that have at least two source stages."""
+    chains = (chain_of(r) for r in runs if r.get("status", "ok") == "ok")
+    return [chain for chain in chains if len(chain) >= 3]
+
+
 def stage_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per stage of the finished runs with at least two source stages: task, frozen layers, fit
-    seconds and accuracies (mean ± std over the runs)."""
-    chains = [chain_of(r) for r in runs if r.get("status", "ok") == "ok" and len(chain_of(r)) >= 3]
+    """Per stage of the finished chains: task, frozen layers, fit seconds and accuracies (mean ± std
+    over the runs)."""
+    chains = finished_chains(runs)
     if not chains:
         return []
     rows = []
@@ -41,9 +47,8 @@ def stage_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def last_stage_speedup(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> dict[str, Any] | None:
     """The last stage's fit time against the same task trained from scratch: the ratio of the means,
     and the median of the per-seed ratios (runs paired by seed)."""
-    ok = [r for r in runs if r.get("status", "ok") == "ok"]
-    staged = {r["seed"]: r for r in ok if len(chain_of(r)) >= 3}
-    scratch = {r["seed"]: r for r in ok if r.get("arm") == reference_arm}
+    staged = {chain[-1]["seed"]: chain[-1] for chain in finished_chains(runs)}
+    scratch = {r["seed"]: r for r in runs if r.get("status", "ok") == "ok" and r.get("arm") == reference_arm}
     if not staged or not scratch:
         return None
     last, base = mean_std([r["fit_seconds"] for r in staged.values()]), mean_std([r["fit_seconds"] for r in scratch.values()])
