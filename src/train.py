@@ -162,7 +162,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     from simfreeze.freeze import NEEDS_SIMILARITY, FreezeCallback, depth_plan, validate_policy
     from simfreeze.layers import family, layer_map
     from simfreeze.model import Classifier, build_network, count_parameters
-    from simfreeze.precision import resolve_precision
+    from simfreeze.precision import bf16_unsafe_convs, device_type, resolve_precision, run_in_fp32
     from simfreeze.preflight import claim_run_dir
     from simfreeze.prefix import PrefixCacheCallback
     from simfreeze.progress import progress_bar
@@ -211,8 +211,6 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
                                         head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
     if weights_record["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, weights_record["dropped_head_keys"])
-    if cfg["model"]["compile"]:
-        net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
     module = Classifier(net, datamodule.num_classes,
                         optimizer=hydra.utils.instantiate(cfg["optimizer"]),
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
@@ -250,6 +248,15 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
         datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.sizes)
+    fp32_convs = []
+    if str(cfg["trainer"]["precision"]).startswith("bf16") and device_type(cfg["trainer"]["accelerator"]) == "cpu":
+        fp32_convs = bf16_unsafe_convs(net, datamodule.prepare(datamodule.tensors["train"][0][:1]))
+        run_in_fp32(net, fp32_convs)  # oneDNN's bf16 weight gradient is wrong for these (simfreeze.precision)
+        if fp32_convs:
+            log.info("bf16: %d convolution(s) whose stride exceeds their input run in fp32: %s",
+                     len(fp32_convs), ", ".join(fp32_convs))
+    if cfg["model"]["compile"]:
+        net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
 
     # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg["ckpt_path"], weights_only=True)
@@ -268,7 +275,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         similarity=similarity.score if similarity else None,
         l_freeze=freezer.n_frozen if freezer else 0, n_layers=len(freezer.layers) if freezer else None,
         source=source_results, similarity_seconds=similarity.seconds if similarity else None,
-        prefix_cache=cache.record if cache else None, overrides=list(overrides))
+        prefix_cache=cache.record if cache else None, overrides=list(overrides),
+        precision_phases=precision_phases(trainer, similarity, cache, fp32_convs))
     logger.log_hyperparams(
         {"arm": cfg["arm"], "policy": policy, "S": results["S"] if results["S"] is not None else -1.0,
          "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
@@ -279,6 +287,14 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
         write_results(run_dir / "results.json", results)
         print(summary_line(results), flush=True)
     return results
+
+
+def precision_phases(trainer, similarity, cache, fp32_convs: list[str]) -> dict:
+    """The precision each phase of the fit ran in (None: the phase did not run)."""
+    ran = str(trainer.precision)
+    return {"similarity": ran if similarity else None,
+            "cache_fill": ran if cache and cache.record.get("used") else None,
+            "training": ran, "fp32_convs": fp32_convs}
 
 
 def run_analysis(cfg: dict, run_dir: Path, overrides: list[str]) -> dict[str, Any]:

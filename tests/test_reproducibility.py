@@ -1,16 +1,27 @@
-"""Same config and seed → the same metrics and weights on CPU; another seed → other weights."""
+"""Same config and seed → the same metrics and weights on CPU; another seed → other weights.
+
+The promise holds in fp32 and in bf16 autocast (README, What a run leaves): both are tested, bf16
+where the CPU computes it natively (emulated bf16 is too slow for the lane).
+"""
 
 import json
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train
+from simfreeze.precision import native_cpu_bf16
 from tests.conftest import REPO
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=2",
         "data.classes=[ant,bee]", "data.batch_size=8", "progress=lines", "trainer.accelerator=cpu"]
+
+
+PRECISIONS = pytest.mark.parametrize("precision", [
+    "32-true", pytest.param("bf16-mixed", marks=pytest.mark.skipif(
+        not native_cpu_bf16(), reason="bf16 is emulated on this CPU (many times slower)"))])
 
 
 def fit(image_folder, run_dir, *overrides):
@@ -21,10 +32,12 @@ def fit(image_folder, run_dir, *overrides):
     return json.loads((run_dir / "results.json").read_text()), results, weights
 
 
-def test_same_seed_same_metrics_and_weights_other_seed_other_weights(image_folder, tmp_path):
-    first, _, w1 = fit(image_folder, tmp_path / "a", "seed=3")
-    again, _, w2 = fit(image_folder, tmp_path / "b", "seed=3")
-    other, _, w3 = fit(image_folder, tmp_path / "c", "seed=4")
+@PRECISIONS
+def test_same_seed_same_metrics_and_weights_other_seed_other_weights(image_folder, tmp_path, precision):
+    first, _, w1 = fit(image_folder, tmp_path / "a", "seed=3", f"trainer.precision={precision}")
+    again, _, w2 = fit(image_folder, tmp_path / "b", "seed=3", f"trainer.precision={precision}")
+    other, _, w3 = fit(image_folder, tmp_path / "c", "seed=4", f"trainer.precision={precision}")
+    assert first["precision"] == precision
     metrics = ("best_val_acc", "final_val_acc", "test_acc", "epochs", "l_freeze", "trainable_parameters")
     assert {k: first[k] for k in metrics} == {k: again[k] for k in metrics}
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # bit for bit
@@ -34,11 +47,13 @@ def test_same_seed_same_metrics_and_weights_other_seed_other_weights(image_folde
     assert split[0] == split[1]
 
 
-def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_folder, tmp_path, monkeypatch):
+@PRECISIONS
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_folder, tmp_path, monkeypatch, precision):
     from simfreeze.report import FitClock
 
     transfer = ["arm=static45", "freeze.k=9", "+source.task.positive=ant", "data.positive=bee", "trainer.max_epochs=3",
-                f"source.cache_dir={tmp_path / 'sources'}"]  # a frozen prefix: the cache and the plan are restored too
+                f"source.cache_dir={tmp_path / 'sources'}",  # a frozen prefix: the cache and the plan are restored too
+                f"trainer.precision={precision}"]
     whole, _, w_whole = fit(image_folder, tmp_path / "whole", *transfer)
 
     original = FitClock.on_train_epoch_start

@@ -8,11 +8,25 @@ emulates it. On CUDA, bf16-mixed where the GPU supports it (Ampere and newer), e
 
 from __future__ import annotations
 
+import os
+
 import torch
+from torch import nn
+
+from simfreeze.config import ConfigError
 
 
 def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX)."""
+    """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX).
+
+    ``SIMFREEZE_NATIVE_BF16=0`` or ``1`` overrides the check, to run as on the other CPU kind
+    (README, Tests). ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN itself act as an AVX2 CPU.
+    """
+    forced = os.environ.get("SIMFREEZE_NATIVE_BF16", "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ConfigError(f"SIMFREEZE_NATIVE_BF16={forced!r} must be 0 or 1")
+        return forced == "1"
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # builds without oneDNN or without the check
@@ -42,3 +56,52 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto`` → the measured default of the device type; anything else is passed through."""
     return default_precision(device_type(accelerator)) if precision == "auto" else precision
 
+
+
+# oneDNN (torch 2.14.1, CPU) computes the bf16 weight gradient of a convolution whose stride
+# exceeds its input's height or width from memory it never wrote: the same run twice gives other
+# gradients, now and then inf (ResNet layer4 at 16×16 images: a stride-2 conv on a 1×1 map).
+# Forward and input gradients are right. Such a convolution sees a few pixels at most, so running
+# it in fp32 costs nothing measurable and makes bf16 runs reproducible.
+class Fp32Conv2d(nn.Conv2d):
+    """A Conv2d that runs in fp32 under autocast (see ``bf16_unsafe_convs``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def bf16_unsafe_convs(net: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the convolutions of ``net`` whose stride exceeds their input's height or width
+    for inputs shaped like ``example`` (one forward in eval mode, without grad)."""
+    found: list[str] = []
+
+    def check(name):
+        def hook(module, args):
+            height, width = args[0].shape[-2:]
+            stride_h, stride_w = module.stride
+            if (stride_h > height or stride_w > width) and name not in found:
+                found.append(name)
+        return hook
+
+    hooks = [module.register_forward_pre_hook(check(name)) for name, module in net.named_modules()
+             if isinstance(module, nn.Conv2d)]
+    modes = {module: module.training for module in net.modules()}
+    try:
+        with torch.no_grad():
+            net.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.train(training)
+    return found
+
+
+def run_in_fp32(net: nn.Module, names: list[str]) -> None:
+    """Make the named ``nn.Conv2d`` modules run in fp32 under autocast; weights and state-dict
+    keys stay as they are."""
+    for name in names:
+        module = net.get_submodule(name)
+        if type(module) is nn.Conv2d:
+            module.__class__ = Fp32Conv2d
