@@ -2,10 +2,11 @@
 
 import csv
 import json
-import os
 import threading
 
+import joblib
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from simfreeze.config import ConfigError
@@ -99,20 +100,22 @@ def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path
 
 
 @pytest.mark.parametrize("launcher, target, gpus", [
-    ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", 0), ("slurm", "SlurmLauncher", 1)])
+    ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", "visible"), ("slurm", "SlurmLauncher", 1)])
 def test_launcher_configs_compose(launcher, target, gpus):
     import train  # noqa: F401  (registers the cuda_count resolver)
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", [f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
-    if gpus is not None:  # this test machine has no GPU
+    if gpus == "visible":  # submitit shows a local job every GPU of the machine
+        assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()
+    elif gpus is not None:
         assert cfg.hydra.launcher.gpus_per_node == gpus
 
 
 def test_a_failing_job_does_not_stop_the_sweep_and_the_sweep_exits_non_zero(image_folder, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", "data.classes=[ant,bee],[ant,zebra]", *SMALL, "trainer.precision=16-mixed",
+    result = run_train("-m", "data.classes=[ant,bee],[ant,zebra]", *SMALL, "trainer.precision=16-mixed", "trainer.accelerator=cpu",
                        f"data.root={image_folder}",
                        f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert result.returncode == 1, result.stderr
@@ -129,7 +132,7 @@ def test_two_seeds_by_four_arms_in_parallel_jobs(cat_dog_folder, tmp_path):
               *SMALL, f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}", f"source.cache_dir={sources}", cwd=tmp_path)
     runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
     assert len(runs) == 8 and all(r["status"] == "ok" for r in runs)
-    threads = max(1, os.cpu_count() // 2)  # joblib gives each of its 2 workers its share of the cores
+    threads = max(1, joblib.cpu_count() // 2)  # joblib gives each of its 2 workers its share of the cores
     assert all(f"{threads} threads" in r["device"] for r in runs)
     assert sum(not r["source"]["cached"] for r in runs if r["source"]) <= 2
     assert len(list(sources.glob("source-cat-*"))) == 2  # one cat model per seed, each trained once

@@ -12,7 +12,9 @@ TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "dat
 
 def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train(*TINY, "data.classes=[ant,bee]", f"data.root={image_folder_with_test}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    # As on a CPU without native bf16, whatever this one has: precision=auto must then pick fp32.
+    result = run_train(*TINY, "data.classes=[ant,bee]", "trainer.accelerator=cpu", f"data.root={image_folder_with_test}",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"SIMFREEZE_NATIVE_BF16": "0"})
     results = json.loads((run_dir / "results.json").read_text())
     assert results["images"] == {"train": 30, "val": 10, "test": 12}
     assert 0.0 <= results["best_val_acc"] <= 1.0 and results["test_acc"] is not None
@@ -20,7 +22,8 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert results["fit_seconds"] > 0 and results["train_images_per_second"] > 0
     assert results["epochs"] == 2 and results["seed"] == 0
     assert results["trainable_parameters"] == results["total_parameters"] > 1_000_000
-    assert results["precision"] == "32-true" and results["device"].startswith("cpu")
+    assert results["precision"] == "32-true" and results["device"].startswith("cpu") and "no native bf16" in results["device"]
+    assert results["precision_phases"] == {"similarity": None, "cache_fill": None, "training": "32-true", "fp32_convs": []}
     assert set(results["versions"]) >= {"torch", "torchvision", "lightning", "hydra"}
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
