@@ -118,7 +118,7 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
                 *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
                 l_freeze: int, n_layers: int | None, source: dict | None,
                 similarity_seconds: float | None = None, prefix_cache: dict | None = None,
-                overrides: list[str] = ()) -> dict[str, Any]:
+                overrides: list[str] = (), precision_phases: dict | None = None) -> dict[str, Any]:
     """Everything ``results.json`` records about one run."""
     def metric(value):
         return None if value is None else round(float(value), 6)
@@ -134,7 +134,8 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "l_freeze": l_freeze, "n_layers": n_layers, "prefix_cache": prefix_cache,
         "trainable_parameters": trainable, "total_parameters": total,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
-        "precision": str(trainer.precision), "device": device_name(trainer), "world_size": trainer.world_size,
+        "precision": str(trainer.precision), "precision_phases": precision_phases,
+        "device": device_name(trainer), "world_size": trainer.world_size,
         "weights": weights,
         # A chain's stages nest: a source's own source is under its "source" (simfreeze.stages).
         "source": None if source is None else {k: source.get(k) for k in (
