@@ -80,9 +80,13 @@ def scratch_network(cfg: dict, num_classes: int, channels_last: bool):
     return net.to(device, memory_format=memory_format), device, memory_format
 
 
-def plain_loop_seconds(cfg: dict) -> float:
+def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
     """The scratch arm's training as a bare PyTorch loop: same model, data, batches, precision,
-    memory format, optimizer, schedule and epochs, with validation each epoch; no Lightning."""
+    memory format, optimizer, schedule and epochs, with validation each epoch; no Lightning.
+
+    Like a run, it writes ``last.ckpt`` (weights, optimizer, schedule) every epoch and the weights
+    of the best validation accuracy, into ``out``. Returns (seconds, of which checkpoint writes).
+    """
     import hydra
 
     from simfreeze.data import TaskDataModule, prepare_batch
@@ -104,8 +108,10 @@ def plain_loop_seconds(cfg: dict) -> float:
         x = prepare_batch(images, mean, std, dm.image_size, flip=flip)
         return x.contiguous(memory_format=memory_format)
 
+    out.mkdir(parents=True, exist_ok=True)
+    best, saving = -1.0, 0.0
     start = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         net.train()
         for index in torch.randperm(len(y_train), device=device).split(batch):
             with autocast(precision, device):
@@ -115,12 +121,21 @@ def plain_loop_seconds(cfg: dict) -> float:
             optimizer.step()
             scheduler.step()
         net.eval()
+        correct = 0
         with torch.no_grad(), autocast(precision, device):
             for i in range(0, len(y_val), dm.eval_batch_size):
-                net(prepare(x_val[i:i + dm.eval_batch_size]))
+                logits = net(prepare(x_val[i:i + dm.eval_batch_size]))
+                correct += int((logits.argmax(1) == y_val[i:i + dm.eval_batch_size]).sum())
+        tick = time.perf_counter()
+        if correct / len(y_val) > best:
+            best = correct / len(y_val)
+            torch.save({"state_dict": net.state_dict()}, out / "best.ckpt")
+        torch.save({"state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch}, out / "last.ckpt")
+        saving += time.perf_counter() - tick
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, saving
 
 
 def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: int = 6,
@@ -152,6 +167,91 @@ def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: in
         if time.perf_counter() - started > within_s and times:
             break
     return batch / statistics.median(times)
+
+
+def timed_rate(step, images: int, steps: int = 6, within_s: float = 20.0) -> float:
+    """Images/s of ``step`` (which handles ``images`` images): the median after one warm-up call,
+    over at most ``steps`` calls or ``within_s`` seconds (emulated bf16 can be very slow)."""
+    times, started = [], time.perf_counter()
+    for call in range(steps + 1):
+        tick = time.perf_counter()
+        step()
+        if call:  # the first call builds kernels
+            times.append(time.perf_counter() - tick)
+        if time.perf_counter() - started > within_s and times:
+            break
+    return images / statistics.median(times)
+
+
+PHASE_DEPTHS = {"dynamic37": 37, "static45": 45, "head_only": -1}  # frozen layers; -1: all but the head
+
+
+def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
+    """Images/s of each phase of a fit under ``precision``: scratch training, the similarity pass
+    (a full forward in eval mode), and per transfer arm the cache fill (the frozen prefix forward)
+    and the cached tail's training steps, with the arm's batch sizes and optimizer on random images."""
+    import hydra
+
+    from simfreeze.freeze import freeze_leading
+    from simfreeze.layers import layer_map
+    from simfreeze.prefix import frozen_prefix_length, run_units, sequential_units
+
+    torch.manual_seed(0)
+    net, device, memory_format = scratch_network(cfg, 2, cfg["model"]["channels_last"])
+    size, batch = cfg["data"]["image_size"] or 32, cfg["data"]["batch_size"]
+    eval_batch = cfg["data"]["eval_batch_size"] or batch
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 2, (batch,), device=device)
+    x_eval = torch.randn(eval_batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+
+    def train_step(units, inputs, optimizer):
+        with autocast(precision, device):
+            loss = torch.nn.functional.cross_entropy(run_units(units, inputs), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def forward(units, inputs):
+        with torch.no_grad(), autocast(precision, device):
+            return run_units(units, inputs)
+
+    units = sequential_units(net) or [("net", net)]
+    net.train()
+    optimizer = hydra.utils.instantiate(cfg["optimizer"])(net.parameters())
+    rates = {"scratch training": timed_rate(lambda: train_step(units, x, optimizer), batch, steps)}
+    net.eval()
+    rates["similarity pass"] = timed_rate(lambda: forward(units, x_eval), eval_batch, max(2, steps // 2))
+    layers = layer_map(net, cfg["model"]["arch"], cfg["freeze"]["l_total"])
+    for arm, depth in PHASE_DEPTHS.items():
+        depth = len(layers) - 1 if depth < 0 else depth
+        if depth >= len(layers):
+            continue
+        for p in net.parameters():
+            p.requires_grad_(True)
+        freeze_leading(net, layers, depth)
+        k = frozen_prefix_length(units)
+        prefix, tail = units[:k], units[k:]
+        net.eval()
+        rates[f"cache fill ({arm})"] = timed_rate(lambda: forward(prefix, x_eval), eval_batch, max(2, steps // 2))
+        features = forward(prefix, x).contiguous(memory_format=memory_format)
+        for _, unit in tail:
+            unit.train()
+        optimizer = hydra.utils.instantiate(cfg["optimizer"])([p for p in net.parameters() if p.requires_grad])
+        rates[f"cached tail training ({arm})"] = timed_rate(lambda: train_step(tail, features, optimizer), batch, steps)
+    return rates
+
+
+def phase_table(cfg: dict) -> tuple[str, dict]:
+    """fp32 against bf16 autocast for every phase of a fit: the measurement behind
+    ``trainer.precision=auto`` (README, Performance)."""
+    rates = {p: phase_rates(cfg, p) for p in ("32-true", "bf16-mixed")}
+    lines = ["| phase | 32-true images/s | bf16-mixed images/s | bf16 ÷ fp32 | faster |", "|---|---|---|---|---|"]
+    for phase, fp32 in rates["32-true"].items():
+        bf16 = rates["bf16-mixed"][phase]
+        lines.append(f"| {phase} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f} | {'bf16' if bf16 > fp32 else 'fp32'} |")
+    accelerator = cfg["trainer"]["accelerator"]
+    lines.append(f"\nprecision=auto → {resolve_precision('auto', accelerator)} on {device_type(accelerator)}")
+    return "\n".join(lines), rates
 
 
 def module_flops(net: torch.nn.Module, image_size: int) -> dict[str, int]:
@@ -229,16 +329,49 @@ def format_table(cfg: dict) -> str:
     return "\n".join(lines)
 
 
+def curve_figure(curve: list[dict], path: Path) -> None:
+    """Time ÷ scratch against epochs per arm (solid), beside each arm's work ÷ scratch (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for colour, arm in zip(("tab:red", "tab:blue", "tab:green", "tab:purple"),
+                           dict.fromkeys(r["arm"] for r in curve if r["arm"] != "scratch")):
+        rows = [r for r in curve if r["arm"] == arm]
+        epochs = [r["epochs"] for r in rows]
+        ax.plot(epochs, [r["vs_scratch"] for r in rows], "o-", color=colour, label=f"{arm}: time ÷ scratch")
+        ax.plot(epochs, [r["work_vs_scratch"] for r in rows], "--", color=colour, alpha=0.6, label=f"{arm}: work ÷ scratch")
+    ax.set_xscale("log")
+    ticks = sorted({r["epochs"] for r in curve})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("÷ scratch at the same epochs")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Transfer arms against scratch as training grows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     import train as entry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+                        help="epochs per fit; several give the cost curve (time ÷ scratch per epochs); "
+                             "default: the experiment's trainer.max_epochs")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[3],
+                        help="repetitions per --epochs value (one number: the same for every value)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--uncached", nargs="*", default=["dynamic37", "static45", "head_only"],
-                        help="arms also timed once with cache.enabled=false")
+                        help="arms also timed once with cache.enabled=false (at the first --epochs)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch loop")
-    parser.add_argument("--no-formats", action="store_true", help="skip the precision × memory-format steps")
+    parser.add_argument("--no-formats", action="store_true",
+                        help="skip the precision × memory-format and per-phase precision tables")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. data.root=...)")
     args = parser.parse_args(argv)
@@ -250,51 +383,71 @@ def main(argv: list[str] | None = None) -> None:
     common = [*args.overrides, f"source.cache_dir={args.out / 'sources'}", "progress=lines",
               "+trainer.enable_model_summary=false"]
     base = compose_run(common)
+    epoch_list = args.epochs or [base["trainer"]["max_epochs"]]
+    repeats = args.repeats * len(epoch_list) if len(args.repeats) == 1 else args.repeats
+    if len(repeats) != len(epoch_list):
+        parser.error(f"--repeats gives {len(repeats)} values for {len(epoch_list)} --epochs values")
     started = time.perf_counter()
     peak = matmul_peak_flops()
     # Without native bf16 a 2048² bf16 matmul takes about a minute (emulated): measure a small one.
     peak_bf16 = matmul_peak_flops(2048 if native_cpu_bf16() else 512, repeats=2, dtype=torch.bfloat16)
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s fp32, {peak_bf16 / 1e9:.1f} GFLOP/s bf16 "
           f"({torch.get_num_threads()} threads)", flush=True)
-    formats = "" if args.no_formats else format_table(base)
-    if formats:
-        print(f"\n{formats}\n", flush=True)
-    entry.resolve_source(compose_run([*common, "arm=dynamic"]))  # train the cat source once, untimed
+    formats = phases = ""
+    phase_record: dict = {}
+    if not args.no_formats:
+        formats = format_table(base)
+        phases, phase_record = phase_table(base)
+        print(f"\n{formats}\n\n{phases}\n", flush=True)
+    # The cat source is trained once, untimed, at the experiment's epochs; every arm at every
+    # --epochs value starts from that same file, so the curve varies only the arm's own training.
+    source_weights, _ = entry.resolve_source(compose_run([*common, "arm=dynamic"]))
+    from_source = ["source.task=null", f"source.weights={source_weights}", "similarity.source_classes=[cat]"]
 
     plan = [(arm, True) for arm in args.arms] + [(arm, False) for arm in args.uncached if arm in args.arms]
-    times: dict[str, list[float]] = {}
-    results: dict[str, dict] = {}
-    configs: dict[str, dict] = {}
-    for repeat in range(args.repeats):
-        for arm, cached in plan:
-            if not cached and repeat > 0:
-                continue  # uncached variants: once, to show the accuracy and the time they cost
-            label = arm if cached else f"{arm} (uncached)"
-            cfg = compose_run([*common, *ARMS[arm], f"cache.enabled={str(cached).lower()}"])
-            run = entry.train(cfg, work / f"{label.replace(' ', '_')}-{repeat}")
-            times.setdefault(label, []).append(run["fit_seconds"])
-            results[label], configs[label] = run, cfg
-        if not args.no_plain:
-            times.setdefault("plain PyTorch loop", []).append(plain_loop_seconds(compose_run([*common, "arm=scratch"])))
+    times: dict[tuple[int, str], list[float]] = {}
+    results: dict[tuple[int, str], dict] = {}
+    configs: dict[tuple[int, str], dict] = {}
+    saving: list[float] = []
+    for epochs, count in zip(epoch_list, repeats):
+        first = epochs == epoch_list[0]
+        for repeat in range(count):
+            for arm, cached in plan:
+                if not cached and (repeat > 0 or not first):
+                    continue  # uncached variants: once, to show the accuracy and the time they cost
+                label = arm if cached else f"{arm} (uncached)"
+                cfg = compose_run([*common, *ARMS[arm], *(from_source if ARMS[arm] != ["arm=scratch"] else []),
+                                   f"trainer.max_epochs={epochs}", f"cache.enabled={str(cached).lower()}"])
+                run = entry.train(cfg, work / f"{label.replace(' ', '_')}-e{epochs}-{repeat}")
+                times.setdefault((epochs, label), []).append(run["fit_seconds"])
+                results[epochs, label], configs[epochs, label] = run, cfg
+            if first and not args.no_plain:
+                seconds, saved = plain_loop_seconds(compose_run([*common, "arm=scratch"]), work / f"plain-{repeat}")
+                times.setdefault((epochs, "plain PyTorch loop"), []).append(seconds)
+                saving.append(saved)
 
-    scratch = statistics.median(times["scratch"]) if "scratch" in times else None
-    flops = {label: arm_flops(results[label], configs[label]) for label in results}
-    if "scratch" in flops:
-        flops["plain PyTorch loop"] = flops["scratch"]
+    flops = {key: arm_flops(results[key], configs[key]) for key in results}
     precision = resolve_precision(base["trainer"]["precision"], base["trainer"]["accelerator"])
     matmul = peak_bf16 if precision.startswith("bf16") else peak
     n_train = next(iter(results.values()))["images"]["train"] if results else 0  # every arm: the same images
-    rows = []
-    for label, values in times.items():
+
+    def row(epochs: int, label: str) -> dict:
+        values = times[epochs, label]
         median = statistics.median(values)
-        run = results.get(label, {})
-        row = {"arm": label, "median_s": round(median, 2), "runs": [round(v, 2) for v in values],
-               "images_per_s": round(n_train * base["trainer"]["max_epochs"] / median, 1),
-               "vs_scratch": round(median / scratch, 3) if scratch else None,
-               "work_vs_scratch": round(flops[label] / flops["scratch"], 3) if label in flops and "scratch" in flops else None,
-               "gflop_per_s": round(flops[label] / median / 1e9, 1) if label in flops else None,
-               "best_val_acc": run.get("best_val_acc"), "l_freeze": run.get("l_freeze")}
-        rows.append(row)
+        scratch = statistics.median(times[epochs, "scratch"]) if (epochs, "scratch") in times else None
+        work = flops.get((epochs, label), flops.get((epochs, "scratch")) if label == "plain PyTorch loop" else None)
+        run = results.get((epochs, label), {})
+        return {"arm": label, "epochs": epochs, "median_s": round(median, 2), "runs": [round(v, 2) for v in values],
+                "images_per_s": round(n_train * epochs / median, 1),
+                "vs_scratch": round(median / scratch, 3) if scratch else None,
+                "work_vs_scratch": round(work / flops[epochs, "scratch"], 3) if work and (epochs, "scratch") in flops else None,
+                "gflop_per_s": round(work / median / 1e9, 1) if work else None,
+                "best_val_acc": run.get("best_val_acc"), "l_freeze": run.get("l_freeze"),
+                "precision_phases": run.get("precision_phases")}
+
+    first_epochs = epoch_list[0]
+    rows = [row(e, label) for e, label in times if e == first_epochs]
+    curve = [row(e, label) for e, label in times if "(" not in label and label != "plain PyTorch loop"]
 
     def cell(value):
         return "–" if value is None else str(value)
@@ -308,19 +461,34 @@ def main(argv: list[str] | None = None) -> None:
     by = {r["arm"]: r for r in rows}
     key = [f"{name} ÷ scratch = {by[name]['vs_scratch']} (work {by[name]['work_vs_scratch']})"
            for name in ("dynamic37", "static45", "head_only") if name in by]
-    if "plain PyTorch loop" in by and scratch:
-        key.append(f"framework ÷ plain loop = {scratch / by['plain PyTorch loop']['median_s']:.3f}")
+    if "plain PyTorch loop" in by and "scratch" in by:
+        plain = by["plain PyTorch loop"]["median_s"]
+        key.append(f"framework ÷ plain loop = {by['scratch']['median_s'] / plain:.3f} (both write the same checkpoints; "
+                   f"the plain loop's writes took {statistics.median(saving):.2f} s, without them the ratio is "
+                   f"{by['scratch']['median_s'] / (plain - statistics.median(saving)):.3f})")
     if "scratch" in by:
         achieved = by["scratch"]["gflop_per_s"] * 1e9
         key.append(f"scratch training {achieved / 1e9:.1f} GFLOP/s = {achieved / matmul:.0%} of the "
                    f"{'bf16' if matmul is peak_bf16 else 'fp32'} matmul peak")
+    curve_text = ""
+    if len(epoch_list) > 1:
+        curve_lines = ["| arm | " + " | ".join(f"{e} epochs: time ÷ scratch (work)" for e in epoch_list) + " |",
+                       "|---|" + "---|" * len(epoch_list)]
+        for arm in dict.fromkeys(r["arm"] for r in curve):
+            cells = {r["epochs"]: f"{r['vs_scratch']} ({r['work_vs_scratch']}); {r['median_s']} s"
+                     for r in curve if r["arm"] == arm}
+            curve_lines.append(f"| {arm} | " + " | ".join(cells.get(e, "–") for e in epoch_list) + " |")
+        curve_text = "\n".join(curve_lines)
+        curve_figure(curve, args.out / "cost_curve.png")
     wall = time.perf_counter() - started
-    print(f"\n{report}\n\nkey ratios (medians of {args.repeats}, {precision}): " + "; ".join(key)
-          + f"\nbench wall time {wall / 60:.1f} min", flush=True)
+    print(f"\n{report}\n\nkey ratios (medians of {repeats[0]}, {first_epochs} epochs, {precision}): " + "; ".join(key)
+          + (f"\n\ncost curve (medians of {', '.join(map(str, repeats))} at {', '.join(map(str, epoch_list))} epochs):\n"
+             f"{curve_text}" if curve_text else "") + f"\nbench wall time {wall / 60:.1f} min", flush=True)
     (args.out / "bench.json").write_text(json.dumps(
-        {"rows": rows, "peak_flops": {"fp32": peak, "bf16": peak_bf16}, "precision": precision, "key": key,
-         "formats": formats, "wall_seconds": round(wall, 1)}, indent=1))
-    (args.out / "bench.md").write_text(report + "\n\n" + "; ".join(key) + "\n\n" + formats + "\n")
+        {"rows": rows, "curve": curve, "peak_flops": {"fp32": peak, "bf16": peak_bf16}, "precision": precision,
+         "key": key, "formats": formats, "phases": phase_record, "wall_seconds": round(wall, 1)}, indent=1))
+    (args.out / "bench.md").write_text(report + "\n\n" + "; ".join(key) + "\n\n" + formats + "\n\n" + phases
+                                       + ("\n\n" + curve_text if curve_text else "") + "\n")
 
 
 if __name__ == "__main__":
