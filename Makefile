@@ -8,6 +8,13 @@ ARGS ?=
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist); each runs torch with one thread. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
+# CPU_ISA=avx2 runs any target as on a CPU without native bf16: oneDNN, ATen and MKL keep to AVX2,
+# so precision=auto picks fp32 there too (README, Tests). SIMFREEZE_NATIVE_BF16=0/1 forces only that answer.
+ifeq ($(CPU_ISA),avx2)
+export ONEDNN_MAX_CPU_ISA := AVX2
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_ENABLE_INSTRUCTIONS := AVX2
+endif
 
 # Point the project at a local CIFAR-10 ImageFolder when one sits beside the repository
 # (../shared/data/cifar10); otherwise torchvision downloads CIFAR-10 on first use.

@@ -23,6 +23,7 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert results["epochs"] == 2 and results["seed"] == 0
     assert results["trainable_parameters"] == results["total_parameters"] > 1_000_000
     assert results["precision"] == "32-true" and results["device"].startswith("cpu") and "no native bf16" in results["device"]
+    assert results["reproducibility"].startswith("bit-identical")
     assert results["precision_phases"] == {"similarity": None, "cache_fill": None, "training": "32-true", "fp32_convs": []}
     assert set(results["versions"]) >= {"torch", "torchvision", "lightning", "hydra"}
     events = EventAccumulator(str(run_dir / "tensorboard"))

@@ -114,6 +114,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def reproducibility(device_type: str, deterministic: bool) -> str:
+    """What a rerun with the same config and seed promises on this device (README, What a run leaves)."""
+    if device_type == "cpu":
+        return ("bit-identical: the same config and seed give the same weights and metrics on this CPU, in fp32 "
+                "and bf16 autocast, also after a resume (tests/test_reproducibility.py)")
+    if deterministic:
+        return "bit-identical on this GPU model and software stack (trainer.deterministic=true)"
+    return ("within float noise: cuDNN may pick non-deterministic kernels; set trainer.deterministic=true "
+            "for bit-identical reruns")
+
+
 def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
                 *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
                 l_freeze: int, n_layers: int | None, source: dict | None,
@@ -135,6 +146,7 @@ def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: 
         "trainable_parameters": trainable, "total_parameters": total,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
         "precision": str(trainer.precision), "precision_phases": precision_phases,
+        "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
         "weights": weights,
         # A chain's stages nest: a source's own source is under its "source" (simfreeze.stages).
