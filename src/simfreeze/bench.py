@@ -138,11 +138,26 @@ def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
     return time.perf_counter() - start, saving
 
 
+def timed_rate(step, images: int, device: torch.device, steps: int = 6, within_s: float = 20.0) -> float:
+    """Images/s of ``step`` (which handles ``images`` images): the median after one warm-up call,
+    over at most ``steps`` calls or ``within_s`` seconds (emulated bf16 can be very slow)."""
+    times, started = [], time.perf_counter()
+    for call in range(steps + 1):
+        tick = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if call:  # the first call builds kernels
+            times.append(time.perf_counter() - tick)
+        if time.perf_counter() - started > within_s and times:
+            break
+    return images / statistics.median(times)
+
+
 def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: int = 6,
                        within_s: float = 20.0) -> float:
     """Images/s of scratch training steps (the arm's model, batch and optimizer, random images)
-    under a precision and memory format: the median step after one warm-up step, over at most
-    ``steps`` steps or ``within_s`` seconds (emulated bf16 can be very slow)."""
+    under a precision and memory format (``timed_rate``)."""
     import hydra
 
     torch.manual_seed(0)
@@ -152,35 +167,14 @@ def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: in
     size, batch = cfg["data"]["image_size"] or 32, cfg["data"]["batch_size"]
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 2, (batch,), device=device)
-    times, started = [], time.perf_counter()
-    for step in range(steps + 1):
-        tick = time.perf_counter()
+
+    def step():
         with autocast(precision, device):
             loss = torch.nn.functional.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step:  # the first step builds kernels
-            times.append(time.perf_counter() - tick)
-        if time.perf_counter() - started > within_s and times:
-            break
-    return batch / statistics.median(times)
-
-
-def timed_rate(step, images: int, steps: int = 6, within_s: float = 20.0) -> float:
-    """Images/s of ``step`` (which handles ``images`` images): the median after one warm-up call,
-    over at most ``steps`` calls or ``within_s`` seconds (emulated bf16 can be very slow)."""
-    times, started = [], time.perf_counter()
-    for call in range(steps + 1):
-        tick = time.perf_counter()
-        step()
-        if call:  # the first call builds kernels
-            times.append(time.perf_counter() - tick)
-        if time.perf_counter() - started > within_s and times:
-            break
-    return images / statistics.median(times)
+    return timed_rate(step, batch, device, steps, within_s)
 
 
 PHASE_DEPTHS = {"dynamic37": 37, "static45": 45, "head_only": -1}  # frozen layers; -1: all but the head
@@ -218,9 +212,9 @@ def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
     units = sequential_units(net) or [("net", net)]
     net.train()
     optimizer = hydra.utils.instantiate(cfg["optimizer"])(net.parameters())
-    rates = {"scratch training": timed_rate(lambda: train_step(units, x, optimizer), batch, steps)}
+    rates = {"scratch training": timed_rate(lambda: train_step(units, x, optimizer), batch, device, steps)}
     net.eval()
-    rates["similarity pass"] = timed_rate(lambda: forward(units, x_eval), eval_batch, max(2, steps // 2))
+    rates["similarity pass"] = timed_rate(lambda: forward(units, x_eval), eval_batch, device, max(2, steps // 2))
     layers = layer_map(net, cfg["model"]["arch"], cfg["freeze"]["l_total"])
     for arm, depth in PHASE_DEPTHS.items():
         depth = len(layers) - 1 if depth < 0 else depth
@@ -232,12 +226,14 @@ def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
         k = frozen_prefix_length(units)
         prefix, tail = units[:k], units[k:]
         net.eval()
-        rates[f"cache fill ({arm})"] = timed_rate(lambda: forward(prefix, x_eval), eval_batch, max(2, steps // 2))
+        rates[f"cache fill ({arm})"] = timed_rate(lambda: forward(prefix, x_eval), eval_batch, device,
+                                                  max(2, steps // 2))
         features = forward(prefix, x).contiguous(memory_format=memory_format)
         for _, unit in tail:
             unit.train()
         optimizer = hydra.utils.instantiate(cfg["optimizer"])([p for p in net.parameters() if p.requires_grad])
-        rates[f"cached tail training ({arm})"] = timed_rate(lambda: train_step(tail, features, optimizer), batch, steps)
+        rates[f"cached tail training ({arm})"] = timed_rate(lambda: train_step(tail, features, optimizer),
+                                                            batch, device, steps)
     return rates
 
 
@@ -335,6 +331,7 @@ def curve_figure(curve: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for colour, arm in zip(("tab:red", "tab:blue", "tab:green", "tab:purple"),
@@ -346,11 +343,12 @@ def curve_figure(curve: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ticks = sorted({r["epochs"] for r in curve})
     ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("epochs")
     ax.set_ylabel("÷ scratch at the same epochs")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.3 * max(max(r["vs_scratch"], r["work_vs_scratch"]) for r in curve if r["arm"] != "scratch"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.set_title("Transfer arms against scratch as training grows")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
