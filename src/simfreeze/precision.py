@@ -2,9 +2,9 @@
 measurement rather than habit (README, Performance).
 
 Measured per phase (``make bench``): on a CPU with native bf16 instructions (AVX512-BF16 / AMX),
-bf16 autocast runs scratch training 1.5×, the similarity pass 1.7×, the cache fill 1.7× and the
+bf16 autocast runs scratch training 1.5×, the similarity pass 1.8×, the cache fill 1.8× and the
 cached tail's training 1.3× faster than fp32, so every phase runs bf16 there (the similarity pass
-and the fill take the trainer's autocast); on a CPU without them (AVX2) oneDNN emulates bf16 15–30×
+and the fill take the trainer's autocast); on a CPU without them (AVX2) oneDNN emulates bf16 5–30×
 slower, so every phase runs fp32. On CUDA, bf16-mixed where the GPU supports it (Ampere and newer),
 else 16-mixed.
 """
@@ -58,7 +58,6 @@ def default_precision(device: str) -> str:
 def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     """``auto`` → the measured default of the device type; anything else is passed through."""
     return default_precision(device_type(accelerator)) if precision == "auto" else precision
-
 
 
 # oneDNN (torch 2.14.1, CPU) computes the bf16 weight gradient of a convolution whose stride
