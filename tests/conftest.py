@@ -1,39 +1,21 @@
-"""Shared fixtures: a small synthetic ImageFolder made in a temporary directory, and the real data."""
+"""Shared fixtures: small synthetic ImageFolders made in temporary directories, and the real data
+(helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import write_png
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, make_image_folder
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one thread each, also for the runs a test starts
     # (torch's default of one thread per core, twice over, made the lane slower than one worker).
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-
-
-def make_image_folder(root: Path, classes: dict[str, int], size: int = 16, test_per_class: int = 0) -> Path:
-    """``root/train/<class>/*.png`` (+ ``root/test/...``): each class a different mean colour plus
-    noise, so a small network can tell them apart in one epoch."""
-    generator = torch.Generator().manual_seed(0)
-    for stage, counts in (("train", classes), ("test", {c: test_per_class for c in classes})):
-        for c, (name, count) in enumerate(counts.items()):
-            folder = root / stage / name
-            folder.mkdir(parents=True, exist_ok=True)
-            colour = torch.tensor([(c * 97) % 256, (c * 53 + 80) % 256, (c * 181 + 40) % 256])
-            for i in range(count):
-                noise = torch.randint(-40, 41, (3, size, size), generator=generator)
-                image = (colour.view(3, 1, 1) + noise).clamp(0, 255).to(torch.uint8)
-                write_png(image, str(folder / f"{name}_{i:04d}.png"))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +39,6 @@ def cifar10_root() -> Path:
     if os.environ.get("CI"):
         pytest.fail("CI must provide the real CIFAR-10 folder (CIFAR10_ROOT or ../shared/data/cifar10)")
     pytest.skip("real CIFAR-10 folder not found (set CIFAR10_ROOT)")
-
-
-def run_train(*overrides: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m train <overrides>`` in a fresh process, from ``cwd`` (not the repository)."""
-    full_env = {**os.environ, **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "train", *overrides], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"python -m train failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,13 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from simfreeze import bench, precision
-from simfreeze.config import ConfigError
-from simfreeze.freeze import freeze_leading
-from simfreeze.layers import layer_map
-from simfreeze.prefix import frozen_prefix_length, sequential_units
+from simfreeze import bench
+from simfreeze.speed import precision
+from simfreeze.errors import ConfigError
+from simfreeze.method.freeze import freeze_leading
+from simfreeze.networks.layers import layer_map
+from simfreeze.networks.units import sequential_units
+from simfreeze.speed.prefix import frozen_prefix_length
 
 
 def planned_resnet18(n_frozen: int):

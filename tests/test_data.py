@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from simfreeze.data import (
-    DataConfigError, ImageFolderSource, TaskDataModule, balanced_split, class_permutation, open_source,
-    prepare_batch, task_labels,
-)
+from simfreeze.data.datamodule import TaskDataModule
+from simfreeze.data.images import ImageFolderSource, open_source, prepare_batch
+from simfreeze.data.splits import balanced_split, class_permutation, task_labels
+from simfreeze.errors import DataConfigError
+from tests.helpers import make_image_folder
 
 
 def test_split_is_balanced_stratified_and_disjoint():
@@ -97,7 +98,6 @@ def test_missing_root_and_unknown_class_are_clear_errors(image_folder, tmp_path)
 
 
 def test_corrupt_image_is_named(tmp_path):
-    from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path, {"a": 4, "b": 4})
     bad = root / "train" / "a" / "a_0001.png"
@@ -121,7 +121,6 @@ def test_prepare_batch_normalises_resizes_and_flips():
 
 
 def test_a_group_class_draws_its_images_evenly_from_its_members(tmp_path):
-    from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path, {"ant": 20, "bee": 20, "cow": 20, "elk": 20}, test_per_class=4)
     dm = TaskDataModule(root=str(root), classes=["ant", "bee", "noise"], groups={"noise": ["cow", "elk"]},

@@ -1,3 +1,4 @@
+import json
 import math
 
 import lightning as L
@@ -5,10 +6,12 @@ import pytest
 import torch
 import torchvision
 
-from simfreeze.config import ConfigError
-from simfreeze.freeze import FreezeCallback, freeze_leading, frozen_depth, linear_depth, plan_rows
-from simfreeze.layers import layer_map
-from simfreeze.model import Classifier
+from simfreeze.errors import ConfigError
+from simfreeze.method.freeze import freeze_leading, plan_rows
+from simfreeze.method.plan import FreezeSpec, linear_depth
+from simfreeze.networks.layers import layer_map
+from simfreeze.runs.transfer import TransferSetup
+from tests.helpers import sgd_classifier
 
 
 def test_paper_formula():
@@ -31,7 +34,7 @@ def test_paper_formula():
     ("threshold", 0.8, {"low": 0.5, "high": 0.8}, 40),
 ])
 def test_policies(policy, score, kwargs, expected):
-    assert frozen_depth(policy, 50, 40, score, **kwargs) == expected
+    assert FreezeSpec(policy, **kwargs).l_freeze(50, 40, score) == expected
 
 
 @pytest.mark.parametrize("policy, kwargs, message", [
@@ -42,7 +45,31 @@ def test_policies(policy, score, kwargs, expected):
 ])
 def test_bad_plans_are_refused(policy, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        frozen_depth(policy, 50, 40, 0.5, **kwargs)
+        FreezeSpec(policy, **kwargs).l_freeze(50, 40, 0.5)
+
+
+@pytest.mark.parametrize("freeze, policy, k", [
+    ({"policy": "none", "l_freeze": 30}, "static", 30),
+    ({"policy": "none", "l_freeze": "dynamic"}, "linear", 45),
+    ({"policy": "none", "depth": 30}, "static", 30),              # the deprecated name still works
+    ({"policy": "head_only", "l_freeze": None}, "head_only", 45),
+])
+def test_the_l_freeze_shorthand_becomes_a_policy(freeze, policy, k):
+    spec = FreezeSpec.from_config(freeze)
+    assert (spec.policy, spec.k) == (policy, k)
+
+
+def test_the_shorthand_refuses_what_is_not_a_depth():
+    with pytest.raises(ConfigError, match="freeze.l_freeze=deep must be a number of frozen layers or 'dynamic'"):
+        FreezeSpec.from_config({"l_freeze": "deep"})
+    with pytest.raises(ConfigError, match="disagree"):
+        FreezeSpec.from_config({"l_freeze": 30, "depth": 35})
+
+
+def test_a_plan_reaches_only_the_depths_its_policy_can_give():
+    assert FreezeSpec("static", k=37).reachable(50, 40) == [37]
+    assert FreezeSpec("linear").reachable(50, 40) == list(range(41))
+    assert FreezeSpec("threshold", fallback="head_only").reachable(50, 40) == [*range(41), 49]
 
 
 def test_freeze_leading_sets_requires_grad_and_holds_bn_in_eval():
@@ -64,9 +91,8 @@ def test_short_fit_leaves_frozen_weights_and_buffers_bit_identical(tmp_path):
     net = torchvision.models.resnet18(num_classes=2)
     layers = layer_map(net, "resnet18")
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    freezer = FreezeCallback(layers, "static", k=7, out_dir=tmp_path)
-    module = Classifier(net, 2, optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9,
-                                                                         weight_decay=0.1))
+    freezer = TransferSetup(None, FreezeSpec("static", k=7), layers, out_dir=tmp_path)
+    module = sgd_classifier(net, lr=0.1, weight_decay=0.1)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=False,
@@ -86,4 +112,5 @@ def test_short_fit_leaves_frozen_weights_and_buffers_bit_identical(tmp_path):
     assert all(p.grad is None for m in frozen for p in net.get_submodule(m).parameters())
     held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert held == {id(p) for p in net.parameters() if p.requires_grad}
-    assert (tmp_path / "plan.json").is_file() and freezer.record()["first_trainable"] == layers.names[7]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["l_freeze"] == freezer.record()["l_freeze"] == 7 and plan["first_trainable"] == layers.names[7]

@@ -1,8 +1,8 @@
 import pytest
 import torchvision
 
-from simfreeze.config import ConfigError
-from simfreeze.layers import layer_map
+from simfreeze.errors import ConfigError
+from simfreeze.networks.layers import layer_map
 
 
 def owned_modules(net, layers):

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from simfreeze.model import (
-    Classifier, WeightsError, build_network, classifier_head_name, count_parameters, read_state_dict,
-)
+from simfreeze.errors import WeightsError
+from simfreeze.networks.build import build_network, classifier_head_name, count_parameters, read_state_dict
+from tests.helpers import sgd_classifier
 
 
 @pytest.mark.parametrize("arch, head", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
@@ -63,7 +63,7 @@ def test_optimizer_gets_trainable_parameters_only():
     net, _ = build_network("resnet18", num_classes=2)
     for p in net.layer1.parameters():
         p.requires_grad_(False)
-    module = Classifier(net, 2)
+    module = sgd_classifier(net)
     optimizer = module.configure_optimizers()
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in net.parameters() if p.requires_grad}
@@ -72,13 +72,13 @@ def test_optimizer_gets_trainable_parameters_only():
     assert trainable < total
 
 
-def test_seed_004s_small_cnn_has_the_shapes_and_parameters_of_its_table_1():
-    from simfreeze.layers import layer_map
-    from simfreeze.prefix import run_units, sequential_units
+def test_the_staged_alexnet_papers_small_cnn_has_the_shapes_and_parameters_of_its_table_1():
+    from simfreeze.networks.layers import layer_map
+    from simfreeze.networks.units import run_units, sequential_units
 
     net, record = build_network("small_cnn", num_classes=3)
     x = torch.randn(2, 3, 52, 52)
-    assert net.features(x).shape == (2, 128, 7, 7) and net.avgpool(net.features(x)).shape == (2, 128, 3, 3)
+    assert net.features(x).shape == (2, 128, 7, 7) and net.pool(net.features(x)).shape == (2, 128, 3, 3)
     # Table 1's parameter counts (its BatchNorm rows also count the two running statistics)
     convs_and_dense = [1216, 4640, 18496, 73856, 590336, 262656, 1539]
     layers = layer_map(net, "small_cnn")
@@ -90,7 +90,7 @@ def test_seed_004s_small_cnn_has_the_shapes_and_parameters_of_its_table_1():
         build_network("small_cnn", 3, weights="IMAGENET1K_V1")
 
 
-def test_a_normal_head_init_is_seed_003s_new_last_layer(tmp_path):
+def test_a_normal_head_init_is_khotsyanovskys_new_last_layer(tmp_path):
     source, _ = build_network("resnet18", num_classes=10)
     torch.save(source.state_dict(), tmp_path / "source.pt")
     net, _ = build_network("resnet18", 2, weights=str(tmp_path / "source.pt"), head_init="normal")

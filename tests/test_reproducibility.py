@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train
-from simfreeze.precision import native_cpu_bf16
-from tests.conftest import REPO
+from simfreeze.speed.precision import native_cpu_bf16
+from tests.helpers import REPO
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=2",
         "data.classes=[ant,bee]", "data.batch_size=8", "progress=lines", "trainer.accelerator=cpu"]
@@ -49,7 +49,7 @@ def test_same_seed_same_metrics_and_weights_other_seed_other_weights(image_folde
 
 @PRECISIONS
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_folder, tmp_path, monkeypatch, precision):
-    from simfreeze.report import FitClock
+    from simfreeze.runs.results import FitClock
 
     transfer = ["arm=static45", "freeze.k=9", "+source.task.positive=ant", "data.positive=bee", "trainer.max_epochs=3",
                 f"source.cache_dir={tmp_path / 'sources'}",  # a frozen prefix: the cache and the plan are restored too

@@ -3,7 +3,7 @@ import math
 import torch
 import torchvision
 
-from simfreeze.similarity import SimilarityCallback, centroid, cosine, cosine_matrix, pooled_features
+from simfreeze.method.similarity import SimilarityTask, centroid, cosine, cosine_matrix, measure_similarity, pooled_features
 
 
 def test_cosine_and_matrix():
@@ -31,17 +31,33 @@ def test_pooled_features_are_the_head_input_and_leave_the_model_unchanged():
         assert torch.allclose(net.fc(features), net(x), atol=1e-5)
 
 
-def test_callback_scores_source_against_target_classes(tmp_path):
+def test_measure_scores_source_against_target_classes():
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=2)
     images = {"cat": torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8),
               "dog": torch.randint(0, 255, (7, 3, 16, 16), dtype=torch.uint8)}
-    callback = SimilarityCallback(images.__getitem__, lambda x: x.float() / 255, ["cat"], ["dog"], "fc",
-                                  matrix=True, out_dir=tmp_path)
-    result = callback.compute(net, torch.device("cpu"))
+    task = SimilarityTask(images.__getitem__, lambda x: x.float() / 255, ["cat"], ["dog"], "fc", matrix=True,
+                          batch_size=4)
+    measured = measure_similarity(task, net, torch.device("cpu"))
+    result = measured.record
     expected = cosine(pooled_features(net, "fc", [images["cat"].float() / 255]).mean(0),
                       pooled_features(net, "fc", [images["dog"].float() / 255]).mean(0))
     assert math.isclose(result["S"], expected, rel_tol=1e-9)
     assert result["images_per_class"] == {"cat": 5, "dog": 7} and result["dimension"] == 512
     assert result["matrix"]["classes"] == ["cat", "dog"]
     assert math.isclose(result["matrix"]["cosine"][0][1], expected, rel_tol=1e-5)
+    assert measured.score == result["S"] and measured.captured == {}
+
+
+def test_measure_keeps_the_outputs_asked_for_within_the_budget():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    images = {"cat": torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8),
+              "dog": torch.randint(0, 255, (3, 3, 16, 16), dtype=torch.uint8)}
+    task = SimilarityTask(images.__getitem__, lambda x: x.float() / 255, ["cat"], ["dog"], "fc", batch_size=2)
+    kept = measure_similarity(task, net, torch.device("cpu"), keep={4: net.maxpool}, keep_budget_bytes=1e9).captured
+    with torch.no_grad():
+        stem = net.maxpool(net.relu(net.bn1(net.conv1(images["cat"].float() / 255))))
+    assert torch.equal(kept["cat"][4], stem) and kept["dog"][4].shape[0] == 3
+    # over the budget: nothing is kept (the cache then runs the prefix itself)
+    assert measure_similarity(task, net, torch.device("cpu"), keep={4: net.maxpool}, keep_budget_bytes=10).captured == {}

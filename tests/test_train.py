@@ -4,7 +4,7 @@ import json
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import run_train
+from tests.helpers import run_train
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "data.val_fraction=0.25", "data.batch_size=16",
         "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "progress=lines"]

@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train
-from simfreeze.config import ConfigError, validate_config
-from simfreeze.preflight import RunDirInUse, claim_run_dir
-from tests.conftest import REPO, run_train
+from simfreeze.config import validate_config
+from simfreeze.errors import ConfigError, RunDirInUse
+from simfreeze.runs.preflight import claim_run_dir
+from tests.helpers import REPO, run_train
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=1",
         "data.classes=[ant,bee]"]
@@ -72,7 +73,8 @@ def test_a_download_that_fails_offline_says_how_to_provide_the_data(tmp_path, mo
     def offline(self):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
-    from simfreeze.data import DataConfigError, open_source
+    from simfreeze.data.images import open_source
+    from simfreeze.errors import DataConfigError
 
     with pytest.raises(DataConfigError, match="CIFAR-10 is not available .* Point data.root .* CIFAR10_ROOT"):
         open_source("cifar10", None, True, str(tmp_path))

@@ -1,3 +1,1 @@
-"""simfreeze: similarity-driven layer freezing for transfer learning."""
-
-__version__ = "0.1.0"
+"""simfreeze: similarity-driven layer freezing for transfer learning (README, "How the code is laid out")."""

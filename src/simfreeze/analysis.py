@@ -14,21 +14,33 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from simfreeze.data import TaskDataModule
-from simfreeze.freeze import frozen_depth
-from simfreeze.layers import layer_map
-from simfreeze.model import build_network
+from simfreeze.data.datamodule import TaskDataModule
+from simfreeze.method.plan import FreezeSpec
+from simfreeze.method.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
+from simfreeze.networks.build import build_network
+from simfreeze.networks.layers import layer_map
 from simfreeze.plots import centroid_map, freeze_curve, similarity_heatmap
-from simfreeze.precision import device_type
-from simfreeze.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
+from simfreeze.runs.results import finish
+from simfreeze.runs.sources import TrainFn, source_weights
+from simfreeze.speed.precision import device_type
 
 FIGURES = {"similarity_matrix": "similarity_matrix.png", "centroids_pca": "centroids_pca.png",
            "freeze_vs_similarity": "freeze_vs_similarity.png"}
+
+
+def run(cfg: dict, run_dir: Path, overrides: list[str], train_source: TrainFn) -> dict[str, Any]:
+    """The analysis as a run: its embedder is ``similarity.embedder``, or the source model (a source
+    task, trained once with ``train_source`` and cached, or ``source.weights``)."""
+    embedder = cfg["similarity"]["embedder"]
+    weights = source_weights(cfg, train_source)[0] if embedder == "source" else embedder
+    results = analyze(cfg, run_dir, weights, str(weights if embedder == "source" else embedder))
+    return finish(run_dir, {**results, "overrides": list(overrides)}, analysis_line)
 
 
 def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -> dict[str, Any]:
@@ -36,7 +48,7 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
     run_dir.mkdir(parents=True, exist_ok=True)
     datamodule = TaskDataModule(**cfg["data"])
     datamodule.setup("fit")
-    arch, freeze = cfg["model"]["arch"], cfg["freeze"]
+    arch, spec = cfg["model"]["arch"], FreezeSpec.from_config(cfg["freeze"])
     net, record = build_network(arch, datamodule.num_classes, weights, **cfg["model"]["kwargs"])
     device = torch.device("cuda" if device_type(cfg["trainer"]["accelerator"]) == "cuda" else "cpu")
     net.to(device)
@@ -51,11 +63,10 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
     matrix = cosine_matrix(centroids)
     spread = pair_spread(matrix, names)
     coords, explained = pca_2d(centroids)
-    layers = layer_map(net, arch, freeze["l_total"])
+    layers = layer_map(net, arch, spec.l_total)
 
     def depth(policy: str, score: float) -> int:
-        return frozen_depth(policy, len(layers), layers.l_total, score, freeze["k"], freeze["low"], freeze["high"],
-                            freeze["fallback"])
+        return replace(spec, policy=policy).l_freeze(len(layers), layers.l_total, score)
 
     marks = {f"{names[i]}–{names[j]}": float(matrix[i, j]) for i in range(len(names)) for j in range(i + 1, len(names))}
     result = {
@@ -64,7 +75,7 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
         "cosine": [[round(float(v), 6) for v in row] for row in matrix], "spread": spread,
         "pca": {"coords": [[round(float(v), 6) for v in row] for row in coords], "explained": explained},
         "l_total": layers.l_total, "n_layers": len(layers),
-        "thresholds": {"low": freeze["low"], "high": freeze["high"], "fallback": freeze["fallback"]},
+        "thresholds": {"low": spec.low, "high": spec.high, "fallback": spec.fallback},
         "pairs": {pair: {"S": round(s, 6), "linear": depth("linear", s), "threshold": depth("threshold", s)}
                   for pair, s in marks.items()},
     }
@@ -75,7 +86,7 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
         writer.writerows([name, *row] for name, row in zip(names, result["cosine"]))
     figures = {"similarity_matrix": similarity_heatmap(result["cosine"], names),
                "centroids_pca": centroid_map(coords, names, explained),
-               "freeze_vs_similarity": freeze_curve(depth, layers.l_total, freeze["low"], freeze["high"], marks)}
+               "freeze_vs_similarity": freeze_curve(depth, layers.l_total, spec.low, spec.high, marks)}
     for key, figure in figures.items():
         figure.savefig(run_dir / FIGURES[key], dpi=120, bbox_inches="tight")
     log_figures(run_dir / "tensorboard", figures, spread)

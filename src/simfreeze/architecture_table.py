@@ -28,7 +28,7 @@ def architecture_markdown(runs: list[dict[str, Any]]) -> str:
     """Two tables (best val acc; fit seconds), mean ± std over seeds, and the dynamic arm's depth;
     "" when the runs hold fewer than two architectures."""
     # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
-    from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
+    from simfreeze.method.plan import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
 
     archs, arms, cells = architecture_cells(runs)
     if len(archs) < 2:

@@ -1,7 +1,7 @@
 """`python -m simfreeze.bench`: fit times of the arms side by side, in one process and one sitting.
 
 Runs the paper protocol (ResNet-50, 1,280 train / 320 val, 3 epochs, the default recipe) for
-scratch, dynamic transfer (the paper's 37 frozen layers), static 45 and head_only — with and
+scratch, paper37 (the paper's 37 frozen layers with its similarity pass), static 45 and head_only — with and
 without the frozen-prefix cache — plus a plain PyTorch loop doing the same scratch training, and
 reports medians over repetitions, ratios to scratch, and training FLOP/s against the measured
 matrix-multiply peak of this machine. Fit time of a transfer arm includes its similarity pass
@@ -28,13 +28,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from simfreeze.precision import device_type, native_cpu_bf16, resolve_precision
+from simfreeze.speed.precision import device_type, native_cpu_bf16, resolve_precision
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 ARMS = {  # name → overrides on top of +experiment=cat_to_dog
     "scratch": ["arm=scratch"],
-    "dynamic37": ["arm=static45", "freeze.k=37", "similarity.enabled=true"],
+    # The paper's depth for S(cat, dog) = 0.9225: a static 37 with the similarity pass, which a dynamic
+    # run that lands on 37 also runs (our cat model gives S ≈ 0.98, so arm=dynamic would freeze 39).
+    "paper37": ["arm=static45", "freeze.k=37", "similarity.enabled=true"],
     "static45": ["arm=static45"],
     "head_only": ["arm=head_only"],
 }
@@ -72,7 +74,7 @@ def bench_device(cfg: dict) -> torch.device:
 
 def scratch_network(cfg: dict, num_classes: int, channels_last: bool):
     """The arm's network from random init on the bench device, in the memory format asked for."""
-    from simfreeze.model import build_network
+    from simfreeze.networks.build import build_network
 
     net, _ = build_network(cfg["model"]["arch"], num_classes, None, **cfg["model"]["kwargs"])
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -89,7 +91,8 @@ def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
     """
     import hydra
 
-    from simfreeze.data import TaskDataModule, prepare_batch
+    from simfreeze.data.datamodule import TaskDataModule
+    from simfreeze.data.images import prepare_batch
 
     torch.manual_seed(cfg["seed"])
     dm = TaskDataModule(**cfg["data"])
@@ -177,7 +180,7 @@ def training_step_rate(cfg: dict, precision: str, channels_last: bool, steps: in
     return timed_rate(step, batch, device, steps, within_s)
 
 
-PHASE_DEPTHS = {"dynamic37": 37, "static45": 45, "head_only": -1}  # frozen layers; -1: all but the head
+PHASE_DEPTHS = {"paper37": 37, "static45": 45, "head_only": -1}  # frozen layers; -1: all but the head
 
 
 def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
@@ -186,9 +189,10 @@ def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
     and the cached tail's training steps, with the arm's batch sizes and optimizer on random images."""
     import hydra
 
-    from simfreeze.freeze import freeze_leading
-    from simfreeze.layers import layer_map
-    from simfreeze.prefix import frozen_prefix_length, run_units, sequential_units
+    from simfreeze.method.freeze import freeze_leading
+    from simfreeze.networks.layers import layer_map
+    from simfreeze.networks.units import run_units, sequential_units
+    from simfreeze.speed.prefix import frozen_prefix_length
 
     torch.manual_seed(0)
     net, device, memory_format = scratch_network(cfg, 2, cfg["model"]["channels_last"])
@@ -275,7 +279,7 @@ def fit_flops(net: torch.nn.Module, image_size: int, n_train: int, n_val: int, e
     similarity pass already computed) and once per validation image; the similarity pass is one
     full forward per embedded image.
     """
-    from simfreeze.prefix import sequential_units
+    from simfreeze.networks.units import sequential_units
 
     flops = module_flops(net, image_size)
     total = sum(flops.values())
@@ -301,9 +305,9 @@ FORMATS = [("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-
 
 def arm_flops(run: dict, cfg: dict) -> float:
     """``fit_flops`` of a finished run, from its results and similarity.json."""
-    from simfreeze.freeze import freeze_leading
-    from simfreeze.layers import layer_map
-    from simfreeze.model import build_network
+    from simfreeze.method.freeze import freeze_leading
+    from simfreeze.networks.layers import layer_map
+    from simfreeze.networks.build import build_network
 
     arch = cfg["model"]["arch"]
     net, _ = build_network(arch, 2, None, **cfg["model"]["kwargs"])
@@ -356,7 +360,9 @@ def curve_figure(curve: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import train as entry
+    from simfreeze.runs.fit import fit, resolved
+    from simfreeze.runs.progress import quiet_lightning
+    from simfreeze.runs.sources import source_weights
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=None,
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, nargs="+", default=[3],
                         help="repetitions per --epochs value (one number: the same for every value)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
-    parser.add_argument("--uncached", nargs="*", default=["dynamic37", "static45", "head_only"],
+    parser.add_argument("--uncached", nargs="*", default=["paper37", "static45", "head_only"],
                         help="arms also timed once with cache.enabled=false (at the first --epochs)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch loop")
     parser.add_argument("--no-formats", action="store_true",
@@ -373,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every arm (e.g. data.root=...)")
     args = parser.parse_args(argv)
-    entry.quiet_lightning()
+    quiet_lightning()
     logging.getLogger("lightning").setLevel(logging.WARNING)  # keep the tables readable
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -399,8 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{formats}\n\n{phases}\n", flush=True)
     # The cat source is trained once, untimed, at the experiment's epochs; every arm at every
     # --epochs value starts from that same file, so the curve varies only the arm's own training.
-    source_weights, _ = entry.resolve_source(compose_run([*common, "arm=dynamic"]))
-    from_source = ["source.task=null", f"source.weights={source_weights}", "similarity.source_classes=[cat]"]
+    weights, _ = source_weights(resolved(compose_run([*common, "arm=dynamic"])), train=fit)
+    from_source = ["source.task=null", f"source.weights={weights}", "similarity.source_classes=[cat]"]
 
     plan = [(arm, True) for arm in args.arms] + [(arm, False) for arm in args.uncached if arm in args.arms]
     times: dict[tuple[int, str], list[float]] = {}
@@ -416,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
                 label = arm if cached else f"{arm} (uncached)"
                 cfg = compose_run([*common, *ARMS[arm], *(from_source if ARMS[arm] != ["arm=scratch"] else []),
                                    f"trainer.max_epochs={epochs}", f"cache.enabled={str(cached).lower()}"])
-                run = entry.train(cfg, work / f"{label.replace(' ', '_')}-e{epochs}-{repeat}")
+                run = fit(cfg, work / f"{label.replace(' ', '_')}-e{epochs}-{repeat}")
                 times.setdefault((epochs, label), []).append(run["fit_seconds"])
                 results[epochs, label], configs[epochs, label] = run, cfg
             if first and not args.no_plain:
@@ -458,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     report = "\n".join(lines)
     by = {r["arm"]: r for r in rows}
     key = [f"{name} ÷ scratch = {by[name]['vs_scratch']} (work {by[name]['work_vs_scratch']})"
-           for name in ("dynamic37", "static45", "head_only") if name in by]
+           for name in ("paper37", "static45", "head_only") if name in by]
     if "plain PyTorch loop" in by and "scratch" in by:
         plain = by["plain PyTorch loop"]["median_s"]
         key.append(f"framework ÷ plain loop = {by['scratch']['median_s'] / plain:.3f} (both write the same checkpoints; "

@@ -1,36 +1,53 @@
-"""Checks on the composed config that run before any work: unknown keys fail with one clear line."""
+"""Checks on the composed config that run before any work: an unknown key or value fails with one
+clear line. The allowed keys are read from the YAML files in conf/ (they are the schema), not
+listed here again; the trainer's come from Lightning's ``Trainer``."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
+from pathlib import Path
 from typing import Callable, Iterable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from simfreeze.errors import ConfigError
+from simfreeze.method.plan import FreezeSpec
 
-class ConfigError(ValueError):
-    """A setting that cannot work. The message names the key, the value and what is allowed."""
-
-
-TOP_LEVEL_KEYS = {"data", "model", "optimizer", "scheduler", "trainer", "name", "seed", "ckpt_path",
-                  "test", "progress", "arm", "transfer", "source_only", "source", "similarity", "freeze", "cache"}
-SECTION_KEYS = {
-    "source": {"task", "weights", "freeze", "source", "cache_dir"},
-    "similarity": {"enabled", "embedder", "source_classes", "target_classes", "matrix", "analysis"},
-    "freeze": {"policy", "k", "low", "high", "fallback", "l_total", "depth"},
-    "cache": {"enabled", "budget_gb"},
-}
-MODEL_KEYS = {"arch", "weights", "kwargs", "head_init", "channels_last", "compile", "label_smoothing"}
-# Passed by train.py itself, so not settable from the config.
+CONF = Path(__file__).resolve().parents[2] / "conf"
+# Passed by the run itself, so not settable from the config.
 TRAINER_RESERVED = {"logger", "callbacks", "default_root_dir"}
+# Old key → its new name; the old one still works, with one warning line.
+DEPRECATED = {("freeze", "depth"): "l_freeze"}
+log = logging.getLogger("simfreeze")
+
+
+def register_resolvers() -> None:
+    """``${cuda_count:}`` (conf/hydra/launcher/local_queue.yaml): submitit hides every GPU from a job
+    unless told how many to show. Needed before Hydra composes a config that uses it."""
+    OmegaConf.register_new_resolver("cuda_count", lambda: __import__("torch").cuda.device_count(), replace=True)
+
+
+@functools.cache
+def schema() -> dict[str, frozenset[str]]:
+    """The allowed keys: top level (``""``) and per section, from conf/train.yaml and the group files."""
+    primary = OmegaConf.load(CONF / "train.yaml")
+    groups = [next(iter(entry)) for entry in primary.defaults if not isinstance(entry, str)]
+    keys = {"": frozenset(set(primary) - {"defaults", "hydra"} | set(groups))}
+    for section in ("source", "similarity", "freeze", "cache"):
+        keys[section] = frozenset(primary[section])
+    for group in ("data", "model"):  # every option of the group has the same keys
+        keys[group] = frozenset(k for path in (CONF / group).glob("*.yaml") for k in OmegaConf.load(path))
+    return keys
 
 
 def parameter_names(func: Callable) -> set[str]:
     return {name for name in inspect.signature(func).parameters if name != "self"}
 
 
-def reject_unknown(section: str, keys: Iterable[str], allowed: set[str]) -> None:
-    unknown = sorted(set(keys) - allowed)
+def reject_unknown(section: str, keys: Iterable[str], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(keys) - set(allowed))
     if unknown:
         raise ConfigError(f"unknown key {', '.join(f'{section}{k}' for k in unknown)}; "
                           f"allowed: {', '.join(sorted(allowed))}")
@@ -49,22 +66,19 @@ def lightning_precisions() -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    reject_unknown("", cfg.keys(), TOP_LEVEL_KEYS)  # before the imports: a typo fails at once
+    keys = schema()
+    reject_unknown("", cfg.keys(), keys[""])  # before the imports: a typo fails at once
     import lightning as L
 
-    from simfreeze.data import TaskDataModule
-
-    reject_unknown("data.", cfg.data.keys(), parameter_names(TaskDataModule.__init__))
-    reject_unknown("model.", cfg.model.keys(), MODEL_KEYS)
-    for section, allowed in SECTION_KEYS.items():
-        reject_unknown(f"{section}.", cfg[section].keys(), allowed)
+    for section in ("data", "model", "source", "similarity", "freeze", "cache"):
+        reject_unknown(f"{section}.", cfg[section].keys(), keys[section])
     stage, prefix = cfg.source, "source."
     while stage:  # a chain: source.source.… (each stage: task, weights, freeze, source)
-        reject_unknown(prefix, stage.keys(), SECTION_KEYS["source"])
+        reject_unknown(prefix, stage.keys(), keys["source"])
         if stage.get("task"):
-            reject_unknown(f"{prefix}task.", stage.task.keys(), parameter_names(TaskDataModule.__init__))
+            reject_unknown(f"{prefix}task.", stage.task.keys(), keys["data"])
         if stage.get("freeze"):
-            reject_unknown(f"{prefix}freeze.", stage.freeze.keys(), SECTION_KEYS["freeze"])
+            reject_unknown(f"{prefix}freeze.", stage.freeze.keys(), keys["freeze"])
         stage, prefix = stage.get("source"), f"{prefix}source."
     reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
     precisions = lightning_precisions()
@@ -72,5 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} must be one of {', '.join(precisions)}")
     if cfg.progress not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")
-
-
+    FreezeSpec.from_config(OmegaConf.to_container(cfg.freeze))  # the l_freeze shorthand
+    for (section, old), new in DEPRECATED.items():
+        if cfg[section].get(old) is not None:
+            log.warning("%s.%s is deprecated and will be removed: use %s.%s (the same values)", section, old, section, new)

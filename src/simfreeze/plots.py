@@ -6,7 +6,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from simfreeze.freeze import NEEDS_SIMILARITY
+from simfreeze.method.plan import NEEDS_SIMILARITY
 
 
 def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = None) -> Figure | None:

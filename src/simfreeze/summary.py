@@ -131,7 +131,7 @@ def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
     fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers."""
     # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
-    from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
+    from simfreeze.method.plan import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
 
     fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
     dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
@@ -219,7 +219,7 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
 def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from simfreeze.freeze import NEEDS_SIMILARITY
+    from simfreeze.method.plan import NEEDS_SIMILARITY
 
     with SummaryWriter(str(log_dir)) as writer:
         writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")

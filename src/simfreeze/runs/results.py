@@ -1,4 +1,4 @@
-"""What a run leaves behind: timings, ``results.json`` and its one-line summary."""
+"""What a run leaves behind: its clock, ``results.json`` and the one-line summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -97,7 +97,7 @@ def device_name(trainer: L.Trainer) -> str:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    from simfreeze.precision import native_cpu_bf16
+    from simfreeze.speed.precision import native_cpu_bf16
 
     bf16 = "native bf16" if native_cpu_bf16() else "no native bf16"
     return f"{device} ({cpu_name()}, {torch.get_num_threads()} threads, {bf16})"
@@ -125,46 +125,56 @@ def reproducibility(device_type: str, deterministic: bool) -> str:
             "for bit-identical reruns")
 
 
-def run_results(cfg: dict, name: str, run_dir: Path, trainer: L.Trainer, clock: FitClock, best, final, test_acc,
-                *, images: dict, trainable: int, total: int, weights: dict, similarity: float | None,
-                l_freeze: int, n_layers: int | None, source: dict | None,
-                similarity_seconds: float | None = None, prefix_cache: dict | None = None,
-                overrides: list[str] = (), precision_phases: dict | None = None) -> dict[str, Any]:
-    """Everything ``results.json`` records about one run."""
-    def metric(value):
-        return None if value is None else round(float(value), 6)
+def run_name(cfg: dict) -> str:
+    """The run's label in summaries: ``name``, or ``<arm>:<positive class or class list>``."""
+    data = cfg["data"]
+    return cfg["name"] or f"{cfg['arm']}:{data['positive'] or '-'.join(data['classes'])}"
 
-    return {
-        "status": "ok", "name": name, "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": overrides,
-        "best_val_acc": metric(best), "final_val_acc": metric(final), "test_acc": metric(test_acc),
-        **clock.summary(),
-        "epochs": trainer.current_epoch, "images": images,
-        "similarity_seconds": None if similarity_seconds is None else round(similarity_seconds, 3),
-        "transfer": cfg["transfer"], "policy": cfg["freeze"]["policy"], "depth": cfg["freeze"]["depth"],
-        "S": None if similarity is None else round(similarity, 6),
-        "l_freeze": l_freeze, "n_layers": n_layers, "prefix_cache": prefix_cache,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "seed": cfg["seed"], "split_seed": cfg["data"]["seed"],
-        "precision": str(trainer.precision), "precision_phases": precision_phases,
+
+def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, overrides: list[str] = ()) -> dict[str, Any]:
+    """Everything ``results.json`` records about one run: what the config and the trainer say, then
+    what each part of the run recorded (metrics, clock, network, transfer, source), in that order."""
+    results = {
+        "status": "ok", "name": run_name(cfg), "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": list(overrides),
+        "epochs": trainer.current_epoch, "transfer": cfg["transfer"], "policy": cfg["freeze"]["policy"],
+        "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
         "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
-        "weights": weights,
-        # A chain's stages nest: a source's own source is under its "source" (simfreeze.stages).
-        "source": None if source is None else {k: source.get(k) for k in (
-            "name", "run_dir", "best_val_acc", "test_acc", "fit_seconds", "l_freeze", "images", "cached", "source")},
-        "versions": library_versions(), "git_revision": git_revision(), "command": " ".join(sys.argv),
     }
+    for part in parts:
+        results.update(part)
+    return {**results, "versions": library_versions(), "git_revision": git_revision(), "command": " ".join(sys.argv)}
 
 
-def failed_results(cfg: dict, name: str, run_dir: Path, error: BaseException, overrides: list[str]) -> dict[str, Any]:
+def source_record(source: dict | None) -> dict:
+    """The source's results as a run records them; a chain's stages nest under ``source``."""
+    return {"source": None if source is None else {k: source.get(k) for k in (
+        "name", "run_dir", "best_val_acc", "test_acc", "fit_seconds", "l_freeze", "images", "cached", "source")}}
+
+
+def metric(value) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def failed_results(cfg: dict, run_dir: Path, error: BaseException, overrides: list[str]) -> dict[str, Any]:
     """What ``results.json`` records for a sweep job that failed: enough for the summary to list it."""
-    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "name": name, "arm": cfg.get("arm"),
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "name": run_name(cfg), "arm": cfg.get("arm"),
             "seed": cfg.get("seed"), "run_dir": str(run_dir), "overrides": overrides,
             "git_revision": git_revision(), "command": " ".join(sys.argv)}
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def finish(run_dir: Path, results: dict[str, Any], line: Callable[[dict], str] | None = None,
+           write: bool = True) -> dict[str, Any]:
+    """Write ``results.json`` and print the run's one line (``write`` False: another DDP process does)."""
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_results(run_dir / "results.json", results)
+        print((line or summary_line)(results), flush=True)
+    return results
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -1,9 +1,12 @@
-"""Progress that reads well in a log file: one line per epoch instead of a redrawn bar."""
+"""The console: progress that reads well in a log file (one line per epoch instead of a redrawn
+bar), and Lightning's messages routed through Hydra's log handlers."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
@@ -48,3 +51,16 @@ def progress_bar(style: str = "auto") -> ProgressBar:
     if style == "bar" or (style == "auto" and sys.stderr.isatty()):
         return TQDMProgressBar()
     return EpochLines()
+
+
+def quiet_lightning() -> None:
+    """Route Lightning's messages through Hydra's log handlers only (console + train.log), once."""
+    import lightning  # noqa: F401  (its import installs the handlers removed here)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Frozen BatchNorm is held in eval on purpose (simfreeze.runs.transfer).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -1,22 +1,14 @@
-"""Networks by torchvision name with a task-sized head, initial weights, and the LightningModule."""
+"""Networks by torchvision name (or our own) with a task-sized head and their initial weights."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
 import torch
-import torchmetrics
 from torch import nn
 
-from simfreeze.config import ConfigError
-from simfreeze.prefix import run_units
-
-
-class WeightsError(ConfigError):
-    """Initial weights that cannot be used; the message says which and why."""
+from simfreeze.errors import WeightsError
 
 
 def classifier_head_name(net: nn.Module) -> str:
@@ -78,13 +70,12 @@ def load_backbone(net: nn.Module, state: dict[str, torch.Tensor], head: str) -> 
 
 
 class SmallCNN(nn.Module):
-    """Seed 004's AlexNet-style CNN (its Table 1): four convolutions 16→32→64→128, the first two
+    """The staged AlexNet paper's CNN (its Table 1): four convolutions 16→32→64→128, the first two
     with BatchNorm, max pooling after the 2nd and the 4th, then dense 512 → 512 → classes.
 
     At ``data.image_size=52`` the shapes are the table's (48² → 24² → 22² → 11² → 9² → 7² → 3²,
-    1,152 features). The last pooling is adaptive to 3×3 so other input sizes work too. Built like
-    torchvision's AlexNet (``features`` / ``avgpool`` / ``classifier``): the layer map and the
-    frozen-prefix cache treat it the same way.
+    1,152 features). The last pooling is adaptive to 3×3 so other input sizes work too.
+    ``units()`` gives its forward as a chain (the frozen-prefix cache runs it unit by unit).
     """
 
     def __init__(self, num_classes: int = 10):
@@ -95,22 +86,26 @@ class SmallCNN(nn.Module):
             nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
             nn.Conv2d(64, 128, 3), nn.ReLU(inplace=True),
         )
-        self.avgpool = nn.AdaptiveMaxPool2d(3)  # the name torchvision's AlexNet gives this slot
+        self.pool = nn.AdaptiveMaxPool2d(3)
         self.classifier = nn.Sequential(
             nn.Flatten(1), nn.Linear(128 * 3 * 3, 512), nn.ReLU(inplace=True),
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.avgpool(self.features(x)))
+        return self.classifier(self.pool(self.features(x)))
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        return [*((f"features.{i}", m) for i, m in enumerate(self.features)), ("pool", self.pool),
+                *((f"classifier.{i}", m) for i, m in enumerate(self.classifier))]
 
 
-# Architectures of the seed papers that torchvision does not have, by ``model.arch`` name.
+# Architectures of the papers that torchvision does not have, by ``model.arch`` name.
 OWN_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
 
 
 def init_head(net: nn.Module, head: str, how: str | None) -> None:
-    """``normal``: the head's weights from N(0, 0.01²) and zero bias (seed 003's new last layer);
+    """``normal``: the head's weights from N(0, 0.01²) and zero bias (Khotsyanovsky's new last layer);
     None keeps the architecture's own initialisation."""
     if how is None:
         return
@@ -180,82 +175,3 @@ def count_parameters(net: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(net.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-class Classifier(L.LightningModule):
-    """Cross-entropy training of ``net`` with accuracy metrics; optimizer over trainable params only."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        num_classes: int,
-        optimizer: Callable[..., torch.optim.Optimizer] = partial(torch.optim.SGD, lr=0.05, momentum=0.9),
-        scheduler: Callable[..., Any] | None = None,
-        scheduler_interval: str = "step",
-        label_smoothing: float = 0.0,
-        channels_last: bool = False,
-    ):
-        super().__init__()
-        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        self.channels_last = channels_last
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.scheduler_interval = scheduler_interval
-        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro")
-        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
-        # Set when batches are cached prefix outputs: the net's remaining units, run in order.
-        # A plain list, so the modules stay registered once (under net) in the state dict.
-        self.suffix: list[tuple[str, nn.Module]] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x) if self.suffix is None else run_units(self.suffix, x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def _evaluate(self, batch, stage: str, metric):
-        x, y = batch
-        logits = self(x)
-        metric(logits, y)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)  # mean over DDP processes
-        self.log(f"{stage}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val", self.val_acc)
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test", self.test_acc)
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler_kwargs = {}
-        if _wants_total_steps(self.scheduler_factory):
-            # OneCycleLR divides by its phase lengths: tiny runs (< 10 steps) get a stretched schedule.
-            scheduler_kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
-        scheduler = self.scheduler_factory(optimizer, **scheduler_kwargs)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
-
-
-def _wants_total_steps(factory) -> bool:
-    """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
-    import inspect
-
-    func = getattr(factory, "func", factory)
-    keywords = getattr(factory, "keywords", {})
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return "total_steps" in params and keywords.get("total_steps") is None

@@ -22,13 +22,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from simfreeze.config import ConfigError, validate_config
+from simfreeze.config import validate_config
+from simfreeze.errors import ConfigError, RunDirInUse
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-class RunDirInUse(ConfigError):
-    """The run directory holds another run's outputs."""
 
 
 def used_run_dir(run_dir: Path) -> str | None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger("simfreeze")
 
 
 def wants_one_gpu(devices, accelerator: str, multirun: bool, n_cuda: int) -> bool:
@@ -44,3 +47,19 @@ def claim_gpu(lock_dir: Path, n_gpus: int, first: int = 0, poll_seconds: float =
                 handle.close()
             return
         time.sleep(poll_seconds)
+
+
+@contextlib.contextmanager
+def job_devices(trainer: dict, sweep_dir: Path, job: int, multirun: bool):
+    """Pin a sweep job that asked for ``devices=auto`` to one GPU of its own (edits ``trainer``, the
+    run config's trainer section, for the duration)."""
+    import torch
+
+    n_cuda = torch.cuda.device_count()
+    if not wants_one_gpu(trainer["devices"], trainer["accelerator"], multirun, n_cuda):
+        yield
+        return
+    with claim_gpu(sweep_dir / ".gpu-locks", n_cuda, first=job) as index:
+        log.info("job %s runs on cuda:%d", job, index)
+        trainer.update(devices=[index], accelerator="gpu")
+        yield

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from simfreeze.config import ConfigError
+from simfreeze.errors import ConfigError
 
 # Families with a layer map; the value says how L_total is chosen for them.
 SUPPORTED_FAMILIES = {

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from simfreeze.config import ConfigError
+from simfreeze.errors import ConfigError
 
 
 def native_cpu_bf16() -> bool:

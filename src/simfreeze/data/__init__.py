@@ -1,0 +1,1 @@
+"""Tasks and data: splits (pure) → images → the datamodule."""

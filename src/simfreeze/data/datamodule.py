@@ -1,0 +1,173 @@
+"""The LightningDataModule of a task: its split's images decoded once into uint8 tensors in memory,
+served as whole batches and prepared on the device (or, with a frozen-prefix cache, the cached
+prefix outputs in their place)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from simfreeze.data.images import (CIFAR10_MEAN, CIFAR10_STD, ImageFolderSource, ImageSource, TensorBatches,
+                                   keep_batch, open_source, pick_views, prepare_batch)
+from simfreeze.data.splits import Split, balanced_split, group_quotas, task_labels
+from simfreeze.errors import DataConfigError
+
+
+class TaskDataModule(L.LightningDataModule):
+    """A balanced task over named classes, held in memory as uint8 tensors.
+
+    The defaults are conf/data/cifar10.yaml's (tests/test_config.py holds them equal).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        root: str | None = None,
+        download: bool = True,
+        download_dir: str = "~/.cache/simfreeze/cifar10",
+        classes: Sequence[str] = ("cat", "dog"),
+        positive: str | None = None,
+        groups: dict[str, Sequence[str]] | None = None,
+        per_class: int = 800,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = 64,
+        image_size: int | None = 64,
+        flip: bool = True,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        use_test: bool = True,
+    ):
+        super().__init__()
+        self.classes = list(classes)
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise DataConfigError(f"data.classes={self.classes} must name at least two distinct classes")
+        self.labels = task_labels(self.classes, positive)
+        self.num_classes = len(set(self.labels.values()))
+        # A class made of other classes (seed 004's "noise"): its images come from its members.
+        self.groups = {name: list(members) for name, members in (groups or {}).items()}
+        unused = [name for name in self.groups if name not in self.classes]
+        if unused or any(not members for members in self.groups.values()):
+            raise DataConfigError(f"data.groups={self.groups}: every group must be one of data.classes "
+                                  f"{self.classes} and name at least one member class")
+        self.members = {name: self.groups.get(name, [name]) for name in self.classes}
+        real = [member for members in self.members.values() for member in members]
+        if len(set(real)) != len(real):
+            raise DataConfigError(f"data.groups={self.groups}: a member class is also a class or in two groups")
+        self.label_of = {member: self.labels[name] for name, members in self.members.items() for member in members}
+        self.dataset, self.root, self.download, self.download_dir = dataset, root, download, download_dir
+        self.positive, self.per_class, self.val_fraction, self.seed = positive, per_class, val_fraction, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.image_size, self.flip, self.use_test = image_size, flip, use_test
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.source: ImageSource | None = None
+        self.split: Split | None = None
+        self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.features: dict[str, torch.Tensor] = {}  # cached prefix outputs (N, views, ...) per stage
+
+    # -- building
+    def plan_split(self) -> Split:
+        """Open the data and choose the split's images, without decoding any."""
+        if self.split is None:
+            self.source = open_source(self.dataset, self.root, self.download, self.download_dir)
+            unknown = [c for c in self.label_of if c not in self.source.classes]
+            if unknown:
+                key = "data.classes" if not self.groups else "data.classes / data.groups"
+                raise DataConfigError(f"{key}: unknown class {unknown}; the data has {self.source.classes}")
+            sizes = {name: self.source.class_size(name) for name in self.label_of}
+            self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed,
+                                        group_quotas(self.groups, self.per_class))
+        return self.split
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors:
+            return
+        self.plan_split()
+        for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
+            self.tensors[stage_name] = self._load(chosen, "train")
+        if self.use_test and self.source.has_test:
+            everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.label_of}
+            # A group takes as many test images in all as one of its members has.
+            quotas = group_quotas(self.groups, max(map(len, everything.values())))
+            everything = {name: indices[:quotas.get(name, len(indices))] for name, indices in everything.items()}
+            if any(everything.values()):
+                self.tensors["test"] = self._load(everything, "test")
+
+    def _load(self, chosen: dict[str, list[int]], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for name, indices in chosen.items():
+            if not indices:
+                continue
+            images.append(self.source.load(name, indices, stage))
+            labels.append(torch.full((len(indices),), self.label_of[name], dtype=torch.long))
+        return torch.cat(images), torch.cat(labels)
+
+    def class_images(self, name: str) -> torch.Tensor:
+        """The training images of one class (or of every member of a group; uint8), in split order."""
+        self.setup()
+        if name in self.groups:
+            return torch.cat([self.class_images(member) for member in self.groups[name]])
+        start = 0
+        for other, indices in self.split.train.items():
+            if other == name:
+                return self.tensors["train"][0][start:start + len(indices)]
+            start += len(indices)
+        raise DataConfigError(f"class '{name}' is not in this task's classes {self.classes}")
+
+    def prepare(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """A uint8 batch as the network sees it (random flips only when ``flip``)."""
+        return prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size,
+                             flip=flip)
+
+    def split_record(self) -> dict:
+        """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
+        record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
+                  "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
+                  **self.split.to_json()}
+        if isinstance(self.source, ImageFolderSource):
+            record["files"] = {stage: {name: [str(self.source.files(name)[i].relative_to(self.source.root))
+                                              for i in idx] for name, idx in chosen.items()}
+                               for stage, chosen in self.split.to_json().items()}
+        return record
+
+    def save_split(self, path: Path) -> None:
+        path.write_text(json.dumps(self.split_record(), indent=1))
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {stage: len(labels) for stage, (_, labels) in self.tensors.items()}
+
+    # -- loaders
+    def use_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Serve cached prefix outputs instead of images from now on (see simfreeze.prefix)."""
+        self.features = features
+
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        images, labels = self.tensors[stage]
+        images = self.features.get(stage, images)
+        return DataLoader(TensorBatches(images, labels), shuffle=shuffle, collate_fn=keep_batch,
+                          batch_size=self.batch_size if stage == "train" else self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.tensors:
+            return []
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        if self.features:
+            return pick_views(images, training and self.flip), labels
+        return self.prepare(images, flip=self.flip and training), labels

@@ -1,0 +1,185 @@
+"""Images: where they are read from (ImageFolder or torchvision's CIFAR-10) and how a uint8 batch
+becomes the network's input on the device (resize, flips, normalisation)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from simfreeze.errors import DataConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Per-channel statistics of the CIFAR-10 training set (0-1 scale).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class ImageSource:
+    """Items of named classes, listed by the source; ``load`` decodes some of them to uint8 NCHW."""
+
+    classes: list[str]
+    has_test: bool
+
+    def class_size(self, name: str, stage: str = "train") -> int:
+        raise NotImplementedError
+
+    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ImageFolderSource(ImageSource):
+    """``root/train/<class>/*.jpg`` (+ optional ``root/test/<class>/...``), or ``root/<class>/...``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.stage_dirs = {"train": root / "train" if (root / "train").is_dir() else root}
+        if (root / "test").is_dir():
+            self.stage_dirs["test"] = root / "test"
+        self.has_test = "test" in self.stage_dirs
+        self.classes = sorted(p.name for p in self.stage_dirs["train"].iterdir() if p.is_dir())
+        self._files: dict[tuple[str, str], list[Path]] = {}
+
+    def files(self, name: str, stage: str = "train") -> list[Path]:
+        key = (stage, name)
+        if key not in self._files:
+            folder = self.stage_dirs[stage] / name
+            self._files[key] = sorted(
+                Path(e.path) for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES)
+            ) if folder.is_dir() else []
+        return self._files[key]
+
+    def class_size(self, name: str, stage: str = "train") -> int:
+        return len(self.files(name, stage))
+
+    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image
+
+        files = self.files(name, stage)
+        images = []
+        for i in indices:
+            try:
+                images.append(decode_image(str(files[i]), mode=ImageReadMode.RGB))
+            except (RuntimeError, OSError) as err:
+                raise DataConfigError(f"cannot decode image {files[i]}: {err}") from err
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) > 1:
+            # Mixed sizes: bring every image to the first one's size so they stack.
+            size = images[0].shape[-2:]
+            images = [F.interpolate(img[None].float(), size=size, mode="bilinear",
+                                    antialias=True).round().clamp(0, 255).byte()[0]
+                      if img.shape[-2:] != size else img for img in images]
+        return torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+
+
+class TorchvisionCIFAR10Source(ImageSource):
+    """torchvision's CIFAR-10 (python pickles under ``root``; downloaded when allowed)."""
+
+    def __init__(self, root: Path, download: bool):
+        from torchvision.datasets import CIFAR10
+
+        try:
+            self.sets = {stage: CIFAR10(str(root), train=(stage == "train"), download=download)
+                         for stage in ("train", "test")}
+        except (RuntimeError, OSError) as err:  # missing files, or no network for the download
+            raise DataConfigError(
+                f"CIFAR-10 is not available under {root} ({err}). Point data.root (or the "
+                f"CIFAR10_ROOT environment variable) at an ImageFolder root or a folder holding "
+                f"cifar-10-batches-py, or allow data.download=true on a machine with internet."
+            ) from err
+        self.classes = list(self.sets["train"].classes)
+        self.has_test = True
+        self._by_class = {}
+        for stage, ds in self.sets.items():
+            targets = torch.as_tensor(ds.targets)
+            for c, name in enumerate(self.classes):
+                self._by_class[(stage, name)] = torch.nonzero(targets == c).flatten()
+
+    def class_size(self, name: str, stage: str = "train") -> int:
+        return len(self._by_class[(stage, name)])
+
+    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+        rows = self._by_class[(stage, name)][list(indices)]
+        return torch.from_numpy(self.sets[stage].data[rows.numpy()]).permute(0, 3, 1, 2).contiguous()
+
+
+def open_source(dataset: str, root: str | None, download: bool, download_dir: str) -> ImageSource:
+    """Detect the layout of ``root`` (ImageFolder or CIFAR-10 pickles), or fetch CIFAR-10."""
+    if root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise DataConfigError(
+                f"data.root='{root}' does not exist. Give an ImageFolder root (train/<class>/...), "
+                f"set CIFAR10_ROOT, or leave data.root empty with data.download=true"
+            )
+        if (path / "cifar-10-batches-py").is_dir():
+            return TorchvisionCIFAR10Source(path, download=False)
+        source = ImageFolderSource(path)
+        if not source.classes:
+            raise DataConfigError(
+                f"data.root='{root}' holds neither train/<class>/ image folders, <class>/ folders, "
+                f"nor cifar-10-batches-py"
+            )
+        return source
+    if dataset != "cifar10":
+        raise DataConfigError(f"data.dataset='{dataset}' needs data.root (an ImageFolder root)")
+    if not download:
+        raise DataConfigError(
+            "no CIFAR-10 data: set data.root=/path (or the CIFAR10_ROOT environment variable) "
+            "to an ImageFolder root, or allow data.download=true"
+        )
+    return TorchvisionCIFAR10Source(Path(download_dir).expanduser(), download=True)
+
+
+class TensorBatches(torch.utils.data.Dataset):
+    """Whole-batch indexing of in-memory tensors: one fancy index per batch, no per-sample work."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch):
+    return batch
+
+
+def prepare_batch(
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    image_size: int | None = None,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """uint8 NCHW → normalised float NCHW (the default dtype): optional resize and random
+    horizontal flips per batch."""
+    x = images.to(torch.get_default_dtype()).div_(255)
+    if image_size and x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    if flip:
+        mask = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def pick_views(features: torch.Tensor, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch of cached prefix outputs (B, views, ...) → (B, ...).
+
+    View 1 holds the outputs for the flipped image; training takes it for a random half of the
+    batch, drawing the same random numbers as ``prepare_batch`` so both paths flip the same images.
+    """
+    if features.shape[1] == 1 or not training:
+        return features[:, 0]
+    mask = torch.rand(features.shape[0], generator=generator) < 0.5
+    mask = mask.to(features.device).view(-1, *([1] * (features.dim() - 2)))
+    return torch.where(mask, features[:, 1], features[:, 0])

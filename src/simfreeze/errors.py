@@ -1,0 +1,23 @@
+"""The errors a user can fix: each message names the key, the value and what is allowed.
+
+They sit at the bottom of the package so that every layer can raise them; ``python -m train``
+prints any of them as one ``error:`` line (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The message names the key, the value and what is allowed."""
+
+
+class DataConfigError(ConfigError):
+    """A task or data setting that cannot work (classes, split sizes, data root, unreadable images)."""
+
+
+class WeightsError(ConfigError):
+    """Initial weights that cannot be used; the message says which and why."""
+
+
+class RunDirInUse(ConfigError):
+    """The run directory holds another run's outputs."""

@@ -1,0 +1,144 @@
+"""Everything one fit needs, built before any image is decoded, so a bad key or value fails first:
+the datamodule, the network with its initial weights, the module, the transfer set-up and the
+trainer with its callbacks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from simfreeze.data.datamodule import TaskDataModule
+from simfreeze.errors import ConfigError
+from simfreeze.method.plan import FreezeSpec
+from simfreeze.method.similarity import SimilarityTask
+from simfreeze.networks.build import build_network
+from simfreeze.networks.layers import family, layer_map
+from simfreeze.runs.module import Classifier
+from simfreeze.runs.preflight import claim_run_dir
+from simfreeze.runs.progress import progress_bar
+from simfreeze.runs.results import FitClock
+from simfreeze.runs.resume import RandomStateCallback
+from simfreeze.runs.sources import TrainFn, check_no_leakage, source_config, source_weights
+from simfreeze.runs.transfer import TransferSetup
+from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
+
+log = logging.getLogger("simfreeze")
+
+
+@dataclass
+class Run:
+    datamodule: TaskDataModule
+    module: Classifier
+    trainer: L.Trainer
+    transfer: TransferSetup
+    clock: FitClock
+    best: ModelCheckpoint
+    logger: TensorBoardLogger
+    network: dict          # what build_network loaded (arch, weights, head, dropped head keys)
+    source: dict | None    # the source stage's results, for a transfer from a source task
+    fp32_convs: list[str]  # convolutions kept in fp32 under bf16 (simfreeze.speed.precision)
+
+
+def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
+    """``cfg``: a resolved run config (``precision`` no longer ``auto``). ``train_source(cfg, dir)``
+    trains a source stage that is not cached yet."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    datamodule = TaskDataModule(**cfg["data"])
+    spec = FreezeSpec.from_config(cfg["freeze"])
+    arch = cfg["model"]["arch"]
+    # Names only (layers, head) from a throw-away network: checked before any source is trained.
+    probe, probe_record = build_network(arch, datamodule.num_classes, head_init=cfg["model"]["head_init"])
+    layers = None
+    if spec.policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
+        layers = layer_map(probe, arch, spec.l_total)
+        spec.check(len(layers))
+    similarity = None
+    if spec.needs_similarity or cfg["similarity"]["enabled"]:
+        similarity = similarity_task(cfg, datamodule, probe_record["head"])
+    source = None
+    if cfg["transfer"]:
+        check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
+        weights, source = source_weights(cfg, train_source)
+    else:
+        weights = cfg["model"]["weights"]
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
+    weights_key = "source.weights" if cfg["transfer"] and not cfg["source"]["task"] else "model.weights"
+    net, network = build_network(arch, datamodule.num_classes, weights, key=weights_key,
+                                 head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
+    if network["dropped_head_keys"]:
+        log.info("initial weights %s: dropped head keys %s", weights, network["dropped_head_keys"])
+    module = Classifier(net, datamodule.num_classes, optimizer=hydra.utils.instantiate(cfg["optimizer"]),
+                        scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
+                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"])
+    cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
+    transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
+    clock = FitClock()
+    # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
+                           save_weights_only=True)
+    # Written at every epoch end (save_last alone writes last.ckpt only when another checkpoint is
+    # saved in that step, so a killed run would have nothing to resume from).
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, enable_version_counter=False)
+    logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
+    trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
+                        callbacks=[clock, transfer, best, last, RandomStateCallback(), progress_bar(cfg["progress"])])
+
+    datamodule.setup("fit")  # the last check: class sizes, unreadable images
+    if trainer.is_global_zero:  # with DDP every process builds this; one writes the files
+        claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
+        datamodule.save_split(run_dir / "split.json")
+    log.info("task %s: %s", datamodule.labels, datamodule.sizes)
+    fp32_convs = []
+    if str(cfg["trainer"]["precision"]).startswith("bf16") and device_type(cfg["trainer"]["accelerator"]) == "cpu":
+        fp32_convs = bf16_unsafe_convs(net, datamodule.prepare(datamodule.tensors["train"][0][:1]))
+        run_in_fp32(net, fp32_convs)  # oneDNN's bf16 weight gradient is wrong for these (simfreeze.speed.precision)
+        if fp32_convs:
+            log.info("bf16: %d convolution(s) whose stride exceeds their input run in fp32: %s",
+                     len(fp32_convs), ", ".join(fp32_convs))
+    if cfg["model"]["compile"]:
+        net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
+    return Run(datamodule, module, trainer, transfer, clock, best, logger, network, source, fp32_convs)
+
+
+def similarity_task(cfg: dict, target: TaskDataModule, head: str) -> SimilarityTask:
+    """What S compares for this run: the source's classes (``similarity.source_classes``, or the
+    source task's positive class or classes) against the target's."""
+    spec = cfg["similarity"]
+    source_task = cfg["source"]["task"]
+    if spec["source_classes"]:
+        source_classes = list(spec["source_classes"])
+    elif source_task:
+        source_data = source_config(cfg)["data"]
+        source_classes = [source_data["positive"]] if source_data["positive"] else list(source_data["classes"])
+    else:
+        raise ConfigError("similarity.source_classes is needed when the source is not a task "
+                          "(e.g. similarity.source_classes=[cat])")
+    target_classes = list(spec["target_classes"] or ([target.positive] if target.positive else target.classes))
+    if any(name not in target.classes for name in target_classes):
+        raise ConfigError(f"similarity.target_classes={target_classes} must be among data.classes {target.classes}")
+
+    extra = None  # images of source classes the target task does not hold come from the source task
+    if any(name not in target.classes for name in source_classes):
+        if not source_task:
+            raise ConfigError(f"similarity.source_classes={source_classes} are not all in data.classes "
+                              f"{target.classes}, and there is no source task to take their images from")
+        extra = TaskDataModule(**source_config(cfg)["data"])
+
+    def class_images(name: str):
+        return (target if name in target.classes else extra).class_images(name)
+
+    embedder, embedder_name = None, spec["embedder"]
+    if embedder_name != "source":
+        embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, key="similarity.embedder",
+                                    **cfg["model"]["kwargs"])
+    return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
+                          embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size)

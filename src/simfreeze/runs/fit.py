@@ -1,0 +1,70 @@
+"""The programs a run can be: a fit (build → fit → test → results), and the source arm (train or
+reuse the source task, report it). ``python -m train`` chooses one; the benchmark calls ``fit``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from simfreeze.networks.build import count_parameters
+from simfreeze.runs.build import Run, build_run
+from simfreeze.runs.results import finish, metric, run_results, source_record
+from simfreeze.runs.sources import source_weights
+from simfreeze.speed.precision import resolve_precision
+
+
+def resolved(cfg: dict) -> dict:
+    """The config as it runs: ``trainer.precision=auto`` → this device type's measured default
+    (``simfreeze.speed.precision``), recorded as such in the results and the source cache key."""
+    trainer = cfg["trainer"]
+    return {**cfg, "trainer": {**trainer, "precision": resolve_precision(trainer["precision"], trainer["accelerator"])}}
+
+
+def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Train one run into ``run_dir``; write ``results.json`` and print its line. Returns the results."""
+    cfg = resolved(cfg)
+    run = build_run(cfg, run_dir, train_source=fit)
+    trainer = run.trainer
+    # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg["ckpt_path"], weights_only=True)
+    final = trainer.callback_metrics.get("val/acc")  # read before testing replaces the metrics
+    test_acc = None
+    if cfg["test"] and "test" in run.datamodule.tensors:
+        ckpt = "best" if run.best.best_model_path else None
+        test_acc = trainer.test(run.module, datamodule=run.datamodule, ckpt_path=ckpt, verbose=False,
+                                weights_only=True)[0]["test/acc"]
+    trainable, total = count_parameters(run.module.net)
+    results = run_results(
+        cfg, run_dir, trainer,
+        {"best_val_acc": metric(run.best.best_model_score), "final_val_acc": metric(final), "test_acc": metric(test_acc)},
+        run.clock.summary(), {"images": run.datamodule.sizes}, run.transfer.record(),
+        {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
+        {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
+    log_hparams(run, cfg, results)
+    return finish(run_dir, results, write=trainer.is_global_zero)
+
+
+def precision_phases(run: Run) -> dict:
+    """The precision each phase of the fit ran in (None: the phase did not run)."""
+    ran = str(run.trainer.precision)
+    cache = run.transfer.cache_record or {}
+    return {"similarity": ran if run.transfer.similarity else None, "cache_fill": ran if cache.get("used") else None,
+            "training": ran, "fp32_convs": run.fp32_convs}
+
+
+def log_hparams(run: Run, cfg: dict, results: dict) -> None:
+    """TensorBoard's hparams with the final metrics (fit wrote an hparams.yaml before S was known)."""
+    run.logger.log_hyperparams(
+        {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"] if results["S"] is not None else -1.0,
+         "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
+        {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
+    (Path(run.logger.log_dir) / "hparams.yaml").unlink(missing_ok=True)
+    run.logger.save()
+
+
+def report_source(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The source arm: train the source task (or reuse it from the cache) and report it as a run."""
+    _, source = source_weights(resolved(cfg), train=fit)
+    results = {**source, "arm": "source", "run_dir": str(run_dir), "source_dir": source["run_dir"],
+               "overrides": list(overrides)}
+    return finish(run_dir, results)

@@ -1,0 +1,88 @@
+"""The LightningModule: cross-entropy training of a network, or of the units after a cached
+frozen prefix (``suffix``), with accuracy metrics."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from simfreeze.networks.units import Unit, run_units
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy training of ``net`` with accuracy metrics; optimizer over trainable params only.
+
+    No recipe defaults here: the optimizer, schedule and the rest come from the config (conf/).
+    ``scheduler`` steps every batch (OneCycleLR).
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, *, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None, label_smoothing: float, channels_last: bool):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.channels_last = channels_last
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro")
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        # Set when batches are cached prefix outputs: the net's remaining units, run in order.
+        # A plain list, so the modules stay registered once (under net) in the state dict.
+        self.suffix: list[Unit] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x) if self.suffix is None else run_units(self.suffix, x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch, stage: str, metric):
+        x, y = batch
+        logits = self(x)
+        metric(logits, y)
+        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)  # mean over DDP processes
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler_kwargs = {}
+        if _wants_total_steps(self.scheduler_factory):
+            # OneCycleLR divides by its phase lengths: tiny runs (< 10 steps) get a stretched schedule.
+            scheduler_kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
+        scheduler = self.scheduler_factory(optimizer, **scheduler_kwargs)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _wants_total_steps(factory) -> bool:
+    """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
+    import inspect
+
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {})
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "total_steps" in params and keywords.get("total_steps") is None

@@ -1,0 +1,159 @@
+"""Source models: the chain of source stages a run transfers from, the rules of their cache key, the
+leakage check, and training each stage once.
+
+A source *task* (e.g. the paper's cat model) is trained with the target's recipe on the source
+task's data (``source_config``). A source may have a source of its own (``source.source``: a
+chain of stages, the staged AlexNet paper); it then trains from that one with ``source.freeze``,
+and so on up the chain.
+
+Each stage is trained into ``<cache_dir>/<name>-<key>/``. The key hashes the stage's resolved run
+config minus the keys that cannot change its weights (``NOT_IN_KEY``). Training happens in a
+temporary directory under an exclusive file lock and is renamed into place when complete, so
+parallel jobs that need the same source train it once and never read a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from simfreeze.errors import ConfigError
+from simfreeze.runs.results import run_name
+from simfreeze.speed.precision import resolve_precision
+
+log = logging.getLogger("simfreeze")
+
+# Keys of a run config that do not change the trained weights: a source stage never computes
+# similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
+NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
+              "source_only"}
+# devices / num_nodes / strategy: a source always trains on one device (source_config).
+TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
+                      "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
+DATA_NOT_IN_KEY = {"eval_batch_size", "use_test"}
+MODEL_NOT_IN_KEY = {"compile", "channels_last"}  # how the network runs, not what it learns (up to rounding)
+
+TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, returns its results
+
+
+def source_config(cfg: dict) -> dict:
+    """The run config that trains ``cfg``'s source task: the target's recipe on the source's data."""
+    spec = cfg["source"]
+    source = copy.deepcopy(cfg)
+    if "classes" in spec["task"]:  # a task of its own classes: the target's labelling does not carry over
+        source["data"].update(positive=None, groups={})
+    source["data"].update(spec["task"])
+    inner = spec.get("source")  # the source's own source, if this stage transfers too
+    source.update(arm="source", name=None, transfer=bool(inner), source_only=False, ckpt_path=None)
+    source["freeze"].update(policy="none", l_freeze=None, depth=None)
+    if inner:
+        source["freeze"].update(spec.get("freeze") or {})
+    source["similarity"].update(enabled=False, analysis=False)
+    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, **(inner or {}),
+                        "cache_dir": spec["cache_dir"]}
+    # The precision that runs, not "auto": it is part of the cache key.
+    source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
+    # One device: a multi-device source started inside a DDP target run would relaunch the whole
+    # command, whose processes would then wait on the source's lock held by their own parent.
+    source["trainer"].update(devices=1, num_nodes=1, strategy="auto")
+    return source
+
+
+def source_chain(cfg: dict) -> list[dict]:
+    """The run configs of the source stages, nearest first (empty for a run without a source task)."""
+    chain = []
+    while cfg["source"]["task"]:
+        cfg = source_config(cfg)
+        chain.append(cfg)
+    return chain
+
+
+def source_key(run_cfg: dict[str, Any]) -> str:
+    """A short stable hash of the parts of a resolved run config that determine the weights."""
+    relevant = {k: v for k, v in run_cfg.items() if k not in NOT_IN_KEY}
+    if run_cfg.get("transfer"):  # a stage of a chain: it trains from its own source with a freeze plan
+        relevant.update(transfer=True, freeze=run_cfg["freeze"])
+    relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
+    relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in DATA_NOT_IN_KEY}
+    relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items() if k != "cache_dir"}
+    relevant["model"] = {k: v for k, v in run_cfg.get("model", {}).items() if k not in MODEL_NOT_IN_KEY}
+    if relevant["data"].get("root"):
+        relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_no_leakage(cfg: dict, target_split, plan_split: Callable[[dict], Any]) -> None:
+    """No source stage may have trained on an image the target validates on.
+
+    ``plan_split(data_cfg)`` gives a task's split without decoding images."""
+    from simfreeze.data.splits import shared_images
+
+    for stage, stage_cfg in enumerate(source_chain(cfg), 1):
+        source_data = stage_cfg["data"]
+        if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
+            continue  # different data: nothing to share
+        overlap = shared_images(plan_split(source_data), target_split)
+        if overlap:
+            counts = {name: len(idx) for name, idx in overlap.items()}
+            where = "the source task" if stage == 1 else f"source stage {stage} (source.{'source.' * (stage - 1)}task)"
+            raise ConfigError(f"{where} trains on {counts} images of the target's validation split; "
+                              f"use the same data.seed/per_class/val_fraction for both, or disjoint classes")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_source(cache_dir: Path, name: str, run_cfg: dict[str, Any], train: TrainFn) -> tuple[Path, dict, bool]:
+    """The directory of the trained source (``checkpoints/last.ckpt``, ``results.json``), its
+    results, and whether this call trained it. ``train(run_cfg, run_dir)`` trains into ``run_dir``."""
+    key = source_key(run_cfg)
+    final = cache_dir / f"{name}-{key}"
+    done = final / "results.json"
+    if done.is_file():
+        return final, json.loads(done.read_text()), False
+    with exclusive_lock(cache_dir / f".{name}-{key}.lock"):
+        if done.is_file():  # another job finished it while we waited
+            return final, json.loads(done.read_text()), False
+        staging = cache_dir / f".{name}-{key}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / "source_config.json").write_text(json.dumps(run_cfg, indent=1, default=str))
+        results = train(run_cfg, staging)
+        results["run_dir"] = str(final)
+        (staging / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        os.replace(staging, final)  # atomic: readers see no directory or a complete one
+    return final, results, True
+
+
+def source_weights(cfg: dict, train: TrainFn) -> tuple[str, dict | None]:
+    """Initial weights of a transfer run (a checkpoint file or a torchvision enum name) and, for a
+    source task, the source's results (trained now with ``train``, or reused from the cache)."""
+    if cfg["source"]["task"]:
+        stage_cfg = source_config(cfg)
+        directory, results, trained = cached_source(
+            Path(cfg["source"]["cache_dir"]), run_name(stage_cfg).replace(":", "-"), stage_cfg, train)
+        log.info("source %s %s: %s", results["name"], "trained" if trained else "reused from cache", directory)
+        # The last checkpoint, not the best one: the best is chosen on val images, which may be
+        # the target's val images too (the paper's shared cat/dog split).
+        return str(directory / "checkpoints" / "last.ckpt"), {**results, "cached": not trained}
+    if cfg["source"]["weights"]:
+        return cfg["source"]["weights"], None
+    raise ConfigError("a transfer run needs source.task (e.g. +source.task.positive=cat) or source.weights "
+                      "(e.g. source.weights=IMAGENET1K_V2)")
