@@ -50,7 +50,7 @@ class TaskDataModule(L.LightningDataModule):
             raise DataConfigError(f"data.classes={self.classes} must name at least two distinct classes")
         self.labels = task_labels(self.classes, positive)
         self.num_classes = len(set(self.labels.values()))
-        # A class made of other classes (seed 004's "noise"): its images come from its members.
+        # A class made of other classes (the staged AlexNet paper's "noise"): its images come from its members.
         self.groups = {name: list(members) for name, members in (groups or {}).items()}
         unused = [name for name in self.groups if name not in self.classes]
         if unused or any(not members for members in self.groups.values()):
@@ -145,7 +145,7 @@ class TaskDataModule(L.LightningDataModule):
 
     # -- loaders
     def use_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Serve cached prefix outputs instead of images from now on (see simfreeze.prefix)."""
+        """Serve cached prefix outputs instead of images from now on (simfreeze.speed.prefix)."""
         self.features = features
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from simfreeze.speed.precision import native_cpu_bf16
+
 
 class FitClock(L.Callback):
     """Wall time of the fit (from setup, so including a similarity pass), of each epoch, and of the
@@ -97,8 +99,6 @@ def device_name(trainer: L.Trainer) -> str:
     device = trainer.strategy.root_device
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    from simfreeze.speed.precision import native_cpu_bf16
-
     bf16 = "native bf16" if native_cpu_bf16() else "no native bf16"
     return f"{device} ({cpu_name()}, {torch.get_num_threads()} threads, {bf16})"
 

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from simfreeze.data.splits import shared_images
 from simfreeze.errors import ConfigError
 from simfreeze.runs.results import run_name
 from simfreeze.speed.precision import resolve_precision
@@ -95,8 +96,6 @@ def check_no_leakage(cfg: dict, target_split, plan_split: Callable[[dict], Any])
     """No source stage may have trained on an image the target validates on.
 
     ``plan_split(data_cfg)`` gives a task's split without decoding images."""
-    from simfreeze.data.splits import shared_images
-
     for stage, stage_cfg in enumerate(source_chain(cfg), 1):
         source_data = stage_cfg["data"]
         if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
