@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from simfreeze.cost import cost_markdown, cost_table, layers_trained
-from simfreeze.plots import similarity_heatmap
+from simfreeze.reports.cost import cost_markdown, cost_table, layers_trained
+from simfreeze.reports.plots import similarity_heatmap
 from simfreeze.similarity import cosine_matrix, pair_spread, pca_2d
 from tests.conftest import run_train
 

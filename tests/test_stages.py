@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from simfreeze.stages import chain_of, last_stage_speedup, stage_rows, stages_markdown
+from simfreeze.reports.stages import chain_of, last_stage_speedup, stage_rows, stages_markdown
 from tests.conftest import make_image_folder, run_train
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -23,7 +23,7 @@ from simfreeze.data import TaskDataModule
 from simfreeze.freeze import frozen_depth
 from simfreeze.layers import layer_map
 from simfreeze.model import build_network
-from simfreeze.plots import centroid_map, freeze_curve, similarity_heatmap
+from simfreeze.reports.plots import centroid_map, freeze_curve, similarity_heatmap
 from simfreeze.precision import device_type
 from simfreeze.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
 

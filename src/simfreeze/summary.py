@@ -11,11 +11,11 @@ directory:
 - ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
 - ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step;
 - ``report.md``: the document to read (command, S and the plans, the results with their figures);
-- ``cost_model.{csv,png}``: seed 001's cost model beside measured times (``simfreeze.cost``), when the
+- ``cost_model.{csv,png}``: seed 001's cost model beside measured times (``simfreeze.reports.cost``), when the
   sweep has a scratch arm and transfer arms.
 - in ``summary.md`` and ``report.md`` also, where they apply: each stage of a chain of transfers and
-  the last stage against scratch (``simfreeze.stages``, seed 004), and architecture × arm tables
-  (``simfreeze.architecture_table``, seed 003).
+  the last stage against scratch (``simfreeze.reports.stages``, seed 004), and architecture × arm tables
+  (``simfreeze.reports.architectures``, seed 003).
 
 A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
 is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
@@ -34,6 +34,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+from simfreeze.reports.depth import depth_verdict, verdict_text
+from simfreeze.reports.stats import architecture_of, mean_std, plus_minus, setting_keys, setting_of
 
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -59,37 +62,6 @@ def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
         run.setdefault("status", "ok")
         runs.append(run)
     return sorted(runs, key=lambda r: (int(r["job"]) if r["job"].isdigit() else r["job"]))
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    key, _, value = text.partition("=")
-    return key.lstrip("+~"), value
-
-
-def setting_keys(runs: list[dict[str, Any]]) -> list[str]:
-    """The override keys whose values differ between jobs, in first-seen order (``seed`` aside)."""
-    present = [dict(parse_override(o) for o in run["overrides"]) for run in runs if run.get("overrides")]
-    keys = list(dict.fromkeys(key for overrides in present for key in overrides))
-    values = {key: {overrides.get(key) for overrides in present} for key in keys}
-    return [key for key, seen in values.items() if len(seen) > 1 and key != "seed"]
-
-
-def setting_of(run: dict[str, Any], keys: list[str]) -> str:
-    present = dict(parse_override(o) for o in run.get("overrides") or [])
-    return " ".join(f"{key}={present[key]}" for key in keys if key in present) or \
-        f"{run.get('arm', '?')} {run.get('name', '')}".strip()
-
-
-def architecture_of(run: dict[str, Any]) -> str | None:
-    weights = run.get("weights")
-    return weights.get("arch") if isinstance(weights, dict) else None
-
-
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> list[dict[str, Any]]:
@@ -125,62 +97,6 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
             "time_vs_scratch": fit[0] / reference[0] if fit and reference and reference[0] else None,
         })
     return rows
-
-
-def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
-    fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers."""
-    # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
-    from simfreeze.freeze import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
-
-    fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
-    dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
-    if len(fixed) < 2:
-        return None
-    best = max(fixed, key=lambda r: r["best_val_acc"][0])
-    means = [r["best_val_acc"][0] for r in fixed]
-    return {
-        "best_setting": best["setting"], "best_depth": best["depth"], "best_acc": best["best_val_acc"],
-        # how much the fixed depths differ against how much seeds move one depth: the noise floor
-        "fixed_range": (min(means), max(means)), "largest_std": max(r["best_val_acc"][1] for r in fixed + dynamic),
-        "seeds": min(r["n"] for r in fixed + dynamic),
-        "dynamic": [{"setting": r["setting"], "depth": r["depth"], "l_freeze": r["l_freeze"], "acc": r["best_val_acc"],
-                     "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
-                     "layers_from_best": None if r["depth"] is None else round(r["depth"] - best["depth"], 1)}
-                    for r in dynamic],
-    }
-
-
-def verdict_text(verdict: dict[str, Any] | None) -> str:
-    if verdict is None:
-        return ""
-    mean, std = verdict["best_acc"]
-    lines = [f"Best fixed depth: **{verdict['best_depth']:g}** frozen layers ({verdict['best_setting']}), "
-             f"best val acc {mean:.3f} ± {std:.3f}."]
-    for d in verdict["dynamic"]:
-        gap = d["points_below_best"]
-        where = "above" if gap < 0 else "below"
-        layers = d["layers_from_best"]
-        offset = ("at the best depth" if layers == 0 else
-                  f"{abs(layers):g} {'deeper' if layers > 0 else 'shallower'} than the best depth")
-        lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
-                     f"{offset}, and is **{abs(gap):.1f} points {where}** it "
-                     f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
-    low, high = verdict["fixed_range"]
-    spread = f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); "
-    if verdict["seeds"] < 2:
-        lines.append(spread + "with one seed per setting there is no estimate of seed noise (add seed=0,1,2).")
-    else:
-        lines.append(spread + f"the largest std over seeds is {verdict['largest_std']:.3f} "
-                     f"({100 * verdict['largest_std']:.1f} points): differences smaller than that are within seed noise.")
-    return "\n".join(lines)
-
-
-def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    mean, std = value
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -237,7 +153,7 @@ def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[di
 def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     """Write the summary files of a sweep directory. Returns the table, the verdict text, the failed
     jobs and the written paths (None: no jobs)."""
-    from simfreeze.plots import depth_figure
+    from simfreeze.reports.plots import depth_figure
 
     runs = read_runs(sweep_dir)
     if not runs:
@@ -245,9 +161,8 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     rows = summarise(runs)
     keys = setting_keys(runs)
     write_csvs(sweep_dir, runs, rows, keys)
-    # Imported here: both modules import this one.
-    from simfreeze.architecture_table import architecture_markdown
-    from simfreeze.stages import stages_markdown
+    from simfreeze.reports.architectures import architecture_markdown
+    from simfreeze.reports.stages import stages_markdown
 
     stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
     # Depths, the depth figure and the cost model compare layers of one architecture only.
@@ -285,8 +200,8 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Seed 001's cost model beside the sweep's measured times (needs a scratch arm and a transfer
     arm with a measured source): ``cost_model.csv``, ``cost_model.png``, and the text for the report."""
-    from simfreeze.cost import cost_markdown, sweep_costs
-    from simfreeze.plots import cost_figure
+    from simfreeze.reports.cost import cost_markdown, sweep_costs
+    from simfreeze.reports.plots import cost_figure
 
     tables, scratch_s = sweep_costs(rows)
     if not tables:
