@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from simfreeze.config import ConfigError
 from simfreeze.freeze import depth_plan
 from simfreeze.placement import claim_gpu, wants_one_gpu
-from simfreeze.summary import depth_verdict, setting_keys, summarise, write_summary
+from simfreeze.reports.depth import depth_verdict
+from simfreeze.reports.stats import setting_keys
+from simfreeze.reports.sweep import summarise, write_summary
 from tests.conftest import REPO, run_train
 from tests.test_experiment import SMALL
 

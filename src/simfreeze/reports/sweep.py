@@ -5,21 +5,22 @@ A *setting* is what the sweep varies besides ``seed`` (``arm=dynamic``, ``freeze
 callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and writes into the sweep
 directory:
 
-- ``summary.md``: the table, the depth verdict (best fixed depth, where dynamic landed), failed jobs,
-  every job's row, the command;
+- ``summary.md``: the command, the table, the depth verdict (best fixed depth, where dynamic
+  landed), failed jobs, every job's row;
+- ``report.md``: the document to read (command, S and the plans, the results with their figures,
+  the cost model); both documents are rendered from one list of sections
+  (``simfreeze.reports.documents``), and where they apply both show each stage of a chain of
+  transfers against scratch (the staged AlexNet paper) and architecture × arm tables
+  (Khotsyanovsky's comparison);
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
 - ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step;
-- ``report.md``: the document to read (command, S and the plans, the results with their figures);
-- ``cost_model.{csv,png}``: seed 001's cost model beside measured times (``simfreeze.reports.cost``), when the
+- ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
-- in ``summary.md`` and ``report.md`` also, where they apply: each stage of a chain of transfers and
-  the last stage against scratch (``simfreeze.reports.stages``, seed 004), and architecture × arm tables
-  (``simfreeze.reports.architectures``, seed 003).
 
 A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
 is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
-sweep directory by hand with ``python -m simfreeze.summary <sweep dir>``.
+sweep directory by hand with ``python -m simfreeze.reports <sweep dir>``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from simfreeze.reports.architectures import architecture_markdown
+from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import depth_verdict, verdict_text
-from simfreeze.reports.stats import architecture_of, mean_std, plus_minus, setting_keys, setting_of
-
+from simfreeze.reports.documents import render_documents, results_table, sweep_sections
+from simfreeze.reports.stages import stages_markdown
+from simfreeze.reports.stats import architecture_of, mean_std, setting_keys, setting_of
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
                "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
@@ -99,20 +103,16 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    has_test = any(r["test_acc"] for r in rows)
-    has_failed = any(r["failed"] for r in rows)
-    header = ["setting", "arm", "n", *(["failed"] if has_failed else []), "S", "L_freeze", "trainable params",
-              "best val acc", *(["test acc"] if has_test else []), "fit s", "time ÷ scratch"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [r["setting"], str(r["arm"]), str(r["n"]), *([str(r["failed"])] if has_failed else []),
-                 plus_minus(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
-                 "/".join(f"{p:,}" for p in r["trainable_parameters"]) or "–", plus_minus(r["best_val_acc"]),
-                 *([plus_minus(r["test_acc"])] if has_test else []), plus_minus(r["fit_seconds"], 1),
-                 "–" if r["time_vs_scratch"] is None else f"{r['time_vs_scratch']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def first_trained_layers(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, str | None]:
+    """Per setting, the first trained layer of its first finished job's ``plan.json`` (None: no plan)."""
+    layers: dict[str, str | None] = {}
+    for run in runs:
+        setting = setting_of(run, keys)
+        if run["status"] != "ok" or setting in layers:
+            continue
+        plan = Path(run["run_dir"]) / "plan.json"
+        layers[setting] = json.loads(plan.read_text()).get("first_trainable") if plan.is_file() else None
+    return layers
 
 
 def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -133,6 +133,7 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
 
 
 def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
+    # Imported here: torch and Lightning are slow to import, and a sweep's start need not wait for them.
     from torch.utils.tensorboard import SummaryWriter
 
     from simfreeze.freeze import NEEDS_SIMILARITY
@@ -150,112 +151,52 @@ def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[di
             writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
 
 
-def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
-    """Write the summary files of a sweep directory. Returns the table, the verdict text, the failed
-    jobs and the written paths (None: no jobs)."""
-    from simfreeze.reports.plots import depth_figure
-
-    runs = read_runs(sweep_dir)
-    if not runs:
-        return None
-    rows = summarise(runs)
-    keys = setting_keys(runs)
-    write_csvs(sweep_dir, runs, rows, keys)
-    from simfreeze.reports.architectures import architecture_markdown
-    from simfreeze.reports.stages import stages_markdown
-
-    stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
-    # Depths, the depth figure and the cost model compare layers of one architecture only.
-    one_architecture = not architectures_md
-    table, verdict = markdown_table(rows), depth_verdict(rows) if one_architecture else None
-    verdict_md = verdict_text(verdict)
-    failed = [r for r in runs if r["status"] != "ok"]
-    figure = depth_figure(rows, verdict) if one_architecture else None
-    plot = None
-    if figure is not None:
-        plot = sweep_dir / "summary.png"
-        figure.savefig(plot, dpi=120, bbox_inches="tight")
-    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
-    per_run = "\n".join(
-        f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | {r.get('l_freeze')} | "
-        f"{r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)
-    failures = "".join(f"- job {r['job']} ({setting_of(r, keys)}, seed {r.get('seed')}): {r.get('error')} — "
-                       f"`{r['run_dir']}`\n" for r in failed)
-    (sweep_dir / "summary.md").write_text(
-        f"# Sweep summary\n\n`{command}`\n\nMean ± std over seeds (sample std; 0 for one seed) of the jobs that "
-        f"finished. `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's.\n\n{table}\n\n"
-        + (f"{verdict_md}\n\n" if verdict_md else "")
-        + (f"## Stages of the chain\n\n{stages_md}\n\n" if stages_md else "")
-        + (f"## Architectures\n\n{architectures_md}\n\n" if architectures_md else "")
-        + ("![accuracy and fit time vs frozen layers](summary.png)\n\n" if plot else "")
-        + (f"## Failed jobs\n\n{failures}\n" if failed else "")
-        + f"## Runs\n\n| job | status | setting | seed | S | L_freeze | best val acc | fit s |\n"
-          f"|---|---|---|---|---|---|---|---|\n{per_run}\n")
-    cost = write_cost_model(sweep_dir, rows) if one_architecture else None
-    write_report(sweep_dir, command, runs, keys, rows, table, verdict_md, plot, cost, stages_md, architectures_md)
-    return {"table": table, "verdict": verdict_md, "failed": failed, "plot": plot, "stages": stages_md,
-            "architectures": architectures_md}
-
-
-def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Seed 001's cost model beside the sweep's measured times (needs a scratch arm and a transfer
-    arm with a measured source): ``cost_model.csv``, ``cost_model.png``, and the text for the report."""
-    from simfreeze.reports.cost import cost_markdown, sweep_costs
-    from simfreeze.reports.plots import cost_figure
+def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """The cost model of Ivanov's 45/5 paper beside the sweep's measured times (needs a scratch arm
+    and a transfer arm with a measured source): ``cost_model.csv``, ``cost_model.png``; returns its
+    markdown ("" when the sweep has no such arms)."""
+    from simfreeze.reports.plots import cost_figure  # matplotlib: only when there is a figure to draw
 
     tables, scratch_s = sweep_costs(rows)
     if not tables:
-        return None
+        return ""
     with open(sweep_dir / "cost_model.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(tables.values()))[0]])
         writer.writeheader()
         writer.writerows({"setting": setting, **row} for setting, table in tables.items() for row in table)
-    plot = sweep_dir / "cost_model.png"
-    cost_figure(tables).savefig(plot, dpi=120, bbox_inches="tight")
-    return {"text": cost_markdown(tables, scratch_s), "plot": plot}
+    cost_figure(tables).savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
+    return cost_markdown(tables, scratch_s)
 
 
-def write_report(sweep_dir: Path, command: str, runs: list[dict], keys: list[str], rows: list[dict], table: str,
-                 verdict_md: str, plot: Path | None, cost: dict | None, stages_md: str = "",
-                 architectures_md: str = "") -> None:
-    """``report.md``: what ran, S and the plan per setting, the results with their figures, the cost model."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    first = ok[0] if ok else {}
-    lines = [f"# Sweep report\n\n```bash\n{command}\n```\n",
-             f"{len(runs)} jobs ({len(ok)} finished, {len(runs) - len(ok)} failed); device {first.get('device')}, "
-             f"precision {first.get('precision')}, git {first.get('git_revision')}.\n"]
-    planned = [r for r in rows if r["S"] is not None or r["l_freeze"]]
-    if planned:
-        lines.append("## Similarity and freeze plans\n\n| setting | S (mean ± std) | L_freeze | first trained layer |\n"
-                     "|---|---|---|---|")
-        for r in planned:
-            job = next((j for j in ok if setting_of(j, keys) == r["setting"]), None)
-            plan_file = Path(job["run_dir"]) / "plan.json" if job else None
-            first_trained = (json.loads(plan_file.read_text()).get("first_trainable")
-                             if plan_file and plan_file.is_file() else None)
-            lines.append(f"| {r['setting']} | {plus_minus(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
-                         f"{first_trained or '–'} |")
-        lines.append("")
-    lines += ["## Results\n", "Mean ± std over seeds.\n", table, ""]
-    if verdict_md:
-        lines += [verdict_md, ""]
-    if plot:
-        lines += ["![accuracy and fit time vs frozen layers](summary.png)\n"]
-    if stages_md:
-        lines += ["## Stages of the chain (seed 004)\n", "Mean ± std over the chained runs (one chain per seed).\n",
-                  stages_md, ""]
-    if architectures_md:
-        lines += ["## Architectures (seed 003's tables)\n", architectures_md, ""]
-    if cost:
-        lines += ["## Cost model (seed 001)\n",
-                  "Layers trained for k target models: classic `50·k`, transfer `F + (50 − F)·k` with each arm's "
-                  "own frozen depth F (seed 001: 45), priced at t = scratch fit seconds ÷ 50; measured: "
-                  "`k · scratch` against `source + k · arm` (fit seconds, mean over seeds).\n",
-                  cost["text"], "", "![cost model](cost_model.png)\n"]
-    lines += ["## Files\n", "`summary.md`, `summary.csv` (per setting), `runs.csv` (per job)"
-              + (", `summary.png`" if plot else "") + (", `cost_model.csv`, `cost_model.png`" if cost else "")
-              + ", `tensorboard/`; every job's directory holds `results.json`, `plan.json`, `split.json`."]
-    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
+    """Write the summary files of a sweep directory. Returns the table, the verdict text, the stage
+    and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
+    from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
+
+    runs = read_runs(sweep_dir)
+    if not runs:
+        return None
+    rows, keys = summarise(runs), setting_keys(runs)
+    write_csvs(sweep_dir, runs, rows, keys)
+    stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
+    # Depths, the depth figure and the cost model compare layers of one architecture only.
+    one_architecture = not architectures_md
+    verdict = depth_verdict(rows) if one_architecture else None
+    verdict_md = verdict_text(verdict)
+    figure = depth_figure(rows, verdict) if one_architecture else None
+    plot = sweep_dir / "summary.png" if figure is not None else None
+    if figure is not None:
+        figure.savefig(plot, dpi=120, bbox_inches="tight")
+    table = results_table(rows)
+    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
+    cost_md = write_cost_model(sweep_dir, rows) if one_architecture else ""
+    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, stages=stages_md,
+                              architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
+                              plot=plot is not None, cost_model=cost_md)
+    for name, text in render_documents(sections).items():
+        (sweep_dir / name).write_text(text)
+    return {"table": table, "verdict": verdict_md, "failed": [r for r in runs if r["status"] != "ok"],
+            "plot": plot, "stages": stages_md, "architectures": architectures_md}
 
 
 def report(sweep_dir: Path, command: str) -> int:
@@ -294,14 +235,10 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simfreeze.summary", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simfreeze.reports", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
     args = parser.parse_args(argv)
     multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
     command = (sweep_command(OmegaConf.load(multirun)) if multirun.is_file()
-               else f"python -m simfreeze.summary {args.sweep_dir}")
+               else f"python -m simfreeze.reports {args.sweep_dir}")
     return report(args.sweep_dir, command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
