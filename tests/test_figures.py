@@ -1,4 +1,5 @@
-"""The paper's figures and seed 001's cost model: the maths, and the files a run writes."""
+"""The class-similarity paper's figures and the cost model of Ivanov's 45/5 paper: the maths, and the
+files a run writes."""
 
 import csv
 import json
@@ -7,10 +8,10 @@ import math
 import pytest
 import torch
 
-from simfreeze.cost import cost_markdown, cost_table, layers_trained
-from simfreeze.plots import similarity_heatmap
-from simfreeze.similarity import cosine_matrix, pair_spread, pca_2d
-from tests.conftest import run_train
+from simfreeze.reports.cost import cost_markdown, cost_table, layers_trained
+from simfreeze.reports.plots import similarity_heatmap
+from simfreeze.method.similarity import cosine_matrix, pair_spread, pca_2d
+from tests.helpers import run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +38,7 @@ def test_heatmap_annotations_are_the_matrix():
     assert shown == pytest.approx([round(float(v), 3) for v in matrix.flatten()], abs=1e-9)
 
 
-def test_seed_001_cost_model():
+def test_cost_model_of_ivanovs_45_5_paper():
     assert layers_trained(3) == (150, 60)  # the paper's example: t = 1 h, k = 3 → 150 h vs 60 h
     rows = cost_table(scratch_seconds=100.0, source_seconds=100.0, transfer_seconds=30.0, ks=range(1, 4))
     assert [r["predicted_classic_s"] for r in rows] == pytest.approx([100, 200, 300])

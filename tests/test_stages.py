@@ -1,11 +1,14 @@
-"""Chains of transfers (seed 004): `+experiment=staged` scaled down, and its stage table."""
+"""Chains of transfers (the staged AlexNet paper): `+experiment=staged` scaled down, its stage table,
+and that table as one section of both summary.md and report.md."""
 
 import json
 
 import pytest
 
-from simfreeze.stages import chain_of, last_stage_speedup, stage_rows, stages_markdown
-from tests.conftest import make_image_folder, run_train
+from simfreeze.reports.documents import REPORT_SECTIONS, SUMMARY_SECTIONS
+from simfreeze.reports.stages import chain_of, last_stage_speedup, stage_rows, stages_markdown
+from simfreeze.reports.sweep import write_summary
+from tests.helpers import make_image_folder, run_train
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -32,6 +35,37 @@ def test_stage_rows_and_the_last_stage_against_scratch():
     assert stages_markdown([{**runs[2]}]) == ""  # no chain, no stage table
 
 
+def headed_blocks(markdown):
+    """``## heading`` → the text from it to the next heading."""
+    blocks = {}
+    for block in markdown.split("\n## ")[1:]:
+        heading, _, body = block.partition("\n")
+        blocks[heading] = body.strip()
+    return blocks
+
+
+def test_summary_and_report_show_a_shared_section_with_the_same_text(tmp_path):
+    runs = [chained(0, 2.0), chained(1, 4.0),
+            {"arm": "scratch", "seed": 0, "status": "ok", "fit_seconds": 20.0, "best_val_acc": 0.8, "l_freeze": 0},
+            {"arm": "scratch", "seed": 1, "status": "ok", "fit_seconds": 16.0, "best_val_acc": 0.7, "l_freeze": 0}]
+    for job, run in enumerate(runs):  # a sweep directory as the jobs leave it, without training
+        (tmp_path / str(job)).mkdir()
+        run = {**run, "overrides": [f"arm={run['arm']}", f"seed={run['seed']}"], "run_dir": str(tmp_path / str(job)),
+               "trainable_parameters": 10, "transfer": run["arm"] != "scratch", "policy": "static", "test_acc": None}
+        (tmp_path / str(job) / "results.json").write_text(json.dumps(run))
+    write_summary(tmp_path, "python -m train +experiment=staged seed=0,1")
+    summary, report = (headed_blocks((tmp_path / name).read_text()) for name in ("summary.md", "report.md"))
+    stages = "Stages of the chain (the staged AlexNet paper)"
+    assert stages in summary and summary[stages] == report[stages]
+    assert summary[stages].startswith("Mean ± std over the chained runs (one chain per seed).")
+    assert "**6.00× faster**" in summary[stages]
+    assert summary["Results"] == report["Results"] and "| arm=staged | staged | 2 |" in summary["Results"]
+    # what each document shows besides: the jobs' rows in the summary, the files in the report
+    assert "Runs" in summary and "Runs" not in report and "Files" in report and "Files" not in summary
+    shared = set(SUMMARY_SECTIONS) & set(REPORT_SECTIONS)
+    assert shared == {"command", "results", "depth_verdict", "figure", "stages", "architectures"}
+
+
 def test_staged_experiment_trains_each_stage_once_and_reports_the_chain(tmp_path_factory, tmp_path):
     root = make_image_folder(tmp_path_factory.mktemp("cifar10_names"), {name: 12 for name in CIFAR10_CLASSES})
     sweep, sources = tmp_path / "sweep", tmp_path / "sources"
@@ -47,4 +81,6 @@ def test_staged_experiment_trains_each_stage_once_and_reports_the_chain(tmp_path
     assert len(list(sources.glob("source-*"))) == 2  # stage 1 and stage 2, cached for the next run
     summary = (sweep / "summary.md").read_text()
     assert "## Stages of the chain" in summary and "faster** (ratio of the means" in summary
-    assert "Stages of the chain" in result.stdout or "| stage |" in result.stdout
+    # stdout: the stage table and the speed-up line, without markdown's bold
+    assert "| stage | task | frozen layers | n | fit s |" in result.stdout
+    assert "× faster (ratio of the means" in result.stdout

@@ -7,18 +7,17 @@ import threading
 import joblib
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from simfreeze.config import ConfigError
-from simfreeze.freeze import depth_plan
-from simfreeze.placement import claim_gpu, wants_one_gpu
-from simfreeze.summary import depth_verdict, setting_keys, summarise, write_summary
-from tests.conftest import REPO, run_train
-from tests.test_experiment import SMALL
+from simfreeze.speed.placement import claim_gpu, wants_one_gpu
+from simfreeze.reports.depth import depth_verdict
+from simfreeze.reports.stats import setting_keys
+from simfreeze.reports.sweep import summarise, write_summary
+from tests.helpers import SMALL, compose_config, run_train
 
 
 def run(job, seed, acc, seconds, *, arm="depth", policy="static", depth=None, transfer=True, extra=(), status="ok"):
-    overrides = ["+experiment=depth_sweep", *extra, f"seed={seed}"] + ([f"freeze.depth={depth}"] if depth is not None else [])
+    overrides = ["+experiment=depth_sweep", *extra, f"seed={seed}"] + ([f"freeze.l_freeze={depth}"] if depth is not None else [])
     return {"job": str(job), "status": status, "arm": arm, "name": f"{arm}:dog", "seed": seed, "overrides": overrides,
             "transfer": transfer, "policy": policy, "l_freeze": 0 if depth in (None, "dynamic") else depth,
             "n_layers": 50, "S": 0.98 if policy == "linear" else None, "best_val_acc": acc, "test_acc": None,
@@ -39,12 +38,12 @@ def depth_runs():
 
 def test_settings_are_what_the_sweep_varies_besides_the_seed():
     runs = depth_runs()
-    assert setting_keys(runs) == ["freeze.depth"]
+    assert setting_keys(runs) == ["freeze.l_freeze"]
     rows = summarise(runs)
-    assert [r["setting"] for r in rows] == ["freeze.depth=0", "freeze.depth=45", "freeze.depth=49", "freeze.depth=dynamic"]
+    assert [r["setting"] for r in rows] == ["freeze.l_freeze=0", "freeze.l_freeze=45", "freeze.l_freeze=49", "freeze.l_freeze=dynamic"]
     assert rows[1]["n"] == 2 and rows[1]["best_val_acc"][0] == pytest.approx(0.65)
     assert rows[1]["best_val_acc"][1] == pytest.approx(0.0141421, rel=1e-4)  # sample std of 0.64, 0.66
-    assert rows[3]["l_freeze"] == [39, 40] and rows[3]["depth"] == 39.5
+    assert rows[3]["l_freeze"] == [39, 40] and rows[3]["mean_l_freeze"] == 39.5
     # a threshold sweep: two swept keys make the setting; a key given once everywhere does not
     thresholds = [run(i, s, 0.6, 10, policy="threshold", extra=[f"freeze.low={lo}", "freeze.high=0.9", "arm=threshold"])
                   for i, (lo, s) in enumerate([(0.5, 0), (0.5, 1), (0.7, 0), (0.7, 1)])]
@@ -65,24 +64,22 @@ def test_failed_and_killed_jobs_are_listed_and_not_averaged(tmp_path):
         (tmp_path / r["job"]).mkdir()
         (tmp_path / r["job"] / "results.json").write_text(json.dumps(r))
     (tmp_path / "9" / ".hydra").mkdir(parents=True)  # a job that never wrote results
-    (tmp_path / "9" / ".hydra" / "overrides.yaml").write_text("- +experiment=depth_sweep\n- seed=2\n- freeze.depth=45\n")
+    (tmp_path / "9" / ".hydra" / "overrides.yaml").write_text("- +experiment=depth_sweep\n- seed=2\n- freeze.l_freeze=45\n")
     summary = write_summary(tmp_path, "python -m train +experiment=depth_sweep")
     assert [r["job"] for r in summary["failed"]] == ["1", "9"]
     rows = {r["setting"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
-    assert rows["freeze.depth=45"]["n"] == "1" and rows["freeze.depth=45"]["failed"] == "2"
-    assert float(rows["freeze.depth=45"]["best_val_acc_mean"]) == pytest.approx(0.66)
-    text = (tmp_path / "summary.md").read_text()
+    assert rows["freeze.l_freeze=45"]["n"] == "1" and rows["freeze.l_freeze=45"]["failed"] == "2"
+    assert float(rows["freeze.l_freeze=45"]["best_val_acc_mean"]) == pytest.approx(0.66)
+    text, report = (tmp_path / "summary.md").read_text(), (tmp_path / "report.md").read_text()
     assert "RuntimeError: out of memory" in text and "## Failed jobs" in text
+    assert "Best fixed depth: **45**" in summary["verdict"] and summary["verdict"] in text and summary["verdict"] in report
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard: the fixed depths' accuracy with the depth as step; dynamic at its mean depth 39.5
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    fixed = {e.step: e.value for e in events.Scalars("depth/best_val_acc")}
+    assert fixed == pytest.approx({0: 0.61, 45: 0.66, 49: 0.61})
+    assert [(e.step, e.value) for e in events.Scalars("dynamic/best_val_acc")] == [(40, pytest.approx(0.62))]
     assert len(list(csv.DictReader(open(tmp_path / "runs.csv")))) == 9
-
-
-def test_depth_shorthand():
-    assert depth_plan(35) == {"policy": "static", "k": 35}
-    assert depth_plan("dynamic") == {"policy": "linear"}
-    with pytest.raises(ConfigError, match="freeze.depth=deep"):
-        depth_plan("deep")
 
 
 def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path):
@@ -96,16 +93,13 @@ def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path
         waiter.join(0.3)
         assert got == []  # both GPUs held: the third job waits
     waiter.join(5)
-    assert got in ([0], [1])
+    assert got == [0]  # both freed: the waiter tries GPU 0 first
 
 
 @pytest.mark.parametrize("launcher, target, gpus", [
     ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", "visible"), ("slurm", "SlurmLauncher", 1)])
 def test_launcher_configs_compose(launcher, target, gpus):
-    import train  # noqa: F401  (registers the cuda_count resolver)
-
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = compose_config([f"hydra/launcher={launcher}"], hydra=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     if gpus == "visible":  # submitit shows a local job every GPU of the machine
         assert cfg.hydra.launcher.gpus_per_node == torch.cuda.device_count()

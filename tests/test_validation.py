@@ -36,7 +36,7 @@ CASES = {
     "thresholds out of order": (["arm=threshold", *TRANSFER, "freeze.low=0.9", "freeze.high=0.8"],
                                 "freeze.low=0.9, freeze.high=0.8: need 0 ≤ low ≤ high ≤ 1"),
     "threshold above 1": (["arm=threshold", *TRANSFER, "freeze.high=1.5"], "need 0 ≤ low ≤ high ≤ 1"),
-    "unknown freeze.depth": (["arm=dynamic", *TRANSFER, "freeze.depth=deep"], "freeze.depth=deep must be a number"),
+    "bad freeze.l_freeze": (["arm=dynamic", *TRANSFER, "freeze.l_freeze=deep"], "freeze.l_freeze=deep must be a number"),
     "missing data root": (["data.root=/nonexistent/cifar"], "data.root='/nonexistent/cifar' does not exist"),
     "no data, download off": (["data.root=null", "data.download=false"], "no CIFAR-10 data: set data.root=/path"),
     "missing weights file": (["model.weights=/nonexistent/w.pt"], "model.weights='/nonexistent/w.pt': no such"),

@@ -25,7 +25,7 @@ from simfreeze.method.plan import FreezeSpec
 from simfreeze.method.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
 from simfreeze.networks.build import build_network
 from simfreeze.networks.layers import layer_map
-from simfreeze.plots import centroid_map, freeze_curve, similarity_heatmap
+from simfreeze.reports.plots import centroid_map, freeze_curve, similarity_heatmap
 from simfreeze.runs.results import finish
 from simfreeze.runs.sources import TrainFn, source_weights
 from simfreeze.speed.precision import device_type

@@ -16,19 +16,19 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
     threshold) are red stars; runs that do not transfer (scratch, the source) are dashed reference
     lines. None when no setting has a layer count (e.g. only failed jobs).
     """
-    placed = [r for r in rows if r["depth"] is not None and r["best_val_acc"]]
+    placed = [r for r in rows if r["mean_l_freeze"] is not None and r["best_val_acc"]]
     if not placed:
         return None
     figure = Figure(figsize=(10, 4), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for axis, key, label in ((panels[0], "best_val_acc", "best val accuracy"), (panels[1], "fit_seconds", "fit seconds")):
-        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY), key=lambda r: r["depth"])
+        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY), key=lambda r: r["mean_l_freeze"])
         if fixed:
-            axis.errorbar([r["depth"] for r in fixed], [r[key][0] for r in fixed], yerr=[r[key][1] for r in fixed],
+            axis.errorbar([r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed], yerr=[r[key][1] for r in fixed],
                           marker="o", capsize=3, label="fixed depth")
         for r in placed:
             if r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
-                axis.errorbar([r["depth"]], [r[key][0]], yerr=[r[key][1]], marker="*", markersize=14, color="tab:red",
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]], marker="*", markersize=14, color="tab:red",
                               capsize=3, linestyle="none", label=r["setting"])
             elif not r["transfer"]:
                 axis.axhline(r[key][0], linestyle="--", color="gray", linewidth=1)
@@ -46,7 +46,7 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
 
 
 def similarity_heatmap(matrix, names: list[str]) -> Figure:
-    """The class × class cosine matrix, every cell annotated (the paper's Fig. 1)."""
+    """The class × class cosine matrix, every cell annotated (the class-similarity paper's Fig. 1)."""
     values = [[float(v) for v in row] for row in matrix]
     off_diagonal = [v for i, row in enumerate(values) for j, v in enumerate(row) if i != j]
     figure = Figure(figsize=(1 + 0.75 * len(names), 0.75 * len(names)), layout="constrained")
@@ -65,7 +65,7 @@ def similarity_heatmap(matrix, names: list[str]) -> Figure:
 
 
 def centroid_map(coords, names: list[str], explained: list[float]) -> Figure:
-    """Class centroids on their first two principal axes, labelled (the paper's Fig. 2)."""
+    """Class centroids on their first two principal axes, labelled (the class-similarity paper's Fig. 2)."""
     figure = Figure(figsize=(6, 5), layout="constrained")
     axis = figure.subplots()
     xs, ys = [float(c[0]) for c in coords], [float(c[1]) for c in coords]
@@ -80,8 +80,8 @@ def centroid_map(coords, names: list[str], explained: list[float]) -> Figure:
 
 
 def freeze_curve(depth, l_total: int, low: float, high: float, marks: dict[str, float]) -> Figure:
-    """``L_freeze`` against S (the paper's Fig. 3): the linear rule, the threshold policy with its
-    regimes shaded, and the measured pairs' S marked. ``depth(policy, S)`` gives the depth."""
+    """``L_freeze`` against S (the class-similarity paper's Fig. 3): the linear rule, the threshold
+    policy with its regimes shaded, and the measured pairs' S marked. ``depth(policy, S)`` gives the depth."""
     grid = [i / 400 for i in range(401)]
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axis = figure.subplots()
@@ -105,8 +105,8 @@ def freeze_curve(depth, l_total: int, low: float, high: float, marks: dict[str, 
 
 
 def cost_figure(tables: dict[str, list[dict]]) -> Figure:
-    """Seed 001's cost model (dashed) against measured seconds (solid) for k = 1… target models:
-    classic (every model from scratch) and each transfer setting (one source, then k targets)."""
+    """The cost model of Ivanov's 45/5 paper (dashed) against measured seconds (solid) for k = 1…
+    target models: classic (every model from scratch) and each transfer setting (one source, then k targets)."""
     figure = Figure(figsize=(8, 5), layout="constrained")
     axis = figure.subplots()
     first = next(iter(tables.values()))
@@ -119,7 +119,7 @@ def cost_figure(tables: dict[str, list[dict]]) -> Figure:
                   label=f"{setting}: formula ({frozen} + {rows[0]['layers_transfer'] - frozen}·k) · t")
     axis.set_xlabel("target models k")
     axis.set_ylabel("seconds")
-    axis.set_title("cost of k target models (seed 001's model, dashed): all lines are linear in k")
+    axis.set_title("cost of k target models (Ivanov's 45/5 paper's model, dashed): all lines are linear in k")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     return figure

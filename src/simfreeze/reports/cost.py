@@ -1,9 +1,10 @@
-"""Seed 001's cost model beside measured times: training k target models with or without a source.
+"""The cost model of Ivanov's 45/5 paper beside measured times: training k target models with or
+without a source.
 
 The paper counts layers trained: ``N_classic = L · k`` (every model from scratch, ResNet-50: L = 50)
-and ``N_transfer = F + (L − F) · k`` (the F frozen layers trained once, in the source; seed 001:
-F = 45), and prices a layer at ``t`` = mean training time of one layer, so ``T = N · t``. Both are
-linear in k; transfer has the smaller slope. The measured counterpart: ``k · scratch seconds`` and
+and ``N_transfer = F + (L − F) · k`` (the F frozen layers trained once, in the source; its static
+45/5 baseline: F = 45), and prices a layer at ``t`` = mean training time of one layer, so
+``T = N · t``. Both are linear in k; transfer has the smaller slope. The measured counterpart: ``k · scratch seconds`` and
 ``source seconds + k · transfer seconds``.
 """
 
@@ -32,7 +33,7 @@ def cost_table(scratch_seconds: float, source_seconds: float, transfer_seconds: 
 
 
 def sweep_costs(rows: list[dict], ks: Sequence[int] = range(1, 11)) -> tuple[dict[str, list[dict]], float | None]:
-    """Cost tables for every transfer setting of a sweep summary (``simfreeze.summary.summarise``)
+    """Cost tables for every transfer setting of a sweep summary (``simfreeze.reports.sweep.summarise``)
     that has a measured source, priced with its own frozen depth F, against the scratch arm.
     Returns the tables and the scratch seconds (None: no scratch arm, no tables)."""
     scratch = [r for r in rows if r["arm"] == "scratch" and r["fit_seconds"]]
@@ -40,8 +41,8 @@ def sweep_costs(rows: list[dict], ks: Sequence[int] = range(1, 11)) -> tuple[dic
         return {}, None
     scratch_s = scratch[0]["fit_seconds"][0]
     tables = {r["setting"]: cost_table(scratch_s, r["source_seconds"][0], r["fit_seconds"][0], ks,
-                                       r["n_layers"], round(r["depth"]))
-              for r in rows if r["transfer"] and r["fit_seconds"] and r.get("source_seconds") and r["depth"] is not None
+                                       r["n_layers"], round(r["mean_l_freeze"]))
+              for r in rows if r["transfer"] and r["fit_seconds"] and r.get("source_seconds") and r["mean_l_freeze"] is not None
               and r.get("n_layers")}
     return tables, scratch_s
 

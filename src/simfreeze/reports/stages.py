@@ -1,8 +1,9 @@
-"""Chains of transfers (seed 004): each stage's time and accuracy, and the last stage against scratch.
+"""Chains of transfers (the staged AlexNet paper): each stage's time and accuracy, and the last stage
+against scratch.
 
 A run's ``results.json`` holds its source's results under ``source``, which hold that stage's own
-source, and so on: the chain is read back from there. Pure functions; the sweep summary writes
-their text (``simfreeze.summary``).
+source, and so on: the chain is read back from there. Pure functions; the sweep's documents show
+their text (``simfreeze.reports.documents``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from simfreeze.summary import mean_std, plus_minus
+from simfreeze.reports.stats import mean_std, plus_minus
 
 
 def chain_of(run: dict[str, Any]) -> list[dict[str, Any]]:

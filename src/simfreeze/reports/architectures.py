@@ -1,6 +1,7 @@
-"""Seed 003's comparison shape: one row per architecture, one column per arm (accuracy; fit seconds).
+"""Khotsyanovsky's comparison shape: one row per architecture, one column per arm (accuracy; fit
+seconds).
 
-Pure functions over the jobs' results; the sweep summary writes their text when a sweep varies
+Pure functions over the jobs' results; the sweep's documents show their text when a sweep varies
 ``model.arch`` (``+experiment=architectures``).
 """
 
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from simfreeze.summary import architecture_of, mean_std, plus_minus
+from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.stats import architecture_of, mean_std, plus_minus
 
 
 def architecture_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], list[dict]]]:
@@ -27,8 +29,6 @@ def architecture_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[str]
 def architecture_markdown(runs: list[dict[str, Any]]) -> str:
     """Two tables (best val acc; fit seconds), mean ± std over seeds, and the dynamic arm's depth;
     "" when the runs hold fewer than two architectures."""
-    # Imported here: simfreeze.freeze pulls in Lightning, which a sweep's start need not wait for.
-    from simfreeze.method.plan import NEEDS_SIMILARITY  # the policies whose depth follows S ("dynamic")
 
     archs, arms, cells = architecture_cells(runs)
     if len(archs) < 2:

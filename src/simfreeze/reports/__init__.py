@@ -1,0 +1,7 @@
+"""What a sweep leaves to read: its summary, report, tables and figures.
+
+Imports point one way, down: ``sweep`` (reading the jobs, writing the files, the Hydra callback)
+uses ``documents`` (``summary.md`` and ``report.md`` from one list of sections), which with
+``stages``, ``architectures``, ``cost``, ``plots`` and ``depth`` rests on ``stats``.
+``python -m simfreeze.reports <sweep dir>`` summarises a sweep directory again by hand.
+"""

@@ -1,0 +1,59 @@
+"""The depth oracle: the best fixed depth of a sweep, and how far each dynamic setting landed from it.
+
+Pure functions over the rows of ``simfreeze.reports.sweep.summarise``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simfreeze.method.plan import NEEDS_SIMILARITY
+
+
+def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
+    fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers.
+    None with fewer than two fixed depths to compare."""
+
+    fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
+    dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
+    if len(fixed) < 2:
+        return None
+    best = max(fixed, key=lambda r: r["best_val_acc"][0])
+    means = [r["best_val_acc"][0] for r in fixed]
+    return {
+        "best_setting": best["setting"], "best_depth": best["mean_l_freeze"], "best_acc": best["best_val_acc"],
+        # how much the fixed depths differ against how much seeds move one depth: the noise floor
+        "fixed_range": (min(means), max(means)), "largest_std": max(r["best_val_acc"][1] for r in fixed + dynamic),
+        "seeds": min(r["n"] for r in fixed + dynamic),
+        "dynamic": [{"setting": r["setting"], "mean_l_freeze": r["mean_l_freeze"], "l_freeze": r["l_freeze"], "acc": r["best_val_acc"],
+                     "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
+                     "layers_from_best": None if r["mean_l_freeze"] is None else round(r["mean_l_freeze"] - best["mean_l_freeze"], 1)}
+                    for r in dynamic],
+    }
+
+
+def verdict_text(verdict: dict[str, Any] | None) -> str:
+    """The verdict in sentences (markdown bold on the numbers that matter); "" without a verdict."""
+    if verdict is None:
+        return ""
+    mean, std = verdict["best_acc"]
+    lines = [f"Best fixed depth: **{verdict['best_depth']:g}** frozen layers ({verdict['best_setting']}), "
+             f"best val acc {mean:.3f} ± {std:.3f}."]
+    for d in verdict["dynamic"]:
+        gap = d["points_below_best"]
+        where = "above" if gap < 0 else "below"
+        layers = d["layers_from_best"]
+        offset = ("at the best depth" if layers == 0 else
+                  f"{abs(layers):g} {'deeper' if layers > 0 else 'shallower'} than the best depth")
+        lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
+                     f"{offset}, and is **{abs(gap):.1f} points {where}** it "
+                     f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
+    low, high = verdict["fixed_range"]
+    spread = f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); "
+    if verdict["seeds"] < 2:
+        lines.append(spread + "with one seed per setting there is no estimate of seed noise (add seed=0,1,2).")
+    else:
+        lines.append(spread + f"the largest std over seeds is {verdict['largest_std']:.3f} "
+                     f"({100 * verdict['largest_std']:.1f} points): differences smaller than that are within seed noise.")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""The reports' shared vocabulary: settings read from a job's overrides, and mean ± std over seeds.
+
+Pure and light (no torch, no Lightning): every other module of ``simfreeze.reports`` imports it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and sample std of the values present (std 0 for one value); None when none is."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    mean, std = value
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``key=value`` of a Hydra override, without its ``+`` / ``~`` prefix."""
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
+
+
+def setting_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between jobs, in first-seen order (``seed`` aside)."""
+    present = [dict(parse_override(o) for o in run["overrides"]) for run in runs if run.get("overrides")]
+    keys = list(dict.fromkeys(key for overrides in present for key in overrides))
+    values = {key: {overrides.get(key) for overrides in present} for key in keys}
+    return [key for key, seen in values.items() if len(seen) > 1 and key != "seed"]
+
+
+def setting_of(run: dict[str, Any], keys: list[str]) -> str:
+    """A job's setting: its values of the swept keys (its arm and name when it has no overrides)."""
+    present = dict(parse_override(o) for o in run.get("overrides") or [])
+    return " ".join(f"{key}={present[key]}" for key in keys if key in present) or \
+        f"{run.get('arm', '?')} {run.get('name', '')}".strip()
+
+
+def architecture_of(run: dict[str, Any]) -> str | None:
+    weights = run.get("weights")
+    return weights.get("arch") if isinstance(weights, dict) else None

@@ -1,0 +1,243 @@
+"""One summary per multirun: every job's ``results.json`` → mean ± std per setting over seeds.
+
+A *setting* is what the sweep varies besides ``seed`` (``arm=dynamic``, ``freeze.l_freeze=35``,
+``freeze.low=0.5 freeze.high=0.8``, …), read from each job's recorded overrides. Runs as a Hydra
+callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and writes into the sweep
+directory:
+
+- ``summary.md``: the command, the table, the depth verdict (best fixed depth, where dynamic
+  landed), failed jobs, every job's row;
+- ``report.md``: the document to read (command, S and the plans, the results with their figures,
+  the cost model); both documents are rendered from one list of sections
+  (``simfreeze.reports.documents``), and where they apply both show each stage of a chain of
+  transfers against scratch (the staged AlexNet paper) and architecture × arm tables
+  (Khotsyanovsky's comparison);
+- ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
+- ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
+- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step;
+- ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
+  sweep has a scratch arm and transfer arms.
+
+A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
+is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
+sweep directory by hand with ``python -m simfreeze.reports <sweep dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.architectures import architecture_markdown
+from simfreeze.reports.cost import cost_markdown, sweep_costs
+from simfreeze.reports.depth import depth_verdict, verdict_text
+from simfreeze.reports.documents import render_documents, results_table, sweep_sections
+from simfreeze.reports.stages import stages_markdown
+from simfreeze.reports.stats import architecture_of, mean_std, setting_keys, setting_of
+
+RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
+               "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
+               "train_images_per_second", "precision", "device", "error", "run_dir"]
+
+
+def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job's results; a job directory without ``results.json`` is a job that never finished."""
+    runs = []
+    for job_dir in sweep_dir.iterdir():
+        path = job_dir / "results.json"
+        if path.is_file():
+            run = json.loads(path.read_text())
+        elif (job_dir / ".hydra").is_dir():
+            overrides = job_dir / ".hydra" / "overrides.yaml"
+            run = {"status": "missing", "error": "no results.json: the job was killed or is still running",
+                   "run_dir": str(job_dir),
+                   "overrides": list(OmegaConf.load(overrides)) if overrides.is_file() else None}
+        else:
+            continue
+        run["job"] = job_dir.name
+        run.setdefault("status", "ok")
+        runs.append(run)
+    return sorted(runs, key=lambda r: (int(r["job"]) if r["job"].isdigit() else r["job"]))
+
+
+def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> list[dict[str, Any]]:
+    """Per setting, in first-seen order: seeds, S, L_freeze, parameters, accuracy and time over the
+    jobs that finished, and how many did not."""
+    keys = setting_keys(runs)
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(setting_of(run, keys), []).append(run)
+    # The reference is the scratch arm of the same architecture (a sweep may vary model.arch).
+    references = {}
+    for run in runs:
+        if run["status"] == "ok" and run.get("arm") == reference_arm:
+            references.setdefault(architecture_of(run), []).append(run["fit_seconds"])
+    rows = []
+    for setting, members in groups.items():
+        ok = [r for r in members if r["status"] == "ok"]
+        first = (ok or members)[0]
+        fit = mean_std([r["fit_seconds"] for r in ok])
+        reference = mean_std(references.get(architecture_of(first), []))
+        depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
+        rows.append({
+            "setting": setting, "arm": first.get("arm"), "name": first.get("name"),
+            "transfer": first.get("transfer"), "policy": first.get("policy"),
+            "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
+            "S": mean_std([r.get("S") for r in ok]),
+            "l_freeze": sorted(set(depths)), "mean_l_freeze": statistics.fmean(depths) if depths else None,
+            "trainable_parameters": sorted({r["trainable_parameters"] for r in ok}),  # differs where L_freeze does
+            "best_val_acc": mean_std([r.get("best_val_acc") for r in ok]),
+            "test_acc": mean_std([r.get("test_acc") for r in ok]),
+            "fit_seconds": fit, "n_layers": first.get("n_layers"),
+            "source_seconds": mean_std([r["source"]["fit_seconds"] for r in ok if r.get("source")]),
+            "time_vs_scratch": fit[0] / reference[0] if fit and reference and reference[0] else None,
+        })
+    return rows
+
+
+def first_trained_layers(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, str | None]:
+    """Per setting, the first trained layer of its first finished job's ``plan.json`` (None: no plan)."""
+    layers: dict[str, str | None] = {}
+    for run in runs:
+        setting = setting_of(run, keys)
+        if run["status"] != "ok" or setting in layers:
+            continue
+        plan = Path(run["run_dir"]) / "plan.json"
+        layers[setting] = json.loads(plan.read_text()).get("first_trainable") if plan.is_file() else None
+    return layers
+
+
+def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str]) -> None:
+    with open(sweep_dir / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "setting": setting_of(r, keys)} for r in runs)
+    columns = ["setting", "arm", "name", "n", "failed", "seeds", "l_freeze", "trainable_parameters"]
+    stats = ["S", "best_val_acc", "test_acc", "fit_seconds"]
+    with open(sweep_dir / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns + [f"{s}_{part}" for s in stats for part in ("mean", "std")] + ["time_vs_scratch"])
+        for r in rows:
+            cells = [r[c] if not isinstance(r[c], list) else " ".join(map(str, r[c])) for c in columns]
+            for s in stats:
+                cells += list(r[s]) if r[s] else ["", ""]
+            writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
+
+
+def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
+    # Imported here: torch is slow to import, and a sweep's start need not wait for it.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")
+        for r in rows:
+            if r["mean_l_freeze"] is None or not r["best_val_acc"] or not r["transfer"]:
+                continue
+            group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
+            step = round(r["mean_l_freeze"])
+            writer.add_scalar(f"{group}/best_val_acc", r["best_val_acc"][0], step)
+            writer.add_scalar(f"{group}/fit_seconds", r["fit_seconds"][0], step)
+        if figure is not None:
+            writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
+
+
+def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """The cost model of Ivanov's 45/5 paper beside the sweep's measured times (needs a scratch arm
+    and a transfer arm with a measured source): ``cost_model.csv``, ``cost_model.png``; returns its
+    markdown ("" when the sweep has no such arms)."""
+    from simfreeze.reports.plots import cost_figure  # matplotlib: only when there is a figure to draw
+
+    tables, scratch_s = sweep_costs(rows)
+    if not tables:
+        return ""
+    with open(sweep_dir / "cost_model.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(tables.values()))[0]])
+        writer.writeheader()
+        writer.writerows({"setting": setting, **row} for setting, table in tables.items() for row in table)
+    cost_figure(tables).savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
+    return cost_markdown(tables, scratch_s)
+
+
+def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
+    """Write the summary files of a sweep directory. Returns the table, the verdict text, the stage
+    and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
+    from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
+
+    runs = read_runs(sweep_dir)
+    if not runs:
+        return None
+    rows, keys = summarise(runs), setting_keys(runs)
+    write_csvs(sweep_dir, runs, rows, keys)
+    stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
+    # Depths, the depth figure and the cost model compare layers of one architecture only.
+    one_architecture = not architectures_md
+    verdict = depth_verdict(rows) if one_architecture else None
+    verdict_md = verdict_text(verdict)
+    figure = depth_figure(rows, verdict) if one_architecture else None
+    plot = sweep_dir / "summary.png" if figure is not None else None
+    if figure is not None:
+        figure.savefig(plot, dpi=120, bbox_inches="tight")
+    table = results_table(rows)
+    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
+    cost_md = write_cost_model(sweep_dir, rows) if one_architecture else ""
+    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, stages=stages_md,
+                              architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
+                              plot=plot is not None, cost_model=cost_md)
+    for name, text in render_documents(sections).items():
+        (sweep_dir / name).write_text(text)
+    return {"table": table, "verdict": verdict_md, "failed": [r for r in runs if r["status"] != "ok"],
+            "plot": plot, "stages": stages_md, "architectures": architectures_md}
+
+
+def report(sweep_dir: Path, command: str) -> int:
+    """Write and print the summary; the exit status the sweep should end with."""
+    summary = write_summary(sweep_dir, command)
+    if summary is None:
+        print(f"no results.json under {sweep_dir}", file=sys.stderr)
+        return 1
+    print(f"\n{summary['table']}\n", flush=True)
+    if summary["verdict"]:
+        print(summary["verdict"].replace("**", "") + "\n")
+    for section in ("stages", "architectures"):
+        if summary[section]:
+            print(summary[section].replace("**", "") + "\n")
+    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else ""), flush=True)
+    for run in summary["failed"]:
+        print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} job(s) failed; the others are summarised above", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def sweep_command(config) -> str:
+    """The command line that ran the sweep, Hydra's own overrides (launcher, sweep dir) included."""
+    hydra_overrides = [o for o in config.hydra.overrides.hydra if o != "hydra.mode=MULTIRUN"]
+    return " ".join(["python -m train", *hydra_overrides, *config.hydra.overrides.task])
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep directory when a multirun ends; exit 1 if a job failed."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        status = report(Path(config.hydra.sweep.dir), sweep_command(config))
+        if status:
+            sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simfreeze.reports", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
+    args = parser.parse_args(argv)
+    multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
+    command = (sweep_command(OmegaConf.load(multirun)) if multirun.is_file()
+               else f"python -m simfreeze.reports {args.sweep_dir}")
+    return report(args.sweep_dir, command)
