@@ -77,7 +77,7 @@ def test_bench_runs_the_arms_the_plain_loop_and_writes_its_table(image_folder_wi
     # the cost curve: every cached arm at every --epochs value, from the same source file
     assert [(r["arm"], r["epochs"]) for r in report["curve"]] == [
         ("scratch", 3), ("head_only", 3), ("scratch", 2), ("head_only", 2)]
-    assert (out / "cost_curve.png").stat().st_size > 0
+    assert (out / "cost_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rows["head_only"]["precision_phases"]["cache_fill"] == "32-true"
     small = bench.compose_run(["model.arch=resnet18", "data.image_size=32"])
     assert bench.training_step_rate(small, "32-true", channels_last=True, steps=2) > 0
