@@ -16,9 +16,9 @@ from simfreeze.networks.units import sequential_units
 from simfreeze.speed.prefix import frozen_prefix_length
 
 
-def planned_resnet18(n_frozen: int):
+def planned_resnet18(l_freeze: int):
     net = torchvision.models.resnet18(num_classes=2)
-    freeze_leading(net, layer_map(net, "resnet18"), n_frozen)
+    freeze_leading(net, layer_map(net, "resnet18"), l_freeze)
     return net
 
 
