@@ -61,3 +61,19 @@ def sgd_classifier(net: torch.nn.Module, num_classes: int = 2, **optimizer):
 
     return Classifier(net, num_classes, optimizer=partial(torch.optim.SGD, **{"lr": 0.05, "momentum": 0.9, **optimizer}),
                       scheduler=None, label_smoothing=0.0, channels_last=False)
+
+
+def write_png16(path: Path, image: torch.Tensor) -> None:
+    """A 16-bit RGB PNG of ``image`` (3, H, W, values 0-65535): torchvision writes 8-bit PNGs only."""
+    import struct
+    import zlib
+
+    _, height, width = image.shape
+    rows = image.permute(1, 2, 0).to(torch.int32).numpy().astype(">u2")
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))

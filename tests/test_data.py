@@ -146,3 +146,36 @@ def test_a_group_class_draws_its_images_evenly_from_its_members(tmp_path):
 def test_bad_groups_are_refused(groups, message):
     with pytest.raises(DataConfigError, match=message):
         TaskDataModule(classes=["ant", "noise"], groups=groups)
+
+
+def test_16_bit_pngs_are_scaled_to_the_8_bit_range(tmp_path):
+    from torchvision.io import decode_image
+
+    from tests.helpers import write_png16
+
+    root = make_image_folder(tmp_path, {"a": 4, "b": 4})
+    eight_bit = decode_image(str(root / "train" / "b" / "b_0000.png"))
+    write_png16(root / "train" / "b" / "b_0000.png", eight_bit.to(torch.int32) * 257)  # the same picture, 16 bits
+    dm = TaskDataModule(root=str(root), classes=["a", "b"], per_class=4, val_fraction=0.25)
+    dm.setup()
+    stored = dm.tensors["train"][0].dtype, dm.tensors["val"][0].dtype
+    assert stored == (torch.uint8, torch.uint8)
+    everything = torch.cat([dm.tensors["train"][0], dm.tensors["val"][0]])
+    assert any(torch.equal(image, eight_bit) for image in everything)  # not 257× too bright, not a crash
+
+
+def test_classes_whose_images_differ_in_size_load_at_one_size(tmp_path):
+    root = make_image_folder(tmp_path / "a", {"ant": 6}, size=16)
+    make_image_folder(tmp_path / "b", {"bee": 6}, size=24)
+    (tmp_path / "b" / "train" / "bee").rename(root / "train" / "bee")
+    (root / "train" / "bee" / "bee_0000.png").write_bytes((root / "train" / "ant" / "ant_0000.png").read_bytes())
+    dm = TaskDataModule(root=str(root), classes=["ant", "bee"], per_class=6, val_fraction=0.5, image_size=32)
+    dm.setup()
+    assert dm.tensors["train"][0].shape[1:] == dm.tensors["val"][0].shape[1:] == (3, 16, 16)
+    assert dm.prepare(dm.tensors["train"][0][:2]).shape == (2, 3, 32, 32)
+
+
+def test_a_folder_named_like_an_image_is_not_an_image(tmp_path):
+    root = make_image_folder(tmp_path, {"a": 4, "b": 4})
+    (root / "train" / "a" / "x.jpg").mkdir()
+    assert ImageFolderSource(root).class_size("a") == 4

@@ -70,6 +70,7 @@ class TaskDataModule(L.LightningDataModule):
         self.split: Split | None = None
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.features: dict[str, torch.Tensor] = {}  # cached prefix outputs (N, views, ...) per stage
+        self.stored_size: tuple[int, int] | None = None
 
     # -- building
     def plan_split(self) -> Split:
@@ -104,7 +105,9 @@ class TaskDataModule(L.LightningDataModule):
         for name, indices in chosen.items():
             if not indices:
                 continue
-            images.append(self.source.load(name, indices, stage))
+            # Every image of the task at one stored size: the first image's (resized on the device later).
+            images.append(self.source.load(name, indices, stage, size=self.stored_size))
+            self.stored_size = self.stored_size or tuple(images[-1].shape[-2:])
             labels.append(torch.full((len(indices),), self.label_of[name], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
 

@@ -27,7 +27,9 @@ class ImageSource:
     def class_size(self, name: str, stage: str = "train") -> int:
         raise NotImplementedError
 
-    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+    def load(self, name: str, indices: Sequence[int], stage: str = "train",
+             size: tuple[int, int] | None = None) -> torch.Tensor:
+        """uint8 NCHW images; ``size`` (H, W): the size every image is brought to (None: the first one's)."""
         raise NotImplementedError
 
 
@@ -48,31 +50,38 @@ class ImageFolderSource(ImageSource):
         if key not in self._files:
             folder = self.stage_dirs[stage] / name
             self._files[key] = sorted(
-                Path(e.path) for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES)
+                Path(e.path) for e in os.scandir(folder)
+                if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()  # a folder named x.jpg is no image
             ) if folder.is_dir() else []
         return self._files[key]
 
     def class_size(self, name: str, stage: str = "train") -> int:
         return len(self.files(name, stage))
 
-    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+    def load(self, name: str, indices: Sequence[int], stage: str = "train",
+             size: tuple[int, int] | None = None) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import to_dtype
 
         files = self.files(name, stage)
         images = []
         for i in indices:
             try:
-                images.append(decode_image(str(files[i]), mode=ImageReadMode.RGB))
+                image = decode_image(str(files[i]), mode=ImageReadMode.RGB)
             except (RuntimeError, OSError) as err:
-                raise DataConfigError(f"cannot decode image {files[i]}: {err}") from err
-        shapes = {tuple(img.shape) for img in images}
-        if len(shapes) > 1:
-            # Mixed sizes: bring every image to the first one's size so they stack.
-            size = images[0].shape[-2:]
-            images = [F.interpolate(img[None].float(), size=size, mode="bilinear",
-                                    antialias=True).round().clamp(0, 255).byte()[0]
-                      if img.shape[-2:] != size else img for img in images]
-        return torch.stack(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise DataConfigError(f"cannot decode image {files[i]}: {reason}") from err
+            # 16-bit PNGs decode to uint16: scale to uint8, the range every batch is normalised from.
+            images.append(image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True))
+        if not images:
+            return torch.empty(0, 3, *(size or (32, 32)), dtype=torch.uint8)
+        # Mixed sizes (the normal case for a user's own folder): every image to one size so they stack.
+        size = tuple(size or images[0].shape[-2:])
+        return torch.stack([image if tuple(image.shape[-2:]) == size else resize_uint8(image, size) for image in images])
+
+
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True).round().clamp(0, 255).byte()[0]
 
 
 class TorchvisionCIFAR10Source(ImageSource):
@@ -101,7 +110,8 @@ class TorchvisionCIFAR10Source(ImageSource):
     def class_size(self, name: str, stage: str = "train") -> int:
         return len(self._by_class[(stage, name)])
 
-    def load(self, name: str, indices: Sequence[int], stage: str = "train") -> torch.Tensor:
+    def load(self, name: str, indices: Sequence[int], stage: str = "train",
+             size: tuple[int, int] | None = None) -> torch.Tensor:  # every CIFAR-10 image is 32×32
         rows = self._by_class[(stage, name)][list(indices)]
         return torch.from_numpy(self.sets[stage].data[rows.numpy()]).permute(0, 3, 1, 2).contiguous()
 
