@@ -54,3 +54,11 @@ def test_real_cifar10_run(cifar10_root, tmp_path):
     split = json.loads((run_dir / "split.json").read_text())
     assert sorted(split["files"]["train"]) == ["cat", "dog"]
     assert all(f.startswith("train/cat/") for f in split["files"]["val"]["cat"])
+
+
+def test_a_diverged_run_fails_with_one_line_and_no_results(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*TINY, "data.classes=[ant,bee]", "optimizer.lr=1e9", "scheduler=none", f"data.root={image_folder}",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "error: training diverged" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (run_dir / "results.json").exists()

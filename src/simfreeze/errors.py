@@ -21,3 +21,8 @@ class WeightsError(ConfigError):
 
 class RunDirInUse(ConfigError):
     """The run directory holds another run's outputs."""
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or infinite: the run is failed, never reported ``ok`` (a setting, most
+    often the learning rate, is the usual cause)."""

@@ -18,9 +18,12 @@ directory:
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
 
-A failed job (its ``results.json`` says ``status: failed``; a job directory without one was killed)
-is listed and makes the sweep exit with status 1 after the summary is written. Re-summarise a
-sweep directory by hand with ``python -m simfreeze.reports <sweep dir>``.
+A job that did not finish is listed with its state and makes the sweep exit with status 1 after the
+summary is written: ``failed`` (its ``results.json`` says so), ``broken`` (its ``results.json`` is not
+valid JSON), ``killed`` (a job directory without ``results.json``) or ``missing`` (planned in the
+sweep's ``multirun.yaml`` but it has no job directory). Jobs without results take their overrides,
+seed and arm from ``.hydra/overrides.yaml`` (or the sweep's plan). Re-summarise a sweep directory by
+hand with ``python -m simfreeze.reports <sweep dir>``.
 """
 
 from __future__ import annotations
@@ -42,31 +45,129 @@ from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import depth_verdict, verdict_text
 from simfreeze.reports.documents import render_documents, results_table, sweep_sections
 from simfreeze.reports.stages import stages_markdown
-from simfreeze.reports.stats import architecture_of, mean_std, setting_keys, setting_of
+from simfreeze.reports.stats import architecture_of, mean_std, parse_override, setting_keys, setting_of
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
                "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
                "train_images_per_second", "precision", "device", "error", "run_dir"]
 
 
-def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every job's results; a job directory without ``results.json`` is a job that never finished."""
-    runs = []
-    for job_dir in sweep_dir.iterdir():
-        path = job_dir / "results.json"
-        if path.is_file():
-            run = json.loads(path.read_text())
-        elif (job_dir / ".hydra").is_dir():
-            overrides = job_dir / ".hydra" / "overrides.yaml"
-            run = {"status": "missing", "error": "no results.json: the job was killed or is still running",
-                   "run_dir": str(job_dir),
-                   "overrides": list(OmegaConf.load(overrides)) if overrides.is_file() else None}
-        else:
-            continue
-        run["job"] = job_dir.name
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def job_overrides(job_dir: Path) -> list[str] | None:
+    """A job's overrides as Hydra recorded them in ``.hydra/overrides.yaml`` (None: absent or unreadable)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    except Exception:  # a truncated or garbled file: the job is still listed, without its overrides
+        return None
+    return [str(o) for o in overrides] if isinstance(overrides, list) else None
+
+
+def unfinished(job_dir: Path, status: str, error: str, overrides: list[str] | None) -> dict[str, Any]:
+    """A job without results: its seed and arm where its overrides set them."""
+    run = {"status": status, "error": error, "run_dir": str(job_dir), "overrides": overrides}
+    values = dict(parse_override(o) for o in overrides or [])
+    if "seed" in values:
+        seed = values["seed"]
+        run["seed"] = int(seed) if seed.lstrip("-").isdigit() else seed
+    if "arm" in values:
+        run["arm"] = values["arm"]
+    return run
+
+
+def read_job(job_dir: Path) -> dict[str, Any] | None:
+    """One job directory's run (None: not a job directory)."""
+    path = job_dir / "results.json"
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            return unfinished(job_dir, "broken", f"results.json cannot be read: {err}", job_overrides(job_dir))
+        try:
+            run = json.loads(text)
+        except ValueError as err:  # truncated while written, or empty: the job did not finish
+            reason = str(err) if text.strip() else "the file is empty"
+            return unfinished(job_dir, "broken", f"results.json is not valid JSON: {reason}", job_overrides(job_dir))
+        if not isinstance(run, dict):
+            return unfinished(job_dir, "broken", f"results.json holds a JSON {type(run).__name__}, not a job's results",
+                              job_overrides(job_dir))
         run.setdefault("status", "ok")
-        runs.append(run)
-    return sorted(runs, key=lambda r: (int(r["job"]) if r["job"].isdigit() else r["job"]))
+        run.setdefault("run_dir", str(job_dir))
+        return run
+    if (job_dir / ".hydra").is_dir():
+        return unfinished(job_dir, "killed", "no results.json: the job was killed or is still running",
+                          job_overrides(job_dir))
+    return None
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides, in job-number order, as Hydra's basic sweeper expands the sweep's
+    ``multirun.yaml`` (``hydra.sweeper.params`` then ``hydra.overrides.task``); None when that cannot be
+    told. ``simfreeze.runs.preflight.sweep_jobs`` needs a running Hydra (and sits a layer above), so
+    this repeats its two Hydra calls without a config loader: ``a,b,c`` lists, ``range()``,
+    ``choice()`` and list values with commas expand as in the sweep; ``glob()`` needs the config
+    groups and gives None, as do other sweepers (Optuna, Ax choose their values while they run) and
+    job directories not named by job number."""
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        config = OmegaConf.load(multirun)
+        sweeper = config.hydra.sweeper
+        if sweeper.get("_target_") != BASIC_SWEEPER:
+            return None
+        if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
+            return None
+        params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except Exception:  # an unreadable plan lists nothing extra; the jobs that ran are still summarised
+        return None
+
+
+def fill_from_siblings(runs: list[dict[str, Any]]) -> None:
+    """A job without results takes its arm and name from a job with the same overrides but the seed
+    (where the arm is not overridden, e.g. a seeds-only sweep, the arm and name are the setting)."""
+    def without_seed(run):
+        return tuple(sorted(o for o in run["overrides"] if parse_override(o)[0] != "seed"))
+
+    known = {without_seed(r): r for r in runs if r.get("overrides") and r.get("arm") is not None}
+    for run in runs:
+        sibling = known.get(without_seed(run)) if run.get("overrides") and "arm" not in run else None
+        if sibling is not None:
+            run["arm"], run["name"] = sibling["arm"], sibling.get("name")
+
+
+def read_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job's results, by job number. A job that did not finish is listed with its state:
+    ``broken`` (``results.json`` is not valid JSON), ``killed`` (a job directory without
+    ``results.json``) or ``missing`` (planned in ``multirun.yaml``, no job directory)."""
+    runs, folders = [], set()
+    for job_dir in sweep_dir.iterdir():
+        run = read_job(job_dir) if job_dir.is_dir() else None
+        if job_dir.is_dir():
+            folders.add(job_dir.name)
+        if run is not None:
+            run["job"] = job_dir.name
+            runs.append(run)
+    listed = {run["job"] for run in runs}
+    for number, overrides in enumerate(planned_jobs(sweep_dir) or []):
+        job = str(number)
+        if job in listed:
+            continue
+        if job in folders:  # a folder without .hydra/ or results.json: set up, then killed
+            run = unfinished(sweep_dir / job, "killed", "no results.json and no .hydra/: the job was killed "
+                             "as it started", overrides)
+        else:
+            run = unfinished(sweep_dir / job, "missing", "never started (no job folder)", overrides)
+        runs.append({**run, "job": job})
+    fill_from_siblings(runs)
+    return sorted(runs, key=lambda r: (not r["job"].isdigit(), int(r["job"]) if r["job"].isdigit() else 0, r["job"]))
 
 
 def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from simfreeze.errors import TrainingDiverged
 from simfreeze.networks.units import Unit, run_units
 
 
@@ -33,6 +34,7 @@ class Classifier(L.LightningModule):
         # Set when batches are cached prefix outputs: the net's remaining units, run in order.
         # A plain list, so the modules stay registered once (under net) in the state dict.
         self.suffix: list[Unit] | None = None
+        self._finite: torch.Tensor | None = None  # every training loss of this epoch finite (on the device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -43,10 +45,26 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
+        # Kept on the device and read once per epoch: a check per step would wait for every step on a GPU.
+        finite = loss.detach().isfinite()
+        self._finite = finite if self._finite is None else self._finite & finite
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def on_validation_epoch_start(self):
+        if self.trainer.training:  # the epoch-end validation: before it, so no checkpoint keeps diverged weights
+            self._stop_if_diverged()
+
+    def on_train_epoch_end(self):
+        self._stop_if_diverged()
+
+    def _stop_if_diverged(self):
+        if self._finite is not None and not bool(self._finite):
+            raise TrainingDiverged(f"training diverged: the loss became NaN or infinite in epoch {self.current_epoch + 1} "
+                                   f"(a learning rate too high? optimizer.lr); the run is failed, not reported")
+        self._finite = None
 
     def _evaluate(self, batch, stage: str, metric):
         x, y = batch
