@@ -36,9 +36,6 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     from simfreeze import analysis
     from simfreeze.runs.fit import fit, report_source
 
-    ckpt_path = cfg["ckpt_path"]  # a resume checkpoint that is not there fails now, not after the set-up
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).expanduser().is_file():
-        raise ConfigError(f"ckpt_path='{ckpt_path}': no such checkpoint file (resume from <run dir>/checkpoints/last.ckpt)")
     if cfg["similarity"]["analysis"]:  # no training: embed every class, write the paper's figures
         return analysis.run(cfg, run_dir, overrides, train_source=fit)
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it

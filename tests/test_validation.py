@@ -7,6 +7,7 @@ import threading
 import urllib.error
 
 import pytest
+import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -28,9 +29,9 @@ CASES = {
     "unknown class": (["data.classes=[ant,zebra]"], "unknown class ['zebra']"),
     "positive not in classes": (["data.positive=fox"], "data.positive='fox' is not one of data.classes"),
     "per_class above the images": (["data.per_class=31"], "data.per_class=31 but class 'ant' has only 30 images"),
-    "val_fraction outside (0, 1)": (["data.val_fraction=1.5"], "data.val_fraction=1.5 must lie in (0, 1)"),
+    "val_fraction outside (0, 1)": (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be a number in (0, 1)"),
     "unknown architecture": (["model.arch=resnet9000"], "model.arch='resnet9000' is not a torchvision classification"),
-    "negative L_total": (["arm=dynamic", *TRANSFER, "freeze.l_total=-1"], "freeze.l_total=-1 must lie in [0, 17]"),
+    "negative L_total": (["arm=dynamic", *TRANSFER, "freeze.l_total=-1"], "freeze.l_total=-1 must be an integer ≥ 0"),
     "L_total reaching the head": (["arm=dynamic", *TRANSFER, "freeze.l_total=18"], "freeze.l_total=18 must lie in"),
     "static k freezing the head": (["arm=static45", *TRANSFER, "freeze.k=18"], "the head (layer 18) always trains"),
     "thresholds out of order": (["arm=threshold", *TRANSFER, "freeze.low=0.9", "freeze.high=0.8"],
@@ -46,6 +47,24 @@ CASES = {
     "missing resume checkpoint": (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt': no such"),
     "unknown precision": (["trainer.precision=17"], "trainer.precision=17 must be one of auto, 64, 32"),
     "unknown progress": (["progress=fancy"], "progress=fancy must be one of auto, bar, lines"),
+    "a fractional seed": (["seed=1.5"], "seed=1.5 must be an integer"),
+    "a text seed": (["seed=abc"], 'seed="abc" must be an integer'),
+    "a fractional split seed": (["data.seed=0.5"], "data.seed=0.5 must be an integer"),
+    "negative learning rate": (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
+    "zero learning rate": (["optimizer.lr=0"], "optimizer.lr=0 must be a number > 0"),
+    "zero batch size": (["data.batch_size=0"], "data.batch_size=0 must be an integer ≥ 1"),
+    "absurd image size": (["data.image_size=10000"], "data.image_size=10000 must be an integer in [8, 1024]"),
+    "image size 0": (["data.image_size=0"], "data.image_size=0 must be an integer in [8, 1024]"),
+    "image size 1": (["data.image_size=1"], "data.image_size=1 must be an integer in [8, 1024]"),
+    "no epochs": (["trainer.max_epochs=0"], "trainer.max_epochs=0 must be an integer ≥ 1"),
+    "endless epochs": (["trainer.max_epochs=-1", "scheduler=none"], "trainer.max_epochs=-1 must be an integer ≥ 1"),
+    "label smoothing above 1": (["model.label_smoothing=1.5"], "model.label_smoothing=1.5 must be a number in [0, 1)"),
+    "fractional static k": (["arm=static45", *TRANSFER, "freeze.k=2.5"], "freeze.k=2.5 must be an integer ≥ 0"),
+    "boolean static k": (["arm=static45", *TRANSFER, "freeze.k=true"], "freeze.k=true must be an integer ≥ 0"),
+    "unknown optimizer key": (["+optimizer.momentum=0.9"], "unknown key optimizer.momentum; allowed: amsgrad"),
+    "a bad value in a source task": (["arm=dynamic", "data.positive=bee", "+source.task.positive=ant",
+                                      "+source.task.per_class=1"], "source.task.per_class=1 must be an integer ≥ 2"),
+    "Lightning's special resume names": (["ckpt_path=last"], "ckpt_path='last': no such checkpoint file"),
     "an earlier stage of a chain leaks": (
         ["arm=staged", "freeze.k=3", "source.task={classes:[ant,bee,cow]}", "source.freeze={policy:static,k:2}",
          "source.source={task:{classes:[ant,bee,cow],val_fraction:0.1}}"],
@@ -109,15 +128,15 @@ def test_hydra_errors_are_one_line_before_any_work(overrides, message, tmp_path)
     assert not (tmp_path / "outputs").exists()  # no run or sweep directory made
 
 
-def test_concurrent_runs_get_their_own_directories_and_one_error_line(tmp_path):
+def test_concurrent_runs_get_their_own_directories_and_one_error_line(image_folder, tmp_path):
     """Two runs started together from one directory (default run dirs) fail with one line each."""
-    command = [sys.executable, "-m", "train", "+epochs=5"]
+    command = [sys.executable, "-m", "train", f"data.root={image_folder}", "data.classes=[ant,zebra]"]  # refused in the job
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     for run in runs:
         _, stderr = run.communicate(timeout=120)
         assert one_error_line(subprocess.CompletedProcess(command, run.returncode, "", stderr)).startswith(
-            "error: unknown key epochs; allowed:")
+            "error: data.classes: unknown class ['zebra']")
     run_dirs = list((tmp_path / "outputs" / "runs").glob("*/*"))
     assert len(run_dirs) == 2  # distinct timestamps, down to the microsecond
     assert all((d / ".hydra" / "config.yaml").is_file() and not (d / "results.json").exists() for d in run_dirs)
@@ -160,3 +179,22 @@ def test_of_runs_claiming_one_directory_together_exactly_one_wins(tmp_path):
     claim_run_dir(run_dir, str(run_dir / "checkpoints" / "last.ckpt"))
     with pytest.raises(RunDirInUse, match="resume that run with ckpt_path="):
         claim_run_dir(run_dir, str(tmp_path / "other" / "checkpoints" / "last.ckpt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_refused():
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", ["trainer.accelerator=gpu"])
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no CUDA GPU"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=1.5"], "error: seed=1.5 must be an integer"),
+    (["ckpt_path=/nonexistent/last.ckpt"], "error: ckpt_path='/nonexistent/last.ckpt': no such checkpoint file"),
+    (["-m", "seed=0,1", "data.batch_size=0"], "error: data.batch_size=0 must be an integer ≥ 1 (in the sweep's job"),
+])
+def test_a_value_refused_before_the_run_writes_nothing(overrides, message, tmp_path):
+    line = one_error_line(run_train(*overrides, cwd=tmp_path, check=False))
+    assert line.startswith(message)
+    assert not (tmp_path / "outputs").exists()  # no run directory, no .hydra/, no train.log

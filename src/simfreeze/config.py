@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
+import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -87,6 +90,121 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.progress not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")
     FreezeSpec.from_config(OmegaConf.to_container(cfg.freeze))  # the l_freeze shorthand
+    check_values(OmegaConf.to_container(cfg, resolve=True))
     for (section, old), new in DEPRECATED.items():
         if cfg[section].get(old) is not None:
-            log.warning("%s.%s is deprecated and will be removed: use %s.%s (the same values)", section, old, section, new)
+            warnings.warn(f"{section}.{old} is deprecated and will be removed: use {section}.{new} (the same values)",
+                          FutureWarning, stacklevel=2)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def rule(test: Callable[[object], bool], allowed: str, optional: bool = False):
+    return (lambda value: (optional and value is None) or test(value)), allowed + (" or null" if optional else "")
+
+
+# The types and ranges of the values, checked before any work (the keys come from the YAML). A
+# value outside them would train wrongly, forever, or fail late with a traceback.
+DATA_RULES = {
+    "seed": rule(is_int, "an integer"),
+    "per_class": rule(lambda v: is_int(v) and v >= 2, "an integer ≥ 2"),
+    "val_fraction": rule(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "batch_size": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
+    "eval_batch_size": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1", optional=True),
+    "image_size": rule(lambda v: is_int(v) and 8 <= v <= 1024, "an integer in [8, 1024]", optional=True),
+    "flip": rule(lambda v: isinstance(v, bool), "true or false"),
+    "download": rule(lambda v: isinstance(v, bool), "true or false"),
+    "use_test": rule(lambda v: isinstance(v, bool), "true or false"),
+}
+RULES = {
+    "seed": rule(is_int, "an integer"),
+    "test": rule(lambda v: isinstance(v, bool), "true or false"),
+    "trainer.max_epochs": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
+    "optimizer.lr": rule(lambda v: is_number(v) and v > 0, "a number > 0"),
+    "optimizer.weight_decay": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
+    "model.label_smoothing": rule(lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.channels_last": rule(lambda v: isinstance(v, bool), "true or false"),
+    "model.compile": rule(lambda v: isinstance(v, bool), "true or false"),
+    "freeze.k": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
+    "freeze.l_total": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
+    "freeze.low": rule(is_number, "a number"),
+    "freeze.high": rule(is_number, "a number"),
+    "cache.enabled": rule(lambda v: isinstance(v, bool), "true or false"),
+    "cache.budget_gb": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
+    "similarity.enabled": rule(lambda v: isinstance(v, bool), "true or false"),
+    **{f"data.{key}": value for key, value in DATA_RULES.items()},
+}
+
+
+def check_values(cfg: dict) -> None:
+    """Every value of ``RULES`` present in the resolved config ``cfg``, each source task's data too,
+    the optimizer's keys against its class, and the devices and folders the run needs."""
+    def get(path: str):
+        node = cfg
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return KeyError
+            node = node[part]
+        return node
+
+    for key, (ok, allowed) in RULES.items():
+        value = get(key)
+        if value is not KeyError and not ok(value):
+            raise ConfigError(f"{key}={json.dumps(value)} must be {allowed}")
+    stage, prefix = cfg["source"], "source."
+    while stage:
+        for key, value in (stage.get("task") or {}).items():
+            if key in DATA_RULES and not DATA_RULES[key][0](value):
+                raise ConfigError(f"{prefix}task.{key}={json.dumps(value)} must be {DATA_RULES[key][1]}")
+        stage, prefix = stage.get("source"), f"{prefix}source."
+    check_factory("optimizer", cfg.get("optimizer"))
+    check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})
+    accelerator = str(cfg["trainer"].get("accelerator"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+                              f"(trainer.accelerator=auto uses one where there is one)")
+    check_writable_folder("source.cache_dir", cfg["source"]["cache_dir"])
+    check_resume_path(cfg.get("ckpt_path"))
+
+
+def check_resume_path(ckpt_path: str | None) -> None:
+    """A resume checkpoint must be a file: Lightning's special names (``last``, ``hpc``, ``registry``)
+    would train from scratch or fail late with a traceback here."""
+    if ckpt_path is None:
+        return
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "no such checkpoint file"
+        raise ConfigError(f"ckpt_path='{ckpt_path}': {why} (resume from <run dir>/checkpoints/last.ckpt)")
+
+
+def check_factory(section: str, node: dict | None, given_by_the_run: set[str] = frozenset({"params"})) -> None:
+    """Keys of an ``_target_`` section (the optimizer, the scheduler) that its class does not take."""
+    if not node or "_target_" not in node:
+        return
+    from hydra.utils import get_class
+
+    try:
+        target = get_class(node["_target_"])
+    except Exception as err:  # not importable: Hydra would fail later with a traceback
+        raise ConfigError(f"{section}._target_={node['_target_']}: no such class ({err})") from None
+    allowed = parameter_names(target.__init__) - given_by_the_run
+    reject_unknown(f"{section}.", [k for k in node if not k.startswith("_")], allowed)
+
+
+def check_writable_folder(key: str, folder: str) -> None:
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}='{folder}' is a file, not a folder")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{key}='{folder}': {existing} is not writable")

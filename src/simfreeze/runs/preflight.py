@@ -85,12 +85,18 @@ def validate_sweep(config: DictConfig) -> None:
     loader = GlobalHydra.instance().config_loader()
     composed = [(job, loader.load_sweep_config(config, list(job))) for job in sweep_jobs(config)]
     for job, job_cfg in composed:
-        with open_dict(job_cfg):
-            del job_cfg["hydra"]
         try:
-            validate_config(job_cfg)
+            validate_config(without_hydra(job_cfg))
         except ConfigError as err:
             raise ConfigError(f"{err} (in the sweep's job {' '.join(job)})") from err
+
+
+def without_hydra(config: DictConfig) -> DictConfig:
+    """The job's own config: ``config`` less Hydra's node (a copy)."""
+    job = config.copy()
+    with open_dict(job):
+        job.pop("hydra", None)
+    return job
 
 
 def is_launched_rank() -> bool:
@@ -112,6 +118,7 @@ class Preflight(Callback):
             return
         try:
             refuse_used_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
+            validate_config(without_hydra(config))  # before Hydra makes the run directory: a refusal writes nothing
         except ConfigError as err:
             exit_with(str(err))
 
