@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from simfreeze.speed.placement import claim_gpu, wants_one_gpu
 from simfreeze.reports.depth import depth_verdict
 from simfreeze.reports.stats import setting_keys
-from simfreeze.reports.sweep import summarise, write_summary
+from simfreeze.reports.sweep import main, read_runs, summarise, write_summary
 from tests.helpers import SMALL, compose_config, run_train
 
 
@@ -80,6 +80,114 @@ def test_failed_and_killed_jobs_are_listed_and_not_averaged(tmp_path):
     assert fixed == pytest.approx({0: 0.61, 45: 0.66, 49: 0.61})
     assert [(e.step, e.value) for e in events.Scalars("dynamic/best_val_acc")] == [(40, pytest.approx(0.62))]
     assert len(list(csv.DictReader(open(tmp_path / "runs.csv")))) == 9
+
+
+def write_plan(sweep, task, params=None, sweeper="hydra._internal.core_plugins.basic_sweeper.BasicSweeper"):
+    """The part of Hydra's multirun.yaml the summary reads: the sweeper, its params and the command's overrides."""
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {  # JSON is YAML
+        "sweep": {"dir": str(sweep), "subdir": "${hydra.job.num}"},
+        "sweeper": {"_target_": sweeper, "max_batch_size": None, "params": params},
+        "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task}}}))
+
+
+def write_job(sweep, job, overrides, results=None):
+    """A job directory as Hydra leaves it; ``results``: a dict, raw text, or None (killed: no results.json)."""
+    (sweep / str(job) / ".hydra").mkdir(parents=True)
+    (sweep / str(job) / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        text = results if isinstance(results, str) else json.dumps(results)
+        (sweep / str(job) / "results.json").write_text(text)
+
+
+def depth_sweep(sweep, skip=(), killed=(), broken=None):
+    """``+experiment=depth_sweep seed=0,1 freeze.l_freeze=0,45`` (jobs 0-3) by hand; ``broken``: job → results text."""
+    write_plan(sweep, ["+experiment=depth_sweep", "seed=0,1", "freeze.l_freeze=0,45"])
+    for job, (seed, depth) in enumerate([(0, 0), (0, 45), (1, 0), (1, 45)]):
+        r = run(job, seed, 0.6 + depth / 1000, 100 - depth, depth=depth)
+        r["overrides"] = ["+experiment=depth_sweep", f"seed={seed}", f"freeze.l_freeze={depth}"]
+        r["run_dir"] = str(sweep / str(job))
+        if job not in skip:
+            write_job(sweep, job, r["overrides"], None if job in killed else (broken or {}).get(job, r))
+
+
+def test_a_truncated_or_empty_results_json_is_a_broken_job_with_its_overrides(tmp_path, capsys):
+    full = json.dumps(run(1, 0, 0.7, 50, depth=45))
+    depth_sweep(tmp_path, broken={1: full[:len(full) // 2], 3: ""})
+    assert main([str(tmp_path)]) == 1
+    runs = {r["job"]: r for r in read_runs(tmp_path)}
+    assert [r["status"] for r in runs.values()] == ["ok", "broken", "ok", "broken"]
+    assert runs["1"]["error"].startswith("results.json is not valid JSON: ")
+    assert runs["3"]["error"] == "results.json is not valid JSON: the file is empty"
+    assert (runs["1"]["seed"], runs["3"]["seed"]) == (0, 1)
+    rows = {r["setting"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    assert (rows["freeze.l_freeze=45"]["n"], rows["freeze.l_freeze=45"]["failed"]) == ("0", "2")
+    text = (tmp_path / "summary.md").read_text()
+    assert "- job 1 (freeze.l_freeze=45, seed 0): results.json is not valid JSON" in text
+    assert "- job 3 (freeze.l_freeze=45, seed 1): results.json is not valid JSON: the file is empty" in text
+    assert "FAILED job 3" in capsys.readouterr().err
+
+
+def test_a_killed_job_takes_its_seed_and_arm_from_its_overrides(tmp_path):
+    # arm and seed swept: job 3 was killed; its .hydra/overrides.yaml says arm=dynamic seed=1
+    write_plan(tmp_path, ["+experiment=cat_to_dog", "arm=scratch,dynamic", "seed=0,1"])
+    for job, (arm, seed) in enumerate([("scratch", 0), ("scratch", 1), ("dynamic", 0), ("dynamic", 1)]):
+        r = {**run(job, seed, 0.6, 50, arm=arm), "overrides": ["+experiment=cat_to_dog", f"arm={arm}", f"seed={seed}"]}
+        write_job(tmp_path, job, r["overrides"], None if job == 3 else r)
+    killed = read_runs(tmp_path)[3]
+    assert (killed["status"], killed["seed"], killed["arm"]) == ("killed", 1, "dynamic")
+    assert [(r["setting"], r["n"], r["failed"]) for r in summarise(read_runs(tmp_path))] == [
+        ("arm=scratch", 2, 0), ("arm=dynamic", 1, 1)]
+    assert main([str(tmp_path)]) == 1
+    assert "- job 3 (arm=dynamic, seed 1): no results.json" in (tmp_path / "summary.md").read_text()
+    # seeds only: the setting is the arm and name, which a killed job takes from a job with its other overrides
+    seeds = tmp_path / "seeds"
+    write_plan(seeds, ["+experiment=cat_to_dog", "seed=0,1,2"])
+    for seed in range(3):
+        r = {**run(seed, seed, 0.6, 50, arm="dynamic"), "overrides": ["+experiment=cat_to_dog", f"seed={seed}"]}
+        write_job(seeds, seed, r["overrides"], None if seed == 2 else r)
+    killed = read_runs(seeds)[2]
+    assert (killed["status"], killed["seed"], killed["arm"], killed["name"]) == ("killed", 2, "dynamic", "dynamic:dog")
+    assert [(r["setting"], r["n"], r["failed"]) for r in summarise(read_runs(seeds))] == [("dynamic dynamic:dog", 2, 1)]
+
+
+def test_a_planned_job_without_a_folder_is_listed_as_missing(tmp_path, capsys):
+    depth_sweep(tmp_path, skip=(2,))  # job 2 (seed=1 freeze.l_freeze=0) never started
+    assert main([str(tmp_path)]) == 1
+    runs = read_runs(tmp_path)
+    assert [(r["job"], r["status"]) for r in runs] == [("0", "ok"), ("1", "ok"), ("2", "missing"), ("3", "ok")]
+    missing = runs[2]
+    assert missing["error"] == "never started (no job folder)" and missing["seed"] == 1
+    assert missing["overrides"] == ["+experiment=depth_sweep", "seed=1", "freeze.l_freeze=0"]
+    rows = {r["setting"]: r for r in csv.DictReader(open(tmp_path / "summary.csv"))}
+    assert (rows["freeze.l_freeze=0"]["n"], rows["freeze.l_freeze=0"]["failed"]) == ("1", "1")
+    assert "- job 2 (freeze.l_freeze=0, seed 1): never started (no job folder)" in (tmp_path / "summary.md").read_text()
+    assert "FAILED job 2: never started" in capsys.readouterr().err
+    assert [r["status"] for r in csv.DictReader(open(tmp_path / "runs.csv"))] == ["ok", "ok", "missing", "ok"]
+
+
+def test_the_plan_expands_as_the_basic_sweeper_does_and_is_unknown_otherwise(tmp_path):
+    from simfreeze.reports.sweep import planned_jobs
+
+    write_plan(tmp_path / "a", ["+experiment=cat_to_dog", "data.classes=[cat,dog]", "seed=range(3)"],
+               params={"arm": "scratch,dynamic"})
+    jobs = planned_jobs(tmp_path / "a")
+    assert len(jobs) == 6 and jobs[4] == ["arm=dynamic", "+experiment=cat_to_dog", "data.classes=[cat,dog]", "seed=1"]
+    write_plan(tmp_path / "b", ["seed=0,1"], sweeper="hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    write_plan(tmp_path / "c", ["seed=0,1", "model=glob(*)"])  # glob() needs the config groups
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "multirun.yaml").write_text("hydra: {sweeper: [")  # truncated
+    assert [planned_jobs(tmp_path / x) for x in "bcde"] == [None] * 4  # e: no multirun.yaml at all
+
+
+def test_a_sweep_where_no_job_started_is_summarised_and_fails(tmp_path, capsys):
+    depth_sweep(tmp_path, skip=(0, 1, 2, 3))
+    (tmp_path / "3").mkdir()  # set up, then killed before Hydra wrote .hydra/
+    assert main([str(tmp_path)]) == 1
+    assert [(r["job"], r["status"], r["seed"]) for r in read_runs(tmp_path)] == [
+        ("0", "missing", 0), ("1", "missing", 0), ("2", "missing", 1), ("3", "killed", 1)]
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Failed jobs" in text and "4 job(s) failed" in capsys.readouterr().err
 
 
 def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path):
