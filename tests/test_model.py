@@ -54,9 +54,34 @@ def test_checkpoint_that_does_not_fit_lists_the_offending_keys(tmp_path):
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "module.pt")  # needs unpickling code: weights_only refuses
-    with pytest.raises(WeightsError, match="not a readable state dict of tensors .*Unsupported global") as caught:
+    with pytest.raises(WeightsError, match=r"module.pt' holds pickled Python objects \(torch.nn.modules.linear.Linear\), "
+                       r"which are refused for safety.*plain state dict .*or a Lightning checkpoint") as caught:
         read_state_dict(tmp_path / "module.pt")
-    assert "\n" not in str(caught.value)  # one line, not torch's page of advice
+    message = str(caught.value)
+    assert "\n" not in message  # one line, not torch's page of advice
+    assert "weights_only=False" not in message and "add_safe_globals" not in message  # never advise loading it anyway
+
+
+def test_a_truncated_or_garbage_checkpoint_is_one_line(tmp_path):
+    net, _ = build_network("resnet18", num_classes=2)
+    torch.save(net.state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all\n" * 10)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for name in ("truncated.pt", "garbage.pt", "empty.ckpt"):
+        with pytest.raises(WeightsError, match=f"model.weights='.*{name}' is not a readable checkpoint: .+") as caught:
+            read_state_dict(tmp_path / name)
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400, str(caught.value)
+    with pytest.raises(WeightsError, match="empty.ckpt' is not a readable checkpoint: the file is empty"):
+        read_state_dict(tmp_path / "empty.ckpt")
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.ckpt"])
+def test_a_directory_is_not_a_checkpoint_file(tmp_path, name):
+    (tmp_path / name).mkdir()
+    with pytest.raises(WeightsError, match=f"model.weights='.*{name}' is a directory, not a checkpoint file"):
+        read_state_dict(tmp_path / name)
 
 
 def test_optimizer_gets_trainable_parameters_only():

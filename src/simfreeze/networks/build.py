@@ -31,18 +31,38 @@ def replace_head(net: nn.Module, num_classes: int) -> str:
 
 def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys).
-    ``key`` is the config key the path came from, for the error messages."""
+    ``key`` is the config key the path came from, for the error messages, each one line."""
+    import re
+
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WeightsError(f"{key}='{path}' is a directory, not a checkpoint file")
     if not path.is_file():
         raise WeightsError(f"{key}='{path}': no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{key}='{path}' is not a readable checkpoint: the file is empty")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files, non-tensor payloads
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        # torch's weights_only refusal is a page of advice; its one telling line names the global
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(err).__name__)
-        raise WeightsError(f"{key}='{path}' is not a readable state dict of tensors ({reason}); "
-                           f"save net.state_dict() or a Lightning checkpoint") from err
+    except Exception as err:  # pickled objects refused, truncated files, garbage
+        text = str(err)
+        # torch's weights_only refusal is a page of advice (some of it unsafe: never passed on); its
+        # one telling line names the global, e.g. "Unsupported global: GLOBAL torch.nn.modules.linear.Linear"
+        blocked = re.search(r"unsupported global:?\s*(?:global\s+)?([\w.]+)", text, re.IGNORECASE)
+        if blocked:
+            raise WeightsError(f"{key}='{path}' holds pickled Python objects ({blocked.group(1)}), which are "
+                               f"refused for safety (unpickling them could run code from the file); give a plain "
+                               f"state dict (torch.save(net.state_dict(), path)) or a Lightning checkpoint "
+                               f"instead") from err
+        unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # garbage read as a pickle
+        if isinstance(err, EOFError):
+            reason = "the file ends early (truncated?)"
+        elif unpickler:
+            reason = f"not a torch.save file ({unpickler.group(1).strip().rstrip('.')[:200]})"
+        else:  # the first sentence of torch's first line: the rest is advice or internals
+            first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+            first = first.split(". ")[0].rstrip(".")[:200]
+            reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        raise WeightsError(f"{key}='{path}' is not a readable checkpoint: {reason}") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
