@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from simfreeze.data.datamodule import TaskDataModule
-from simfreeze.errors import ConfigError
+from simfreeze.errors import ConfigError, WeightsError
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.method.similarity import SimilarityTask
 from simfreeze.networks.build import build_network
@@ -69,9 +69,14 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     else:
         weights = cfg["model"]["weights"]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
-    weights_key = "source.weights" if cfg["transfer"] and not cfg["source"]["task"] else "model.weights"
-    net, network = build_network(arch, datamodule.num_classes, weights, key=weights_key,
-                                 head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
+    weights_key = ("the cached source" if source else "source.weights") if cfg["transfer"] else "model.weights"
+    try:
+        net, network = build_network(arch, datamodule.num_classes, weights, key=weights_key,
+                                     head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
+    except WeightsError as err:
+        if source:  # the file is the cache's, not one the user named
+            raise WeightsError(f"{err}; delete {source['run_dir']} to train the source again") from None
+        raise
     if network["dropped_head_keys"]:
         log.info("initial weights %s: dropped head keys %s", weights, network["dropped_head_keys"])
     module = Classifier(net, datamodule.num_classes, optimizer=hydra.utils.instantiate(cfg["optimizer"]),
@@ -132,6 +137,10 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str) -> SimilarityT
             raise ConfigError(f"similarity.source_classes={source_classes} are not all in data.classes "
                               f"{target.classes}, and there is no source task to take their images from")
         extra = TaskDataModule(**source_config(cfg)["data"])
+        unknown = [name for name in source_classes if name not in target.classes and name not in extra.classes]
+        if unknown:  # found now, not after the source is trained
+            raise ConfigError(f"similarity.source_classes: {unknown} are in neither the target's classes {target.classes} "
+                              f"nor the source task's {extra.classes}")
 
     def class_images(name: str):
         return (target if name in target.classes else extra).class_images(name)

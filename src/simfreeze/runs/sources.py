@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -119,25 +120,55 @@ def exclusive_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def folder_name(name: str) -> str:
+    """``name`` as one safe folder name: class and group names are the user's and may hold ``/`` or
+    ``..``, which must never lead outside ``source.cache_dir``."""
+    safe = re.sub(r"[^A-Za-z0-9_.=+-]+|\.{2,}", "_", name).strip("._") or "source"
+    return safe[:80]
+
+
+def read_cached(done: Path) -> dict | None:
+    """A cached stage's results, or None when the file is damaged (the entry is rebuilt)."""
+    try:
+        results = json.loads(done.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("source cache: %s is unreadable (%s); training the source again", done, err)
+        return None
+    if not (done.parent / "checkpoints" / "last.ckpt").is_file():
+        log.warning("source cache: %s has no checkpoints/last.ckpt; training the source again", done.parent)
+        return None
+    return results
+
+
 def cached_source(cache_dir: Path, name: str, run_cfg: dict[str, Any], train: TrainFn) -> tuple[Path, dict, bool]:
     """The directory of the trained source (``checkpoints/last.ckpt``, ``results.json``), its
-    results, and whether this call trained it. ``train(run_cfg, run_dir)`` trains into ``run_dir``."""
+    results, and whether this call trained it. ``train(run_cfg, run_dir)`` trains into ``run_dir``.
+
+    An entry without a readable ``results.json`` or checkpoint (a crash, a damaged disk) is rebuilt;
+    temporaries that killed runs left behind are removed (only the lock holder trains, so any
+    temporary found while holding the lock is stale)."""
     key = source_key(run_cfg)
-    final = cache_dir / f"{name}-{key}"
+    stem = f"{folder_name(name)}-{key}"
+    final = cache_dir / stem
     done = final / "results.json"
-    if done.is_file():
-        return final, json.loads(done.read_text()), False
-    with exclusive_lock(cache_dir / f".{name}-{key}.lock"):
-        if done.is_file():  # another job finished it while we waited
-            return final, json.loads(done.read_text()), False
-        staging = cache_dir / f".{name}-{key}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+    if done.is_file() and (results := read_cached(done)) is not None:
+        return final, results, False
+    with exclusive_lock(cache_dir / f".{stem}.lock"):
+        if done.is_file() and (results := read_cached(done)) is not None:  # another job finished it while we waited
+            return final, results, False
+        for stale in [*cache_dir.glob(f".{stem}.tmp-*"), *([final] if final.exists() else [])]:
+            log.warning("source cache: removing %s (left by a run that did not finish)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = cache_dir / f".{stem}.tmp-{os.getpid()}"
         staging.mkdir(parents=True)
-        (staging / "source_config.json").write_text(json.dumps(run_cfg, indent=1, default=str))
-        results = train(run_cfg, staging)
-        results["run_dir"] = str(final)
-        (staging / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        os.replace(staging, final)  # atomic: readers see no directory or a complete one
+        try:
+            (staging / "source_config.json").write_text(json.dumps(run_cfg, indent=1, default=str))
+            results = train(run_cfg, staging)
+            results["run_dir"] = str(final)
+            (staging / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+            os.replace(staging, final)  # atomic: readers see no directory or a complete one
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed source leaves nothing behind
     return final, results, True
 
 
