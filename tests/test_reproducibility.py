@@ -74,3 +74,15 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_
     assert resumed["l_freeze"] == whole["l_freeze"] == 9 and resumed["epochs"] == whole["epochs"] == 3
     assert all(torch.equal(w_whole[k], w_resumed[k]) for k in w_whole)  # bit for bit
     assert resumed["final_val_acc"] == whole["final_val_acc"]
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(image_folder, tmp_path):
+    from simfreeze.errors import ConfigError
+
+    fit(image_folder, tmp_path / "first", "trainer.max_epochs=1")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"other settings: data.classes .*optimizer.lr \(0.002 → 0.01\).*seed \(0 → 4\)"):
+        fit(image_folder, tmp_path / "other", "data.classes=[ant,cow]", "optimizer.lr=0.01", "seed=4", f"ckpt_path={last}")
+    # where the data lives and how the run is shown may change: that is the same run
+    resumed, _, _ = fit(image_folder, tmp_path / "first", "progress=bar", "trainer.max_epochs=1", f"ckpt_path={last}")
+    assert resumed["status"] == "ok" and resumed["epochs"] == 1

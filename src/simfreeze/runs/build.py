@@ -23,7 +23,7 @@ from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import RandomStateCallback
+from simfreeze.runs.resume import RandomStateCallback, SameRunOnResume
 from simfreeze.runs.sources import TrainFn, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -95,7 +95,8 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
-                        callbacks=[clock, transfer, best, last, RandomStateCallback(), progress_bar(cfg["progress"])])
+                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
+                                   progress_bar(cfg["progress"])])
 
     datamodule.setup("fit")  # the last check: class sizes, unreadable images
     if trainer.is_global_zero:  # with DDP every process builds this; one writes the files
