@@ -83,6 +83,23 @@ def test_a_resume_with_other_settings_is_refused_naming_them(image_folder, tmp_p
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"other settings: data.classes .*optimizer.lr \(0.002 → 0.01\).*seed \(0 → 4\)"):
         fit(image_folder, tmp_path / "other", "data.classes=[ant,cow]", "optimizer.lr=0.01", "seed=4", f"ckpt_path={last}")
+    # the same check before any work, and checkpoints that cannot be resumed, each in one line
+    from simfreeze.config import validate_config
+
+    def refusal(*overrides):
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", [*TINY, f"data.root={image_folder}", *overrides])
+        with pytest.raises(ConfigError) as caught:
+            validate_config(cfg)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert "seed (0 → 4)" in refusal("trainer.max_epochs=1", "seed=4", f"ckpt_path={last}")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[:5000])
+    assert "is not a readable checkpoint" in refusal(f"ckpt_path={truncated}")
+    best = tmp_path / "first" / "checkpoints" / "best.ckpt"
+    assert "is not a checkpoint to resume from" in refusal(f"ckpt_path={best}")
     # where the data lives and how the run is shown may change: that is the same run
     resumed, _, _ = fit(image_folder, tmp_path / "first", "progress=bar", "trainer.max_epochs=1", f"ckpt_path={last}")
     assert resumed["status"] == "ok" and resumed["epochs"] == 1

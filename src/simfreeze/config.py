@@ -173,18 +173,7 @@ def check_values(cfg: dict) -> None:
             raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
                               f"(trainer.accelerator=auto uses one where there is one)")
     check_writable_folder("source.cache_dir", cfg["source"]["cache_dir"])
-    check_resume_path(cfg.get("ckpt_path"))
-
-
-def check_resume_path(ckpt_path: str | None) -> None:
-    """A resume checkpoint must be a file: Lightning's special names (``last``, ``hpc``, ``registry``)
-    would train from scratch or fail late with a traceback here."""
-    if ckpt_path is None:
-        return
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        why = "is a directory" if path.is_dir() else "no such checkpoint file"
-        raise ConfigError(f"ckpt_path='{ckpt_path}': {why} (resume from <run dir>/checkpoints/last.ckpt)")
+    check_resume_path(cfg.get("ckpt_path"), cfg)
 
 
 def check_factory(section: str, node: dict | None, given_by_the_run: set[str] = frozenset({"params"})) -> None:
@@ -208,3 +197,64 @@ def check_writable_folder(key: str, folder: str) -> None:
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"{key}='{folder}': {existing} is not writable")
+
+
+def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
+    """A resume checkpoint must be a readable checkpoint file of the same run (``resume_differences``):
+    Lightning's special names (``last``, ``hpc``, ``registry``) would train from scratch or fail late."""
+    if ckpt_path is None:
+        return
+    from simfreeze.networks.build import load_checkpoint
+
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "no such checkpoint file"
+        raise ConfigError(f"ckpt_path='{ckpt_path}': {why} (resume from <run dir>/checkpoints/last.ckpt)")
+    checkpoint = load_checkpoint(path, "ckpt_path", mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "optimizer_states" not in checkpoint:
+        raise ConfigError(f"ckpt_path='{ckpt_path}' is not a checkpoint to resume from (give a run's "
+                          f"checkpoints/last.ckpt; best.ckpt holds weights only)")
+    stored = next((state.get("settings") for name, state in (checkpoint.get("callbacks") or {}).items()
+                   if name.startswith("SameRunOnResume")), None)
+    differences = resume_differences(stored, cfg) if stored is not None and cfg is not None else None
+    if differences:
+        raise ConfigError(differences)
+
+
+# Keys that may differ between a run and its resume: where things are and how the run is shown or
+# spread, not what it computes.
+FREE_ON_RESUME = {"ckpt_path", "name", "progress", "test", "cache", "source.cache_dir", "data.root", "data.download",
+                  "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
+                  "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
+                  "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}
+
+
+def flatten(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def run_settings(cfg: dict) -> dict[str, str]:
+    """The settings that decide what a run computes, flattened, as text (a checkpoint keeps them);
+    ``precision=auto`` as the precision it runs."""
+    from simfreeze.speed.precision import resolve_precision
+
+    trainer = cfg["trainer"]
+    cfg = {**cfg, "trainer": {**trainer, "precision": resolve_precision(trainer["precision"], trainer["accelerator"])}}
+
+    def free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME)
+    return {key: repr(value) for key, value in flatten(cfg).items() if not free(key)}
+
+
+def resume_differences(stored: dict[str, str], cfg: dict) -> str | None:
+    """Why a resume of a checkpoint with ``stored`` settings under ``cfg`` is not the same run, or None."""
+    current = run_settings(cfg)
+    differ = sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} ({stored.get(k, '–')} → {current.get(k, '–')})" for k in differ[:6])
+    more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+    return (f"ckpt_path: the checkpoint's run had other settings: {shown}{more}; resume with the settings it was "
+            f"trained with, or start a new run without ckpt_path")

@@ -32,6 +32,18 @@ def replace_head(net: nn.Module, num_classes: int) -> str:
 def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys).
     ``key`` is the config key the path came from, for the error messages, each one line."""
+    loaded = load_checkpoint(path, key)
+    path = Path(path).expanduser()
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"{key}='{path}' does not hold a state dict of tensors")
+    return loaded
+
+
+def load_checkpoint(path: str | Path, key: str, mmap: bool = False):
+    """Whatever ``path`` holds, read with ``weights_only=True`` (``mmap``: tensors stay on disk until
+    used, for a quick look); one line naming ``key`` when it cannot be read."""
     import re
 
     path = Path(path).expanduser()
@@ -42,7 +54,7 @@ def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, t
     if path.stat().st_size == 0:
         raise WeightsError(f"{key}='{path}' is not a readable checkpoint: the file is empty")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # pickled objects refused, truncated files, garbage
         text = str(err)
         # torch's weights_only refusal is a page of advice (some of it unsafe: never passed on); its
@@ -63,10 +75,6 @@ def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, t
             first = first.split(". ")[0].rstrip(".")[:200]
             reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
         raise WeightsError(f"{key}='{path}' is not a readable checkpoint: {reason}") from err
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise WeightsError(f"{key}='{path}' does not hold a state dict of tensors")
     return loaded
 
 
