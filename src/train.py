@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import register_resolvers, validate_config
-from simfreeze.errors import ConfigError, RunDirInUse
+from simfreeze.errors import ConfigError, RunDirInUse, TrainingDiverged
 
 log = logging.getLogger("simfreeze")
 register_resolvers()  # before Hydra composes; submitit's job processes import this module too
@@ -63,6 +63,10 @@ def main(cfg: DictConfig) -> float | None:
         if not multirun:
             if isinstance(err, ConfigError):
                 # One clear line instead of a traceback: the message names the key and what is allowed.
+                from simfreeze.runs.preflight import discard_refused_run
+
+                if not isinstance(err, (RunDirInUse, TrainingDiverged)):  # another run's; a log worth reading
+                    discard_refused_run(run_dir, cfg.get("ckpt_path"))
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)
             raise

@@ -58,6 +58,26 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         refuse_used_run_dir(run_dir, ckpt_path)
 
 
+# What a run writes before its training starts: a refusal found by then leaves nothing behind.
+BEFORE_TRAINING = {".hydra", "train.log", "split.json", "plan.json", "similarity.json", "checkpoints", "tensorboard"}
+
+
+def discard_refused_run(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Remove the directory of a run refused before it trained (Hydra made it, with ``.hydra/`` and
+    ``train.log``, before the checks that need the data or the network could run). Kept when it holds
+    anything else, a checkpoint, or the run resumed in it. Returns whether it was removed."""
+    import shutil
+
+    if not run_dir.is_dir() or resumes_in_place(run_dir, ckpt_path):
+        return False
+    entries = {entry.name for entry in run_dir.iterdir()}
+    checkpoints = run_dir / "checkpoints"
+    if entries - BEFORE_TRAINING or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
     if (sweep_dir / "multirun.yaml").exists():
         raise ConfigError(f"hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new "
