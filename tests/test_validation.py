@@ -1,6 +1,7 @@
 """Every bad setting fails before any work with one message that names the key, the value and
 what is allowed; the run directory stays empty (no split, plan, checkpoint or results)."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -197,3 +198,15 @@ def test_a_value_refused_before_the_run_writes_nothing(overrides, message, tmp_p
     line = one_error_line(run_train(*overrides, cwd=tmp_path, check=False))
     assert line.startswith(message)
     assert not (tmp_path / "outputs").exists()  # no run directory, no .hydra/, no train.log
+
+
+def test_folders_the_run_writes_must_be_folders_and_writable(tmp_path, monkeypatch):
+    from simfreeze.config import check_writable_folder
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="source.cache_dir='.*a_file' is a file, not a folder"):
+        check_writable_folder("source.cache_dir", str(tmp_path / "a_file"))
+    check_writable_folder("hydra.run.dir", str(tmp_path / "new" / "run"))  # made later, under a writable folder
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder looks (root writes anyway)
+    with pytest.raises(ConfigError, match=r"hydra.run.dir='.*/new/run': .* is not writable"):
+        check_writable_folder("hydra.run.dir", str(tmp_path / "new" / "run"))

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from simfreeze.config import validate_config
+from simfreeze.config import check_writable_folder, validate_config
 from simfreeze.errors import ConfigError, RunDirInUse
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -138,6 +138,7 @@ class Preflight(Callback):
             return
         try:
             refuse_used_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
+            check_writable_folder("hydra.run.dir", config.hydra.run.dir)
             validate_config(without_hydra(config))  # before Hydra makes the run directory: a refusal writes nothing
         except ConfigError as err:
             exit_with(str(err))
@@ -145,6 +146,7 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
             refuse_used_sweep_dir(Path(config.hydra.sweep.dir))
+            check_writable_folder("hydra.sweep.dir", config.hydra.sweep.dir)
             validate_sweep(config)
         except ConfigError as err:
             exit_with(str(err))
