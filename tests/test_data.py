@@ -179,3 +179,23 @@ def test_a_folder_named_like_an_image_is_not_an_image(tmp_path):
     root = make_image_folder(tmp_path, {"a": 4, "b": 4})
     (root / "train" / "a" / "x.jpg").mkdir()
     assert ImageFolderSource(root).class_size("a") == 4
+
+
+def test_the_holdout_is_never_trained_or_validated_on_and_is_the_test_split(tmp_path):
+    from simfreeze.data.splits import shared_images
+
+    root = make_image_folder(tmp_path, {"a": 20, "b": 20}, test_per_class=3)
+    dm = TaskDataModule(root=str(root), classes=["a", "b"], per_class=10, holdout_per_class=6)
+    split = dm.plan_split()
+    for name in ("a", "b"):
+        assert len(split.holdout[name]) == 6
+        assert not set(split.holdout[name]) & (set(split.train[name]) | set(split.val[name]))
+    # the end of the permutation: a task with more images still leaves it alone, as long as both fit
+    bigger = balanced_split({"a": 20, "b": 20}, 14, 0.2, 0)
+    assert not any(set(bigger.train[n] + bigger.val[n]) & set(split.holdout[n]) for n in ("a", "b"))
+    too_big = balanced_split({"a": 20, "b": 20}, 18, 0.2, 0)
+    assert shared_images(too_big, split)  # a source that trains on it is caught by the leakage check
+    dm.setup()
+    assert len(dm.tensors["test"][1]) == 12  # the holdout replaces the folder's test/ split
+    with pytest.raises(DataConfigError, match=r"data.per_class=16 \+ data.holdout_per_class=6 exceed the 20 images"):
+        TaskDataModule(root=str(root), classes=["a", "b"], per_class=16, holdout_per_class=6).plan_split()

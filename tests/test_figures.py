@@ -68,3 +68,15 @@ def test_similarity_analysis_writes_the_matrix_and_figures(cat_dog_folder, tmp_p
         assert (run_dir / name).read_bytes()[:8] == PNG
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "results.json").read_text())["spread"] == result["spread"]
+
+
+def test_the_centred_cosine_removes_the_shared_component():
+    from simfreeze.method.similarity import centred_cosine_matrix
+
+    shared = torch.tensor([10.0, 10.0, 10.0])
+    centroids = torch.stack([shared + torch.tensor([1.0, 0, 0]), shared + torch.tensor([0, 1.0, 0]),
+                             shared + torch.tensor([-1.0, -1.0, 0])])
+    plain, centred = cosine_matrix(centroids), centred_cosine_matrix(centroids)
+    assert plain[0, 1] > 0.99  # bunched near 1 by the shared part
+    assert abs(float(centred[0, 1])) < 1e-9 and centred[0, 2] < 0  # orthogonal, opposed: what the classes differ by
+    assert torch.allclose(centred.diagonal(), torch.ones(3, dtype=torch.float64))

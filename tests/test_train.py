@@ -62,3 +62,20 @@ def test_a_diverged_run_fails_with_one_line_and_no_results(image_folder, tmp_pat
                        f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "error: training diverged" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (run_dir / "results.json").exists()
+
+
+def test_a_long_epoch_prints_progress_lines(capsys):
+    from types import SimpleNamespace
+
+    from simfreeze.runs.progress import EpochLines
+
+    lines = EpochLines(every_s=0.0)
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=4, num_training_batches=400,
+                              callback_metrics={"train/loss": 1.2345})
+    lines.on_train_epoch_start(trainer, None)
+    lines.on_train_batch_end(trainer, None, None, None, 119)
+    assert "epoch 1/4  batch 120/400  train/loss 1.2345" in capsys.readouterr().out
+    quiet = EpochLines()  # every 30 s: not after a moment
+    quiet.on_train_epoch_start(trainer, None)
+    quiet.on_train_batch_end(trainer, None, None, None, 0)
+    assert capsys.readouterr().out == ""

@@ -5,7 +5,8 @@ training; every class of the task is embedded and the paper's figures are writte
 - ``centroids_pca.png``: the centroids on their first two principal axes (Fig. 2);
 - ``freeze_vs_similarity.png``: ``L_freeze`` against S for this architecture's ``L_total`` and the
   configured thresholds, with every class pair's S marked (Fig. 3);
-- the spread of S over all pairs (min / median / max) in the JSON and ``results.json``;
+- the spread of S over all pairs (min / median / max) in the JSON and ``results.json``, and the
+  centred cosine of every pair (``centred_cosine``: the mean of all centroids subtracted first);
 - all figures and the spread also in TensorBoard (``tensorboard/``).
 """
 
@@ -22,7 +23,8 @@ import torch
 
 from simfreeze.data.datamodule import TaskDataModule
 from simfreeze.method.plan import FreezeSpec
-from simfreeze.method.similarity import centroid, cosine_matrix, image_batches, pair_spread, pca_2d, pooled_features
+from simfreeze.method.similarity import (centred_cosine_matrix, centroid, cosine_matrix, image_batches, pair_spread,
+                                         pca_2d, pooled_features)
 from simfreeze.networks.build import build_network
 from simfreeze.networks.layers import layer_map
 from simfreeze.reports.plots import centroid_map, freeze_curve, similarity_heatmap
@@ -62,6 +64,7 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
     centroids = torch.stack(centroids)
     matrix = cosine_matrix(centroids)
     spread = pair_spread(matrix, names)
+    centred = centred_cosine_matrix(centroids)  # another score for the same pairs (README, Similarity)
     coords, explained = pca_2d(centroids)
     layers = layer_map(net, arch, spec.l_total)
 
@@ -73,11 +76,15 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -
         "classes": names, "embedder": embedder_name, "weights": record, "images_per_class": counts,
         "dimension": int(centroids.shape[1]),
         "cosine": [[round(float(v), 6) for v in row] for row in matrix], "spread": spread,
+        "centred_cosine": [[round(float(v), 6) for v in row] for row in centred],
+        "centred_spread": pair_spread(centred, names),
         "pca": {"coords": [[round(float(v), 6) for v in row] for row in coords], "explained": explained},
         "l_total": layers.l_total, "n_layers": len(layers),
         "thresholds": {"low": spec.low, "high": spec.high, "fallback": spec.fallback},
-        "pairs": {pair: {"S": round(s, 6), "linear": depth("linear", s), "threshold": depth("threshold", s)}
-                  for pair, s in marks.items()},
+        "pairs": {f"{names[i]}–{names[j]}": {"S": round(float(matrix[i, j]), 6), "centred": round(float(centred[i, j]), 6),
+                                             "linear": depth("linear", float(matrix[i, j])),
+                                             "threshold": depth("threshold", float(matrix[i, j]))}
+                  for i in range(len(names)) for j in range(i + 1, len(names))},
     }
     (run_dir / "similarity_matrix.json").write_text(json.dumps(result, indent=1))
     with open(run_dir / "similarity_matrix.csv", "w", newline="") as handle:

@@ -121,6 +121,7 @@ DATA_RULES = {
     "flip": rule(lambda v: isinstance(v, bool), "true or false"),
     "download": rule(lambda v: isinstance(v, bool), "true or false"),
     "use_test": rule(lambda v: isinstance(v, bool), "true or false"),
+    "holdout_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
 }
 RULES = {
     "seed": rule(is_int, "an integer"),

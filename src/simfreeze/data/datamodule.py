@@ -43,6 +43,7 @@ class TaskDataModule(L.LightningDataModule):
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         use_test: bool = True,
+        holdout_per_class: int = 0,
     ):
         super().__init__()
         self.classes = list(classes)
@@ -64,7 +65,7 @@ class TaskDataModule(L.LightningDataModule):
         self.dataset, self.root, self.download, self.download_dir = dataset, root, download, download_dir
         self.positive, self.per_class, self.val_fraction, self.seed = positive, per_class, val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.image_size, self.flip, self.use_test = image_size, flip, use_test
+        self.image_size, self.flip, self.use_test, self.holdout_per_class = image_size, flip, use_test, holdout_per_class
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.source: ImageSource | None = None
         self.split: Split | None = None
@@ -83,7 +84,9 @@ class TaskDataModule(L.LightningDataModule):
                 raise DataConfigError(f"{key}: unknown class {unknown}; the data has {self.source.classes}")
             sizes = {name: self.source.class_size(name) for name in self.label_of}
             self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed,
-                                        group_quotas(self.groups, self.per_class))
+                                        group_quotas(self.groups, self.per_class),
+                                        {name: self.holdout_per_class for name in sizes} | group_quotas(
+                                            self.groups, self.holdout_per_class) if self.holdout_per_class else None)
         return self.split
 
     def setup(self, stage: str | None = None) -> None:
@@ -92,7 +95,9 @@ class TaskDataModule(L.LightningDataModule):
         self.plan_split()
         for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
             self.tensors[stage_name] = self._load(chosen, "train")
-        if self.use_test and self.source.has_test:
+        if self.split.holdout:  # the final evaluation: held-out images of the training folder
+            self.tensors["test"] = self._load(self.split.holdout, "train")
+        elif self.use_test and self.source.has_test:
             everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.label_of}
             # A group takes as many test images in all as one of its members has.
             quotas = group_quotas(self.groups, max(map(len, everything.values())))
@@ -132,6 +137,7 @@ class TaskDataModule(L.LightningDataModule):
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
         record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
                   "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
+                  "holdout_per_class": self.holdout_per_class,
                   **self.split.to_json()}
         if isinstance(self.source, ImageFolderSource):
             record["files"] = {stage: {name: [str(self.source.files(name)[i].relative_to(self.source.root))

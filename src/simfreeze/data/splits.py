@@ -8,7 +8,7 @@ only on ``(seed, class name)``, so two tasks over the same classes see the same 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -18,13 +18,15 @@ from simfreeze.errors import DataConfigError
 
 @dataclass(frozen=True)
 class Split:
-    """Indices into each class's sorted item list, per class name."""
+    """Indices into each class's sorted item list, per class name. ``holdout``: images kept for the
+    final evaluation only (the end of each class's permutation; empty unless asked for)."""
 
     train: dict[str, list[int]]
     val: dict[str, list[int]]
+    holdout: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"train": self.train, "val": self.val}
+        return {"train": self.train, "val": self.val, **({"holdout": self.holdout} if self.holdout else {})}
 
 
 def class_permutation(n_items: int, class_name: str, seed: int) -> list[int]:
@@ -40,19 +42,27 @@ def class_permutation(n_items: int, class_name: str, seed: int) -> list[int]:
 
 def balanced_split(
     class_sizes: dict[str, int], per_class: int, val_fraction: float, seed: int,
-    quotas: dict[str, int] | None = None,
+    quotas: dict[str, int] | None = None, holdout: dict[str, int] | None = None,
 ) -> Split:
     """Take ``per_class`` items of every class (``quotas`` overrides it per class), the first
     ``round(val_fraction·quota)`` of them for validation: balanced, stratified, disjoint and
     deterministic. A class's items are a prefix of its seeded permutation, so a smaller quota
-    takes a subset of a larger one's items, validation items included."""
+    takes a subset of a larger one's items, validation items included.
+
+    ``holdout``: per class, how many items to keep for the final evaluation: the *last* ones of the
+    same permutation, so no task over that class with the same seed (whatever its ``per_class``, as
+    long as the two fit) ever trains or validates on them."""
     if not 0.0 < val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
     if per_class < 2:
         raise DataConfigError(f"data.per_class={per_class} must be at least 2")
-    train, val = {}, {}
+    train, val, held = {}, {}, {}
     for name, size in class_sizes.items():
         quota = (quotas or {}).get(name, per_class)
+        kept = (holdout or {}).get(name, 0)
+        if kept and quota + kept > size:
+            raise DataConfigError(f"data.per_class={per_class} + data.holdout_per_class={kept} exceed the {size} "
+                                  f"images of class '{name}'")
         n_val = round(val_fraction * quota)
         if n_val == 0 or n_val == quota:
             raise DataConfigError(
@@ -64,10 +74,13 @@ def balanced_split(
                 f"data.per_class={per_class} but class '{name}' has only {size} images"
                 if quota == per_class else f"class '{name}' needs {quota} images but has only {size}"
             )
-        chosen = class_permutation(size, name, seed)[:quota]
+        permutation = class_permutation(size, name, seed)
+        chosen = permutation[:quota]
         val[name] = sorted(chosen[:n_val])
         train[name] = sorted(chosen[n_val:])
-    return Split(train=train, val=val)
+        if kept:
+            held[name] = sorted(permutation[size - kept:])
+    return Split(train=train, val=val, holdout=held)
 
 
 def group_quotas(groups: dict[str, Sequence[str]], per_class: int) -> dict[str, int]:
@@ -90,13 +103,14 @@ def task_labels(classes: Sequence[str], positive: str | None) -> dict[str, int]:
 
 
 def shared_images(trained_on: Split, held_out: Split) -> dict[str, list[int]]:
-    """Images a source task trained on that a target task validates on, per class (must be empty).
+    """Images a source task trained on that a target task validates or is finally evaluated on
+    (its holdout), per class (must be empty).
 
     Both splits must index the same data (same root): class name + index identifies an image.
     """
     overlap = {}
     for name, indices in trained_on.train.items():
-        common = sorted(set(indices) & set(held_out.val.get(name, [])))
+        common = sorted(set(indices) & (set(held_out.val.get(name, [])) | set(held_out.holdout.get(name, []))))
         if common:
             overlap[name] = common
     return overlap

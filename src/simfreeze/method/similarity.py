@@ -60,6 +60,14 @@ def cosine_matrix(centroids: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
+def centred_cosine_matrix(centroids: torch.Tensor) -> torch.Tensor:
+    """Cosine of the class centroids (C, D) after subtracting their mean: the mean embedding of all
+    the classes when they hold equally many images. Post-ReLU features share a large common
+    component that bunches plain cosines near 1; without it the classes' differences remain."""
+    centroids = centroids.double()
+    return cosine_matrix(centroids - centroids.mean(dim=0))
+
+
 def pair_spread(matrix: torch.Tensor, names: Sequence[str]) -> dict:
     """Min / median / max of S over the distinct class pairs (the upper triangle), with the pairs
     at the extremes: post-ReLU features bunch cosines near 1, so the spread says how much S can

@@ -40,7 +40,7 @@ NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similari
 # devices / num_nodes / strategy: a source always trains on one device (source_config).
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
-DATA_NOT_IN_KEY = {"eval_batch_size", "use_test"}
+DATA_NOT_IN_KEY = {"eval_batch_size", "use_test", "holdout_per_class"}  # what is evaluated, not what is learned
 MODEL_NOT_IN_KEY = {"compile", "channels_last"}  # how the network runs, not what it learns (up to rounding)
 
 TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, returns its results
