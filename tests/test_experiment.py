@@ -136,3 +136,20 @@ def test_architectures_experiment_writes_khotsyanovskys_table(cat_dog_folder, tm
     head_only = {r["weights"]["arch"]: r for r in runs if r["arm"] == "head_only"}
     assert head_only["small_cnn"]["trainable_parameters"] == 512 * 2 + 2  # only the new head trains
     assert len(list((tmp_path / "sources").glob("source-cat-*"))) == 2  # one cat model per architecture
+
+
+def test_the_pretrained_protocol_trains_a_base_once_and_embeds_with_it(tmp_path):
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"ant": 20, "bee": 20, "cat": 30, "dog": 30})
+    sweep, sources = tmp_path / "sweep", tmp_path / "sources"
+    run_train("+experiment=cat_to_dog_pretrained", "arm=dynamic,head_only", *SMALL, "data.holdout_per_class=5",
+              "source.source.task={classes:[ant,bee],per_class:10}", f"data.root={root}", f"hydra.sweep.dir={sweep}",
+              f"source.cache_dir={sources}", cwd=tmp_path)
+    dynamic, head_only = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1"))
+    base = dynamic["source"]["source"]  # the chain: dog ← cat model ← base
+    assert base["name"] == "source:ant-bee" and dynamic["source"]["name"] == "source:cat"
+    assert len(list(sources.glob("source-ant-bee-*"))) == 1 and len(list(sources.glob("source-cat-*"))) == 1
+    similarity = json.loads((sweep / "0" / "similarity.json").read_text())
+    assert similarity["embedder"].startswith("source.source (") and base["run_dir"] in similarity["embedder"]
+    assert dynamic["images"]["test"] == head_only["images"]["test"] == 10  # the held-out images, 5 per class

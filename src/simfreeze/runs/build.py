@@ -59,12 +59,13 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     if spec.policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
         layers = layer_map(probe, arch, spec.l_total)
         spec.check(len(layers))
-    similarity = None
-    if spec.needs_similarity or cfg["similarity"]["enabled"]:
-        similarity = similarity_task(cfg, datamodule, probe_record["head"])
-    source = None
     if cfg["transfer"]:
         check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
+    similarity = None  # after the leakage check: an embedder of the chain (source.source) is trained here
+    if spec.needs_similarity or cfg["similarity"]["enabled"]:
+        similarity = similarity_task(cfg, datamodule, probe_record["head"], train_source)
+    source = None
+    if cfg["transfer"]:
         weights, source = source_weights(cfg, train_source)
     else:
         weights = cfg["model"]["weights"]
@@ -115,9 +116,11 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     return Run(datamodule, module, trainer, transfer, clock, best, logger, network, source, fp32_convs)
 
 
-def similarity_task(cfg: dict, target: TaskDataModule, head: str) -> SimilarityTask:
+def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: TrainFn) -> SimilarityTask:
     """What S compares for this run: the source's classes (``similarity.source_classes``, or the
-    source task's positive class or classes) against the target's."""
+    source task's positive class or classes) against the target's, embedded by the model before fit
+    (``similarity.embedder=source``), torchvision weights, a checkpoint, or a stage further up the
+    chain of sources (``source.source``: the source's own source, e.g. a pretrained base)."""
     spec = cfg["similarity"]
     source_task = cfg["source"]["task"]
     if spec["source_classes"]:
@@ -148,7 +151,28 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str) -> SimilarityT
 
     embedder, embedder_name = None, spec["embedder"]
     if embedder_name != "source":
-        embedder, _ = build_network(cfg["model"]["arch"], 2, embedder_name, key="similarity.embedder",
+        weights = embedder_name
+        if embedder_name.startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
+            weights = chain_stage_weights(cfg, embedder_name, train_source)
+            embedder_name = f"{embedder_name} ({weights})"
+        embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
     return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
                           embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size)
+
+
+def chain_stage_weights(cfg: dict, embedder: str, train_source: TrainFn) -> str:
+    """The checkpoint of the chain stage ``embedder`` names (``source.source`` = the source's own
+    source, ``source.source.source`` one further), trained now if it is not cached yet."""
+    depth = embedder.count("source")
+    if embedder != ".".join(["source"] * depth):
+        raise ConfigError(f"similarity.embedder={embedder} must be source, source.source, source.source.source, …, "
+                          f"a torchvision weights name or a checkpoint path")
+    stage = cfg
+    for level in range(depth - 1):
+        if not stage["source"]["task"]:
+            raise ConfigError(f"similarity.embedder={embedder}: the chain has no {'source.' * (level + 1)}source stage")
+        stage = source_config(stage)
+    if not (stage["source"]["task"] or stage["source"]["weights"]):
+        raise ConfigError(f"similarity.embedder={embedder}: the chain has no such stage")
+    return source_weights(stage, train_source)[0]
