@@ -113,7 +113,7 @@ HYDRA_CASES = {
     "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of dynamic, finetune, "
                                            "head_only, scratch, source, staged, static45, threshold"),
     "unknown experiment": (["+experiment=nope"], "error: experiment=nope: no such option; experiment is one of "
-                                                 "architectures, cat_to_dog, depth_sweep, similarity_matrix, staged"),
+                                                 "architectures, cat_to_dog, cat_to_dog_pretrained, depth_sweep, similarity_matrix, staged"),
     "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),
     "unknown key without +": (["data.per_clas=5"], "error: unknown key data.per_clas: the config has no such key"),
     "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
