@@ -28,7 +28,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from simfreeze.speed.precision import device_type, native_cpu_bf16, resolve_precision
+from simfreeze.speed.precision import device_type, native_cpu_bf16, resolve_precision, with_resolved_precision
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -360,7 +360,7 @@ def curve_figure(curve: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from simfreeze.runs.fit import fit, resolved
+    from simfreeze.runs.fit import fit
     from simfreeze.runs.progress import quiet_lightning
     from simfreeze.runs.sources import source_weights
 
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{formats}\n\n{phases}\n", flush=True)
     # The cat source is trained once, untimed, at the experiment's epochs; every arm at every
     # --epochs value starts from that same file, so the curve varies only the arm's own training.
-    weights, _ = source_weights(resolved(compose_run([*common, "arm=dynamic"])), train=fit)
+    weights, _ = source_weights(with_resolved_precision(compose_run([*common, "arm=dynamic"])), train=fit)
     from_source = ["source.task=null", f"source.weights={weights}", "similarity.source_classes=[cat]"]
 
     plan = [(arm, True) for arm in args.arms] + [(arm, False) for arm in args.uncached if arm in args.arms]

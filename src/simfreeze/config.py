@@ -239,10 +239,9 @@ def flatten(node, prefix: str = "") -> dict[str, object]:
 def run_settings(cfg: dict) -> dict[str, str]:
     """The settings that decide what a run computes, flattened, as text (a checkpoint keeps them);
     ``precision=auto`` as the precision it runs."""
-    from simfreeze.speed.precision import resolve_precision
+    from simfreeze.speed.precision import with_resolved_precision
 
-    trainer = cfg["trainer"]
-    cfg = {**cfg, "trainer": {**trainer, "precision": resolve_precision(trainer["precision"], trainer["accelerator"])}}
+    cfg = with_resolved_precision(cfg)
 
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME)

@@ -10,19 +10,12 @@ from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
 from simfreeze.runs.results import finish, metric, run_results, source_record
 from simfreeze.runs.sources import source_weights
-from simfreeze.speed.precision import resolve_precision
-
-
-def resolved(cfg: dict) -> dict:
-    """The config as it runs: ``trainer.precision=auto`` → this device type's measured default
-    (``simfreeze.speed.precision``), recorded as such in the results and the source cache key."""
-    trainer = cfg["trainer"]
-    return {**cfg, "trainer": {**trainer, "precision": resolve_precision(trainer["precision"], trainer["accelerator"])}}
+from simfreeze.speed.precision import with_resolved_precision
 
 
 def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     """Train one run into ``run_dir``; write ``results.json`` and print its line. Returns the results."""
-    cfg = resolved(cfg)
+    cfg = with_resolved_precision(cfg)
     run = build_run(cfg, run_dir, train_source=fit)
     trainer = run.trainer
     # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
@@ -64,7 +57,7 @@ def log_hparams(run: Run, cfg: dict, results: dict) -> None:
 
 def report_source(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     """The source arm: train the source task (or reuse it from the cache) and report it as a run."""
-    _, source = source_weights(resolved(cfg), train=fit)
+    _, source = source_weights(with_resolved_precision(cfg), train=fit)
     results = {**source, "arm": "source", "run_dir": str(run_dir), "source_dir": source["run_dir"],
                "overrides": list(overrides)}
     return finish(run_dir, results)

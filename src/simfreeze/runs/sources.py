@@ -29,7 +29,7 @@ from typing import Any, Callable
 from simfreeze.data.splits import shared_images
 from simfreeze.errors import ConfigError
 from simfreeze.runs.results import run_name
-from simfreeze.speed.precision import resolve_precision
+from simfreeze.speed.precision import with_resolved_precision
 
 log = logging.getLogger("simfreeze")
 
@@ -49,7 +49,8 @@ TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, 
 def source_config(cfg: dict) -> dict:
     """The run config that trains ``cfg``'s source task: the target's recipe on the source's data."""
     spec = cfg["source"]
-    source = copy.deepcopy(cfg)
+    # The precision that runs, not "auto": it is part of the cache key.
+    source = copy.deepcopy(with_resolved_precision(cfg))
     if "classes" in spec["task"]:  # a task of its own classes: the target's labelling does not carry over
         source["data"].update(positive=None, groups={})
     source["data"].update(spec["task"])
@@ -61,8 +62,6 @@ def source_config(cfg: dict) -> dict:
     source["similarity"].update(enabled=False, analysis=False)
     source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
-    # The precision that runs, not "auto": it is part of the cache key.
-    source["trainer"]["precision"] = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
     # command, whose processes would then wait on the source's lock held by their own parent.
     source["trainer"].update(devices=1, num_nodes=1, strategy="auto")

@@ -60,6 +60,13 @@ def resolve_precision(precision: str | int, accelerator: str) -> str | int:
     return default_precision(device_type(accelerator)) if precision == "auto" else precision
 
 
+def with_resolved_precision(cfg: dict) -> dict:
+    """A run config as it runs: ``trainer.precision=auto`` → this device type's measured default, as
+    results, source cache keys and resume checks record it."""
+    trainer = cfg["trainer"]
+    return {**cfg, "trainer": {**trainer, "precision": resolve_precision(trainer["precision"], trainer["accelerator"])}}
+
+
 # oneDNN (torch 2.14.1, CPU) computes the bf16 weight gradient of a convolution whose stride
 # exceeds its input's height or width from memory it never wrote: the same run twice gives other
 # gradients, now and then inf (ResNet layer4 at 16×16 images: a stride-2 conv on a 1×1 map).
