@@ -199,3 +199,21 @@ def test_the_holdout_is_never_trained_or_validated_on_and_is_the_test_split(tmp_
     assert len(dm.tensors["test"][1]) == 12  # the holdout replaces the folder's test/ split
     with pytest.raises(DataConfigError, match=r"data.per_class=16 \+ data.holdout_per_class=6 exceed the 20 images"):
         TaskDataModule(root=str(root), classes=["a", "b"], per_class=16, holdout_per_class=6).plan_split()
+
+
+def test_skip_per_class_takes_the_images_after_another_tasks():
+    sizes = {"a": 50, "b": 50}
+    task = balanced_split(sizes, per_class=10, val_fraction=0.2, seed=0, holdout={"a": 10, "b": 10})
+    base = balanced_split(sizes, per_class=20, val_fraction=0.2, seed=0, skip=10)
+    for name in sizes:
+        used = set(task.train[name]) | set(task.val[name]) | set(task.holdout[name])
+        assert not used & (set(base.train[name]) | set(base.val[name]))
+        assert len(base.train[name]) == 16 and len(base.val[name]) == 4
+    # the images after the skip are the same ones a larger task takes after its first 10
+    larger = balanced_split(sizes, per_class=30, val_fraction=0.5, seed=0)
+    assert set(base.train["a"]) | set(base.val["a"]) == set(larger.train["a"] + larger.val["a"]) - set(
+        task.train["a"] + task.val["a"])
+    with pytest.raises(DataConfigError, match=r"after data.skip_per_class=45 but class 'a' has only 50"):
+        balanced_split(sizes, per_class=10, val_fraction=0.2, seed=0, skip=45)
+    with pytest.raises(DataConfigError, match=r"\+ data.skip_per_class=30 exceed the 50 images"):
+        balanced_split(sizes, per_class=10, val_fraction=0.2, seed=0, skip=30, holdout={"a": 20, "b": 20})

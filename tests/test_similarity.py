@@ -61,3 +61,22 @@ def test_measure_keeps_the_outputs_asked_for_within_the_budget():
     assert torch.equal(kept["cat"][4], stem) and kept["dog"][4].shape[0] == 3
     # over the budget: nothing is kept (the cache then runs the prefix itself)
     assert measure_similarity(task, net, torch.device("cpu"), keep={4: net.maxpool}, keep_budget_bytes=10).captured == {}
+
+
+def test_the_centred_cosine_subtracts_the_mean_centroid_of_every_class_in_the_pass():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2)
+    images = {name: torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8) for name in ("cat", "dog", "horse")}
+    prepare = lambda x: x.float() / 255  # noqa: E731
+    task = SimilarityTask(images.__getitem__, prepare, ["cat"], ["dog"], "fc", batch_size=4, scores=True,
+                          reference_classes=["dog", "horse"])
+    record = measure_similarity(task, net, torch.device("cpu")).record
+    centroids = {n: pooled_features(net, "fc", [prepare(x)]).mean(0) for n, x in images.items()}
+    mean = torch.stack(list(centroids.values())).mean(0)
+    assert record["scores"]["centred_over"] == ["cat", "dog", "horse"] and record["images_per_class"]["horse"] == 4
+    assert math.isclose(record["scores"]["centred_cosine"], cosine(centroids["cat"] - mean, centroids["dog"] - mean),
+                        rel_tol=1e-6)
+    assert record["scores"]["cosine"] == record["S"] > record["scores"]["centred_cosine"]  # post-ReLU: bunched near 1
+    plain = measure_similarity(SimilarityTask(images.__getitem__, prepare, ["cat"], ["dog"], "fc",
+                                              reference_classes=["horse"]), net, torch.device("cpu")).record
+    assert "scores" not in plain and "horse" not in plain["images_per_class"]  # only when asked for

@@ -65,3 +65,53 @@ def test_temporaries_of_killed_runs_are_removed_and_a_failed_source_leaves_none(
     (directory / "results.json").unlink()  # forces a rebuild, under the lock
     cached_source(tmp_path, "source-cat", CFG, fake_training([]))
     assert not leftover.exists() and (tmp_path / ".source-cat-x.tmp-1").exists()
+
+
+def base_of(experiment: str, *overrides: str) -> tuple[dict, list[dict]]:
+    """The resolved target config and its chain of source stages (nearest first) of one job."""
+    from omegaconf import OmegaConf
+
+    from simfreeze.runs.sources import source_chain
+    from tests.helpers import compose_config
+
+    cfg = OmegaConf.to_container(compose_config([f"+experiment={experiment}", "data.root=/data",
+                                                 "trainer.precision=32-true", *overrides]), resolve=True)
+    return cfg, source_chain(cfg)
+
+
+def test_one_base_serves_every_pair_seed_and_experiment_and_shares_no_image_with_their_tasks():
+    from simfreeze.data.splits import balanced_split
+    from simfreeze.runs.sources import source_key
+
+    def images(data: dict, held_out: bool = True) -> dict[str, set[int]]:  # the images a task trains, selects, tests on
+        sizes = {name: 5000 for name in data["classes"]}  # CIFAR-10's training split
+        split = balanced_split(sizes, data["per_class"], data["val_fraction"], data["seed"],
+                               holdout={n: data["holdout_per_class"] for n in sizes} if data["holdout_per_class"] else None,
+                               skip=data["skip_per_class"])
+        return {n: set(split.train[n]) | set(split.val[n]) | (set(split.holdout.get(n, [])) if held_out else set())
+                for n in sizes}
+
+    jobs = [base_of("similarity_study", f"source.task.positive={source}", f"seed={seed}", "freeze.l_freeze=dynamic")
+            for source in ("cat", "automobile") for seed in (0, 2)]
+    jobs.append(base_of("cat_to_dog_pretrained", "arm=dynamic", "seed=1"))
+    keys = {source_key(chain[-1]) for _, chain in jobs}
+    assert len(keys) == 1, "the base is trained once, whatever the pair, seed or experiment"
+    for target, (source, base) in jobs:
+        assert base["seed"] == 0 and source["seed"] == target["seed"]  # the source model follows the run's seed
+        assert source["data"]["classes"] == [source["data"]["positive"], *target["data"]["classes"][1:]] or \
+            source["data"]["classes"] == ["cat", "dog"]
+        for task in (target, source):
+            task_images, base_images = images(task["data"]), images(base["data"], held_out=False)
+            assert not any(task_images[n] & base_images.get(n, set()) for n in task_images)
+    study_sources = {chain[0]["data"]["positive"] for cfg, chain in jobs[:-1]}
+    assert study_sources == {"cat", "automobile"}
+
+
+def test_a_stage_seed_must_be_an_integer():
+    from simfreeze.config import check_values
+    from simfreeze.errors import ConfigError
+
+    cfg, _ = base_of("similarity_study", "freeze.l_freeze=dynamic")
+    cfg["source"]["source"]["seed"] = "zero"
+    with pytest.raises(ConfigError, match=r"source.source.seed=\"zero\" must be an integer or null"):
+        check_values(cfg)

@@ -76,7 +76,7 @@ def validate_config(cfg: DictConfig) -> None:
     for section in ("data", "model", "source", "similarity", "freeze", "cache"):
         reject_unknown(f"{section}.", cfg[section].keys(), keys[section])
     stage, prefix = cfg.source, "source."
-    while stage:  # a chain: source.source.… (each stage: task, weights, freeze, source)
+    while stage:  # a chain: source.source.… (each stage: task, weights, freeze, seed, source)
         reject_unknown(prefix, stage.keys(), keys["source"])
         if stage.get("task"):
             reject_unknown(f"{prefix}task.", stage.task.keys(), keys["data"])
@@ -122,6 +122,7 @@ DATA_RULES = {
     "download": rule(lambda v: isinstance(v, bool), "true or false"),
     "use_test": rule(lambda v: isinstance(v, bool), "true or false"),
     "holdout_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
+    "skip_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
 }
 RULES = {
     "seed": rule(is_int, "an integer"),
@@ -139,6 +140,7 @@ RULES = {
     "cache.enabled": rule(lambda v: isinstance(v, bool), "true or false"),
     "cache.budget_gb": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "similarity.enabled": rule(lambda v: isinstance(v, bool), "true or false"),
+    "similarity.scores": rule(lambda v: isinstance(v, bool), "true or false"),
     **{f"data.{key}": value for key, value in DATA_RULES.items()},
 }
 
@@ -160,6 +162,8 @@ def check_values(cfg: dict) -> None:
             raise ConfigError(f"{key}={json.dumps(value)} must be {allowed}")
     stage, prefix = cfg["source"], "source."
     while stage:
+        if stage.get("seed") is not None and not is_int(stage["seed"]):
+            raise ConfigError(f"{prefix}seed={json.dumps(stage['seed'])} must be {RULES['seed'][1]} or null")
         for key, value in (stage.get("task") or {}).items():
             if key in DATA_RULES and not DATA_RULES[key][0](value):
                 raise ConfigError(f"{prefix}task.{key}={json.dumps(value)} must be {DATA_RULES[key][1]}")

@@ -44,6 +44,7 @@ class TaskDataModule(L.LightningDataModule):
         std: Sequence[float] = CIFAR10_STD,
         use_test: bool = True,
         holdout_per_class: int = 0,
+        skip_per_class: int = 0,
     ):
         super().__init__()
         self.classes = list(classes)
@@ -66,6 +67,7 @@ class TaskDataModule(L.LightningDataModule):
         self.positive, self.per_class, self.val_fraction, self.seed = positive, per_class, val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.image_size, self.flip, self.use_test, self.holdout_per_class = image_size, flip, use_test, holdout_per_class
+        self.skip_per_class = skip_per_class
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.source: ImageSource | None = None
         self.split: Split | None = None
@@ -86,7 +88,8 @@ class TaskDataModule(L.LightningDataModule):
             self.split = balanced_split(sizes, self.per_class, self.val_fraction, self.seed,
                                         group_quotas(self.groups, self.per_class),
                                         {name: self.holdout_per_class for name in sizes} | group_quotas(
-                                            self.groups, self.holdout_per_class) if self.holdout_per_class else None)
+                                            self.groups, self.holdout_per_class) if self.holdout_per_class else None,
+                                        skip=self.skip_per_class)
         return self.split
 
     def setup(self, stage: str | None = None) -> None:
@@ -137,7 +140,7 @@ class TaskDataModule(L.LightningDataModule):
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
         record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
                   "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
-                  "holdout_per_class": self.holdout_per_class,
+                  "holdout_per_class": self.holdout_per_class, "skip_per_class": self.skip_per_class,
                   **self.split.to_json()}
         if isinstance(self.source, ImageFolderSource):
             record["files"] = {stage: {name: [str(self.source.files(name)[i].relative_to(self.source.root))

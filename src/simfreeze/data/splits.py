@@ -42,7 +42,7 @@ def class_permutation(n_items: int, class_name: str, seed: int) -> list[int]:
 
 def balanced_split(
     class_sizes: dict[str, int], per_class: int, val_fraction: float, seed: int,
-    quotas: dict[str, int] | None = None, holdout: dict[str, int] | None = None,
+    quotas: dict[str, int] | None = None, holdout: dict[str, int] | None = None, skip: int = 0,
 ) -> Split:
     """Take ``per_class`` items of every class (``quotas`` overrides it per class), the first
     ``round(val_fraction·quota)`` of them for validation: balanced, stratified, disjoint and
@@ -56,12 +56,15 @@ def balanced_split(
         raise DataConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
     if per_class < 2:
         raise DataConfigError(f"data.per_class={per_class} must be at least 2")
+    if skip < 0:
+        raise DataConfigError(f"data.skip_per_class={skip} must be ≥ 0")
     train, val, held = {}, {}, {}
     for name, size in class_sizes.items():
         quota = (quotas or {}).get(name, per_class)
         kept = (holdout or {}).get(name, 0)
-        if kept and quota + kept > size:
-            raise DataConfigError(f"data.per_class={per_class} + data.holdout_per_class={kept} exceed the {size} "
+        if kept and skip + quota + kept > size:
+            raise DataConfigError(f"data.per_class={per_class} + data.holdout_per_class={kept}"
+                                  f"{f' + data.skip_per_class={skip}' if skip else ''} exceed the {size} "
                                   f"images of class '{name}'")
         n_val = round(val_fraction * quota)
         if n_val == 0 or n_val == quota:
@@ -69,13 +72,12 @@ def balanced_split(
                 f"data.val_fraction={val_fraction} with {quota} images of class '{name}' leaves "
                 f"{n_val} validation and {quota - n_val} training images; both must be > 0"
             )
-        if quota > size:
-            raise DataConfigError(
-                f"data.per_class={per_class} but class '{name}' has only {size} images"
-                if quota == per_class else f"class '{name}' needs {quota} images but has only {size}"
-            )
+        if skip + quota > size:
+            needs = f"data.per_class={per_class}" if quota == per_class else f"class '{name}' needs {quota} images"
+            raise DataConfigError(f"{needs}{f' after data.skip_per_class={skip}' if skip else ''} but class '{name}' "
+                                  f"has only {size} images")
         permutation = class_permutation(size, name, seed)
-        chosen = permutation[:quota]
+        chosen = permutation[skip:skip + quota]
         val[name] = sorted(chosen[:n_val])
         train[name] = sorted(chosen[n_val:])
         if kept:

@@ -110,6 +110,11 @@ class SimilarityTask:
     embedder_name: str = "source"
     matrix: bool = False
     batch_size: int = 64
+    # Other depth predictors beside S (results' "scores"): the centred cosine, S after subtracting the
+    # mean centroid of the compared classes and ``reference_classes`` (each class weighs the same;
+    # the pass embeds them too), and LogME of the model before fit on the target's training images.
+    scores: bool = False
+    reference_classes: Sequence[str] = ()
 
 
 @dataclass
@@ -136,7 +141,8 @@ def measure_similarity(task: SimilarityTask, net: nn.Module, device: torch.devic
     """
     start = time.perf_counter()
     keep = dict(keep or {})
-    names = list(dict.fromkeys([*task.source_classes, *task.target_classes]))
+    references = task.reference_classes if task.scores else ()
+    names = list(dict.fromkeys([*task.source_classes, *task.target_classes, *references]))
     features, captured = {}, {}
     for name in names:
         kept: dict[int, list[torch.Tensor]] = {k: [] for k in keep}
@@ -162,6 +168,11 @@ def measure_similarity(task: SimilarityTask, net: nn.Module, device: torch.devic
               "source_classes": list(task.source_classes), "target_classes": list(task.target_classes),
               "embedder": task.embedder_name, "images_per_class": {n: len(f) for n, f in features.items()},
               "dimension": int(next(iter(features.values())).shape[1])}
+    if task.scores:
+        mean = torch.stack([centroid(features[name]) for name in names]).mean(dim=0)
+        record["scores"] = {"cosine": record["S"], "centred_cosine": cosine(pooled(task.source_classes) - mean,
+                                                                            pooled(task.target_classes) - mean),
+                            "centred_over": names}
     if task.matrix:
         matrix = cosine_matrix(torch.stack([centroid(features[n]) for n in names]))
         record["matrix"] = {"classes": names, "cosine": [[round(float(v), 6) for v in row] for row in matrix]}

@@ -157,8 +157,11 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: 
             embedder_name = f"{embedder_name} ({weights})"
         embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
+    # The centred cosine's mean: every class of both tasks (at least three, or it is always −1).
+    references = list(dict.fromkeys([*target.classes, *(extra.classes if extra else [])]))
     return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
-                          embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size)
+                          embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size,
+                          scores=spec["scores"], reference_classes=references)
 
 
 def chain_stage_weights(cfg: dict, embedder: str, train_source: TrainFn) -> str:

@@ -56,11 +56,13 @@ def source_config(cfg: dict) -> dict:
     source["data"].update(spec["task"])
     inner = spec.get("source")  # the source's own source, if this stage transfers too
     source.update(arm="source", name=None, transfer=bool(inner), source_only=False, ckpt_path=None)
+    if spec.get("seed") is not None:  # e.g. one pretrained base for every seed of the targets
+        source["seed"] = spec["seed"]
     source["freeze"].update(policy="none", l_freeze=None, depth=None)
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
-    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, **(inner or {}),
+    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
     # command, whose processes would then wait on the source's lock held by their own parent.
@@ -84,7 +86,9 @@ def source_key(run_cfg: dict[str, Any]) -> str:
         relevant.update(transfer=True, freeze=run_cfg["freeze"])
     relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
     relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in DATA_NOT_IN_KEY}
-    relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items() if k != "cache_dir"}
+    # An unset stage seed is left out: keys of caches made before the key existed stay valid.
+    relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items()
+                          if k != "cache_dir" and not (k == "seed" and v is None)}
     relevant["model"] = {k: v for k, v in run_cfg.get("model", {}).items() if k not in MODEL_NOT_IN_KEY}
     if relevant["data"].get("root"):
         relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())

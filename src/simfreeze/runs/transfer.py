@@ -26,7 +26,8 @@ import torch
 from simfreeze.errors import ConfigError
 from simfreeze.method.freeze import freeze_leading, frozen_parameter_ids, hold_eval, plan_markdown, plan_record, plan_rows
 from simfreeze.method.plan import FreezeSpec
-from simfreeze.method.similarity import Similarity, SimilarityTask, measure_similarity
+from simfreeze.method.similarity import Similarity, SimilarityTask, image_batches, measure_similarity, pooled_features
+from simfreeze.method.transferability import logme
 from simfreeze.networks.layers import LayerMap
 from simfreeze.networks.units import sequential_units
 from simfreeze.speed.prefix import PrefixCache, deepest_prefixes, fill_prefix_cache, frozen_prefix_length, prefix_cache_key
@@ -74,6 +75,12 @@ class TransferSetup(L.Callback):
             with autocast():
                 self.similarity = measure_similarity(self.similarity_task, embedder, device, keep,
                                                      (self.cache_budget_bytes or 0) / 2)  # the cache needs room too
+                if self.similarity_task.scores:  # LogME: the features training starts from, on the target's images
+                    train_images, train_labels = self.datamodule.tensors["train"]
+                    batches = image_batches(train_images, self.datamodule.prepare, self.datamodule.eval_batch_size, device)
+                    features = pooled_features(net.to(device), self.similarity_task.head, batches)
+            if self.similarity_task.scores:  # in float64, outside autocast
+                self.similarity.record["scores"]["logme"] = logme(features, train_labels)
             if writes:
                 (self.out_dir / "similarity.json").write_text(json.dumps(self.similarity.record, indent=1))
             for logger in trainer.loggers:
@@ -134,7 +141,10 @@ class TransferSetup(L.Callback):
 
     def record(self) -> dict:
         """What ``results.json`` records of the set-up."""
+        scores = None if self.similarity is None else self.similarity.record.get("scores")
         return {"S": None if self.similarity is None else round(self.similarity.score, 6),
+                "scores": None if scores is None else {k: v for k, v in scores.items() if k != "centred_over"},
+                "l_total": None if self.layers is None else self.layers.l_total,
                 "similarity_seconds": None if self.similarity is None else round(self.similarity.seconds, 3),
                 "l_freeze": self.l_freeze or 0, "n_layers": None if self.layers is None else len(self.layers),
                 "prefix_cache": self.cache_record}
