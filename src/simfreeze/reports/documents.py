@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simfreeze.reports.stats import plus_minus, setting_of
+from simfreeze.reports.study import TITLE as STUDY_TITLE
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class Section:
 
 # Which sections each document shows, in this order; a section the sweep has no content for is
 # not built, and so not shown.
-SUMMARY_SECTIONS = ("command", "results", "depth_verdict", "stages", "architectures", "figure", "failed_jobs", "runs")
-REPORT_SECTIONS = ("command", "jobs", "plans", "results", "depth_verdict", "figure", "stages", "architectures",
+SUMMARY_SECTIONS = ("command", "study", "results", "depth_verdict", "stages", "architectures", "figure", "failed_jobs", "runs")
+REPORT_SECTIONS = ("command", "study", "jobs", "plans", "results", "depth_verdict", "figure", "stages", "architectures",
                    "cost_model", "files")
 DOCUMENTS = {"summary.md": ("Sweep summary", SUMMARY_SECTIONS), "report.md": ("Sweep report", REPORT_SECTIONS)}
 
@@ -98,24 +99,28 @@ def runs_table(runs: list[dict[str, Any]], keys: list[str]) -> str:
                         f"{r.get('l_freeze')} | {r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)])
 
 
-def files_list(plot: bool, cost_model: bool) -> str:
+def files_list(plot: bool, cost_model: bool, study: bool = False) -> str:
     return ("`summary.md`, `summary.csv` (per setting), `runs.csv` (per job)"
             + (", `summary.png`" if plot else "") + (", `cost_model.csv`, `cost_model.png`" if cost_model else "")
+            + (", `study.csv` (per pair), `study.png`" if study else "")
             + ", `tensorboard/`; every job's directory holds `results.json`, `plan.json`, `split.json`.")
 
 
 def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str], *,
                    verdict: str = "", stages: str = "", architectures: str = "",
                    first_trained: dict[str, str | None] | None = None, plot: bool = False,
-                   cost_model: str = "") -> list[Section]:
-    """Every section the sweep has content for. ``verdict``, ``stages``, ``architectures`` and
-    ``cost_model`` are the markdown of ``simfreeze.reports.depth``, ``.stages``, ``.architectures``
-    and ``.cost`` ("" where they do not apply); ``first_trained``: the first trained layer of each
-    setting's plan; ``plot``: whether ``summary.png`` was drawn."""
+                   cost_model: str = "", study: str = "") -> list[Section]:
+    """Every section the sweep has content for. ``verdict``, ``stages``, ``architectures``,
+    ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.stages``,
+    ``.architectures``, ``.cost`` and ``.study`` ("" where they do not apply; with a study,
+    ``study.png`` was drawn); ``first_trained``: the first trained layer of each setting's plan;
+    ``plot``: whether ``summary.png`` was drawn."""
     plans = plans_table(rows, first_trained or {})
     failed = failed_jobs_list(runs, keys)
     candidates = [
         Section("command", None, f"```bash\n{command}\n```"),
+        Section("study", STUDY_TITLE, f"{study}\n\n![best depth vs S; accuracy vs depth per pair](study.png)")
+        if study else None,
         Section("jobs", None, jobs_line(runs)),
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
         Section("results", "Results",
@@ -130,6 +135,6 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
                 f"{COST_MODEL_INTRO}\n\n{cost_model}\n\n![cost model](cost_model.png)") if cost_model else None,
         Section("failed_jobs", "Failed jobs", failed) if failed else None,
         Section("runs", "Runs", runs_table(runs, keys)),
-        Section("files", "Files", files_list(plot, bool(cost_model))),
+        Section("files", "Files", files_list(plot, bool(cost_model), bool(study))),
     ]
     return [section for section in candidates if section is not None]

@@ -12,9 +12,16 @@ directory:
   (``simfreeze.reports.documents``), and where they apply both show each stage of a chain of
   transfers against scratch (the staged AlexNet paper) and architecture × arm tables
   (Khotsyanovsky's comparison);
+- in a *similarity study* (two or more source → target pairs, each with two or more fixed depths;
+  ``simfreeze.reports.study``), a section "Does the rule pick the right depth?" near the top of both
+  documents (per pair the best depth, the regret of the rule and the baselines, time, ρ between
+  the similarity scores and the best depth), ``study.csv`` (one row per pair) and ``study.png``
+  (best depth against S; accuracy against depth per pair). The depth verdict, ``summary.png`` and
+  the ``depth/*`` scalars pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
-- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step;
+- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step (in a
+  study: ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
 
@@ -46,6 +53,7 @@ from simfreeze.reports.depth import depth_verdict, verdict_text
 from simfreeze.reports.documents import render_documents, results_table, sweep_sections
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import architecture_of, mean_std, parse_override, setting_keys, setting_of
+from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
                "best_val_acc", "final_val_acc", "test_acc", "fit_seconds", "mean_epoch_seconds",
@@ -251,6 +259,30 @@ def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[di
             writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
 
 
+def log_study_to_tensorboard(log_dir: Path, markdown: str, figure) -> None:
+    """The study's verdict and tables as text (``study/verdict``) and its figure (``study/best_depth_vs_S``)."""
+    from torch.utils.tensorboard import SummaryWriter  # torch: only once the sweep has ended
+
+    with SummaryWriter(str(log_dir)) as writer:
+        writer.add_text("study/verdict", markdown)
+        writer.add_figure("study/best_depth_vs_S", figure)
+
+
+def write_study(sweep_dir: Path, study: dict[str, Any]) -> str:
+    """``study.csv`` (one row per pair), ``study.png`` and the TensorBoard entries of a similarity
+    study; returns the study section's markdown."""
+    rows = study_csv_rows(study)
+    with open(sweep_dir / "study.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = study_markdown(study)
+    figure = study_figure(study)
+    figure.savefig(sweep_dir / "study.png", dpi=120, bbox_inches="tight")
+    log_study_to_tensorboard(sweep_dir / "tensorboard", markdown, figure)
+    return markdown
+
+
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
     """The cost model of Ivanov's 45/5 paper beside the sweep's measured times (needs a scratch arm
     and a transfer arm with a measured source): ``cost_model.csv``, ``cost_model.png``; returns its
@@ -269,8 +301,8 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
-    """Write the summary files of a sweep directory. Returns the table, the verdict text, the stage
-    and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
+    """Write the summary files of a sweep directory. Returns the table, the verdict text, the study's
+    verdict, the stage and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
     from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
 
     runs = read_runs(sweep_dir)
@@ -279,24 +311,28 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     rows, keys = summarise(runs), setting_keys(runs)
     write_csvs(sweep_dir, runs, rows, keys)
     stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
-    # Depths, the depth figure and the cost model compare layers of one architecture only.
-    one_architecture = not architectures_md
-    verdict = depth_verdict(rows) if one_architecture else None
+    # Depths, the depth figure and the cost model compare layers of one architecture only; in a
+    # similarity study they would also pool different pairs' depths, so its own section replaces them.
+    study = analyse_study(runs)
+    by_depth = not architectures_md and study is None
+    verdict = depth_verdict(rows) if by_depth else None
     verdict_md = verdict_text(verdict)
-    figure = depth_figure(rows, verdict) if one_architecture else None
+    figure = depth_figure(rows, verdict) if by_depth else None
     plot = sweep_dir / "summary.png" if figure is not None else None
     if figure is not None:
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     table = results_table(rows)
-    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows, figure)
-    cost_md = write_cost_model(sweep_dir, rows) if one_architecture else ""
+    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows if study is None else [], figure)
+    study_md = write_study(sweep_dir, study) if study else ""
+    cost_md = write_cost_model(sweep_dir, rows) if not architectures_md else ""
     sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
-                              plot=plot is not None, cost_model=cost_md)
+                              plot=plot is not None, cost_model=cost_md, study=study_md)
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    return {"table": table, "verdict": verdict_md, "failed": [r for r in runs if r["status"] != "ok"],
-            "plot": plot, "stages": stages_md, "architectures": architectures_md}
+    return {"table": table, "verdict": verdict_md, "study": study_verdict(study) if study else "",
+            "failed": [r for r in runs if r["status"] != "ok"], "plot": plot, "stages": stages_md,
+            "architectures": architectures_md}
 
 
 def report(sweep_dir: Path, command: str) -> int:
@@ -306,12 +342,14 @@ def report(sweep_dir: Path, command: str) -> int:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
     print(f"\n{summary['table']}\n", flush=True)
-    if summary["verdict"]:
-        print(summary["verdict"].replace("**", "") + "\n")
+    for verdict in ("verdict", "study"):
+        if summary[verdict]:
+            print(summary[verdict].replace("**", "") + "\n")
     for section in ("stages", "architectures"):
         if summary[section]:
             print(summary[section].replace("**", "") + "\n")
-    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else ""), flush=True)
+    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else "")
+          + (f", study: {sweep_dir / 'study.png'}" if summary["study"] else ""), flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
     if summary["failed"]:
