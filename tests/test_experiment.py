@@ -143,13 +143,52 @@ def test_the_pretrained_protocol_trains_a_base_once_and_embeds_with_it(tmp_path)
 
     root = make_image_folder(tmp_path / "data", {"ant": 20, "bee": 20, "cat": 30, "dog": 30})
     sweep, sources = tmp_path / "sweep", tmp_path / "sources"
-    run_train("+experiment=cat_to_dog_pretrained", "arm=dynamic,head_only", *SMALL, "data.holdout_per_class=5",
-              "source.source.task={classes:[ant,bee],per_class:10}", f"data.root={root}", f"hydra.sweep.dir={sweep}",
-              f"source.cache_dir={sources}", cwd=tmp_path)
-    dynamic, head_only = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1"))
+    run_train("+experiment=cat_to_dog_pretrained", "arm=dynamic,head_only,base_finetune", *SMALL,
+              "data.holdout_per_class=5", "source.source.task={classes:[ant,bee],per_class:10,skip_per_class:0}",
+              f"data.root={root}", f"hydra.sweep.dir={sweep}", f"source.cache_dir={sources}", cwd=tmp_path)
+    dynamic, head_only, from_base = (json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1", "2"))
     base = dynamic["source"]["source"]  # the chain: dog ← cat model ← base
     assert base["name"] == "source:ant-bee" and dynamic["source"]["name"] == "source:cat"
+    # the paper's "scratch" on a pretrained start: the base → dog, every layer trained, the cat model skipped
+    assert from_base["source"]["name"] == "source:ant-bee" and from_base["source"]["run_dir"] == base["run_dir"]
+    assert from_base["l_freeze"] == 0 and from_base["trainable_parameters"] == from_base["total_parameters"]
     assert len(list(sources.glob("source-ant-bee-*"))) == 1 and len(list(sources.glob("source-cat-*"))) == 1
     similarity = json.loads((sweep / "0" / "similarity.json").read_text())
     assert similarity["embedder"].startswith("source.source (") and base["run_dir"] in similarity["embedder"]
     assert dynamic["images"]["test"] == head_only["images"]["test"] == 10  # the held-out images, 5 per class
+
+
+def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_path):
+    """The study's reduced lane: 2 pairs × depths 0, 10 and the rule × 2 seeds on synthetic classes."""
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {name: 40 for name in ("dog", "horse", "cat", "automobile", "ant", "bee")})
+    sweep, sources = tmp_path / "sweep", tmp_path / "sources"
+    result = run_train("+experiment=similarity_study", *SMALL, "source.task.positive=cat,automobile",
+                       "freeze.l_freeze=0,10,dynamic", "seed=0,1", "data.holdout_per_class=5",
+                       "source.source.task={classes:[ant,bee,horse],per_class:10,skip_per_class:20}",
+                       f"data.root={root}", f"hydra.sweep.dir={sweep}", f"source.cache_dir={sources}", cwd=tmp_path)
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert len(runs) == 12 and all(r["status"] == "ok" for r in runs)
+    assert len(list(sources.glob("source-ant-bee-horse-*"))) == 1  # one base for both pairs and both seeds
+    assert len(list(sources.glob("source-cat-*"))) == len(list(sources.glob("source-automobile-*"))) == 2  # per seed
+    dynamic = [r for r in runs if r["policy"] == "linear"]
+    for run in dynamic:
+        scores = run["scores"]
+        assert scores["cosine"] == run["S"] and -1 <= scores["centred_cosine"] <= 1 and abs(scores["logme"]) < 10
+        assert run["l_freeze"] == round(run["S"] * run["l_total"])
+        assert run["source"]["source"]["name"] == "source:ant-bee-horse"  # the chain: dog ← <class> model ← base
+    base_split = json.loads((Path(dynamic[0]["source"]["source"]["run_dir"]) / "split.json").read_text())
+    target_split = json.loads((sweep / "0" / "split.json").read_text())
+    base_horses = set(base_split["files"]["train"]["horse"]) | set(base_split["files"]["val"]["horse"])
+    assert len(base_horses) == 10 and not base_horses & {  # data.skip_per_class: the base never saw the target's images
+        f for stage in ("train", "val", "holdout") for f in target_split["files"][stage]["horse"]}
+
+    rows = list(csv.DictReader(open(sweep / "study.csv")))
+    assert sorted(r["pair"] for r in rows) == ["automobile → dog", "cat → dog"]
+    assert all(r["best_depth"] in ("0", "10") and r["seeds"] == "2" and r["score_logme"] for r in rows)
+    summary, report = (sweep / "summary.md").read_text(), (sweep / "report.md").read_text()
+    section = summary[summary.index("## Does the rule pick the right depth?"):].split("\n## ")[0]
+    assert section in report and "ρ(S, best depth)" in section and "Best fixed depth" not in summary
+    assert (sweep / "study.png").stat().st_size > 10_000
+    assert "The rule picks the best depth in" in result.stdout

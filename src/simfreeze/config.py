@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -127,6 +128,8 @@ DATA_RULES = {
 RULES = {
     "seed": rule(is_int, "an integer"),
     "test": rule(lambda v: isinstance(v, bool), "true or false"),
+    "transfer_from": rule(lambda v: isinstance(v, str) and re.fullmatch(r"source(\.source)*", v) is not None,
+                          "source, source.source, source.source.source, …"),
     "trainer.max_epochs": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
     "optimizer.lr": rule(lambda v: is_number(v) and v > 0, "a number > 0"),
     "optimizer.weight_decay": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),

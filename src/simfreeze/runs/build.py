@@ -24,7 +24,7 @@ from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
 from simfreeze.runs.resume import RandomStateCallback, SameRunOnResume
-from simfreeze.runs.sources import TrainFn, check_no_leakage, source_config, source_weights
+from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
 
@@ -66,7 +66,8 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         similarity = similarity_task(cfg, datamodule, probe_record["head"], train_source)
     source = None
     if cfg["transfer"]:
-        weights, source = source_weights(cfg, train_source)
+        # transfer_from=source.source: from the source's own source (the base), skipping the source task
+        weights, source = source_weights(chain_stage(cfg, cfg["transfer_from"], "transfer_from"), train_source)
     else:
         weights = cfg["model"]["weights"]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
@@ -167,15 +168,4 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: 
 def chain_stage_weights(cfg: dict, embedder: str, train_source: TrainFn) -> str:
     """The checkpoint of the chain stage ``embedder`` names (``source.source`` = the source's own
     source, ``source.source.source`` one further), trained now if it is not cached yet."""
-    depth = embedder.count("source")
-    if embedder != ".".join(["source"] * depth):
-        raise ConfigError(f"similarity.embedder={embedder} must be source, source.source, source.source.source, …, "
-                          f"a torchvision weights name or a checkpoint path")
-    stage = cfg
-    for level in range(depth - 1):
-        if not stage["source"]["task"]:
-            raise ConfigError(f"similarity.embedder={embedder}: the chain has no {'source.' * (level + 1)}source stage")
-        stage = source_config(stage)
-    if not (stage["source"]["task"] or stage["source"]["weights"]):
-        raise ConfigError(f"similarity.embedder={embedder}: the chain has no such stage")
-    return source_weights(stage, train_source)[0]
+    return source_weights(chain_stage(cfg, embedder, "similarity.embedder"), train_source)[0]

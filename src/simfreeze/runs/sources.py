@@ -36,7 +36,7 @@ log = logging.getLogger("simfreeze")
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
 NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
-              "source_only"}
+              "source_only", "transfer_from"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config).
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
@@ -55,7 +55,8 @@ def source_config(cfg: dict) -> dict:
         source["data"].update(positive=None, groups={})
     source["data"].update(spec["task"])
     inner = spec.get("source")  # the source's own source, if this stage transfers too
-    source.update(arm="source", name=None, transfer=bool(inner), source_only=False, ckpt_path=None)
+    source.update(arm="source", name=None, transfer=bool(inner), transfer_from="source", source_only=False,
+                  ckpt_path=None)
     if spec.get("seed") is not None:  # e.g. one pretrained base for every seed of the targets
         source["seed"] = spec["seed"]
     source["freeze"].update(policy="none", l_freeze=None, depth=None)
@@ -77,6 +78,23 @@ def source_chain(cfg: dict) -> list[dict]:
         cfg = source_config(cfg)
         chain.append(cfg)
     return chain
+
+
+def chain_stage(cfg: dict, path: str, key: str) -> dict:
+    """The config whose ``source`` is the chain stage ``path`` names: ``source`` → ``cfg`` itself,
+    ``source.source`` (the source's own source, e.g. a pretrained base) → the source's config, …
+    ``key`` names the setting in errors."""
+    depth = path.count("source")
+    if path != ".".join(["source"] * depth) or depth == 0:
+        raise ConfigError(f"{key}={path} must be source, source.source, source.source.source, …")
+    stage = cfg
+    for level in range(depth - 1):
+        if not stage["source"]["task"]:
+            raise ConfigError(f"{key}={path}: the chain has no {'source.' * (level + 1)}source stage")
+        stage = source_config(stage)
+    if not (stage["source"]["task"] or stage["source"]["weights"]):
+        raise ConfigError(f"{key}={path}: the chain has no such stage")
+    return stage
 
 
 def source_key(run_cfg: dict[str, Any]) -> str:
