@@ -110,10 +110,10 @@ def one_error_line(result) -> str:
 
 # Hydra's own composition errors, which it would print as a multi-line report.
 HYDRA_CASES = {
-    "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of dynamic, finetune, "
+    "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of base_finetune, dynamic, finetune, "
                                            "head_only, scratch, source, staged, static45, threshold"),
     "unknown experiment": (["+experiment=nope"], "error: experiment=nope: no such option; experiment is one of "
-                                                 "architectures, cat_to_dog, cat_to_dog_pretrained, depth_sweep, similarity_matrix, staged"),
+                                                 "architectures, cat_to_dog, cat_to_dog_pretrained, depth_sweep, similarity_matrix, similarity_study, staged"),
     "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),
     "unknown key without +": (["data.per_clas=5"], "error: unknown key data.per_clas: the config has no such key"),
     "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
