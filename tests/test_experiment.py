@@ -172,7 +172,8 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
     assert len(runs) == 12 and all(r["status"] == "ok" for r in runs)
     assert len(list(sources.glob("source-ant-bee-horse-*"))) == 1  # one base for both pairs and both seeds
     assert len(list(sources.glob("source-cat-*"))) == len(list(sources.glob("source-automobile-*"))) == 2  # per seed
-    dynamic = [r for r in runs if r["policy"] == "linear"]
+    dynamic = [r for r in runs if r["policy"] == "linear"]  # the policy that ran, set by freeze.l_freeze=dynamic
+    assert len(dynamic) == 4 and sorted({r["policy"] for r in runs}) == ["linear", "static"]
     for run in dynamic:
         scores = run["scores"]
         assert scores["cosine"] == run["S"] and -1 <= scores["centred_cosine"] <= 1 and abs(scores["logme"]) < 10

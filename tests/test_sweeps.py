@@ -241,3 +241,15 @@ def test_two_seeds_by_four_arms_in_parallel_jobs(cat_dog_folder, tmp_path):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(r["setting"], r["n"]) for r in rows] == [
         ("arm=scratch", "2"), ("arm=dynamic", "2"), ("arm=static45", "2"), ("arm=head_only", "2")]
+
+
+def test_runs_that_recorded_the_configs_policy_are_read_with_the_policy_that_ran(tmp_path):
+    """results.json used to hold ``freeze.policy`` ("none") even where ``freeze.l_freeze`` set the policy."""
+    for job, depth in enumerate((0, 45, "dynamic")):
+        r = run(job, 0, 0.6, 50, depth=depth, policy="none")
+        write_job(tmp_path, job, r["overrides"], r)
+    runs = read_runs(tmp_path)
+    assert [r["policy"] for r in runs] == ["static", "static", "linear"]
+    verdict = depth_verdict(summarise(runs))
+    assert [d["setting"] for d in verdict["dynamic"]] == ["freeze.l_freeze=dynamic"]
+

@@ -48,3 +48,15 @@ def setting_of(run: dict[str, Any], keys: list[str]) -> str:
 def architecture_of(run: dict[str, Any]) -> str | None:
     weights = run.get("weights")
     return weights.get("arch") if isinstance(weights, dict) else None
+
+
+def effective_policy(run: dict[str, Any]) -> str | None:
+    """The freeze policy a run trained with. Runs made before results.json recorded it wrote the
+    config's ``freeze.policy`` even where the ``freeze.l_freeze`` shorthand, an override, set it."""
+    values = dict(parse_override(o) for o in run.get("overrides") or [])
+    depth = values.get("freeze.l_freeze", values.get("freeze.depth"))
+    if depth == "dynamic":
+        return "linear"
+    if depth is not None and depth.isdigit():
+        return "static"
+    return run.get("policy")

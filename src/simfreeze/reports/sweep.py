@@ -52,7 +52,7 @@ from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import depth_verdict, verdict_text
 from simfreeze.reports.documents import render_documents, results_table, sweep_sections
 from simfreeze.reports.stages import stages_markdown
-from simfreeze.reports.stats import architecture_of, mean_std, parse_override, setting_keys, setting_of
+from simfreeze.reports.stats import architecture_of, effective_policy, mean_std, parse_override, setting_keys, setting_of
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -103,6 +103,7 @@ def read_job(job_dir: Path) -> dict[str, Any] | None:
                               job_overrides(job_dir))
         run.setdefault("status", "ok")
         run.setdefault("run_dir", str(job_dir))
+        run["policy"] = effective_policy(run)
         return run
     if (job_dir / ".hydra").is_dir():
         return unfinished(job_dir, "killed", "no results.json: the job was killed or is still running",

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from simfreeze.method.plan import FreezeSpec
 from simfreeze.speed.precision import native_cpu_bf16
 
 
@@ -136,7 +137,8 @@ def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, over
     what each part of the run recorded (metrics, clock, network, transfer, source), in that order."""
     results = {
         "status": "ok", "name": run_name(cfg), "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": list(overrides),
-        "epochs": trainer.current_epoch, "transfer": cfg["transfer"], "policy": cfg["freeze"]["policy"],
+        "epochs": trainer.current_epoch, "transfer": cfg["transfer"],
+        "policy": FreezeSpec.from_config(cfg["freeze"]).policy,  # what ran: the l_freeze shorthand sets it
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
         "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
