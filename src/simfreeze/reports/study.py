@@ -51,7 +51,7 @@ def l_total_of(run: dict[str, Any]) -> int:
 
 def new_pair(source: str, target: str) -> dict[str, Any]:
     return {"label": f"{source} → {target}", "source": source, "target": target, "fixed": {}, "dynamic": [],
-            "source_seconds_by_seed": {}, "cached": False, "runs": 0, "fallbacks": 0}
+            "source_seconds_by_seed": {}, "cached": None, "runs": 0, "fallbacks": 0}
 
 
 def add_run(pair: dict[str, Any], run: dict[str, Any], accuracy: float, fell_back: bool) -> None:
@@ -65,7 +65,8 @@ def add_run(pair: dict[str, Any], run: dict[str, Any], accuracy: float, fell_bac
     source = run.get("source") or {}
     if source.get("fit_seconds") is not None:  # one source per seed, shared by that seed's targets
         pair["source_seconds_by_seed"].setdefault(seed, source["fit_seconds"])
-    pair["cached"] |= bool(source.get("cached"))
+    # "cached" only when no run of the pair trained its source: then the source's time was paid elsewhere
+    pair["cached"] = bool(source.get("cached")) and pair["cached"] is not False
     pair["runs"] += 1
     pair["fallbacks"] += fell_back
 
@@ -493,7 +494,7 @@ def time_table(study: dict[str, Any]) -> str:
         return plus_minus(a["seconds"], 1) + ("" if a["time_ratio"] is None else f" ({a['time_ratio']:.2f}×)")
 
     rows = [[p["label"], *(cell(p, arm) for arm in ("best", *ARMS)), plus_minus(p["source_seconds"], 1)
-             + (" (cached)" if p["cached"] else "")] for p in study["pairs"]]
+             + (" (from an earlier sweep's cache)" if p["cached"] else "")] for p in study["pairs"]]
     return table(["pair", "best depth", *ARMS, "source"], rows)
 
 
