@@ -208,3 +208,20 @@ def test_an_ordinary_depth_sweep_has_no_study_section(tmp_path):
     assert summary["study"] == "" and TITLE not in summary_md + report_md
     assert not (tmp_path / "study.png").exists() and not (tmp_path / "study.csv").exists()
     assert "Best fixed depth: **20**" in summary_md and (tmp_path / "summary.png").exists()
+
+
+def test_when_every_pair_has_the_same_best_depth_the_scores_are_ranked_against_the_loss_of_deep_freezing():
+    """Fine-tuning wins everywhere (ρ with the best depth is undefined), but the less similar the source,
+    the more freezing 45 or 49 layers costs: ρ(S, loss) = −1 and the verdict says the premise holds."""
+    runs = []
+    for source, S, loss in (("cat", 0.98, 0.02), ("deer", 0.9, 0.05), ("frog", 0.8, 0.07), ("truck", 0.6, 0.10)):
+        accs = {0: (0.84, 0.85, 0.84), 20: (0.83, 0.83, 0.835), 45: tuple(a - loss for a in (0.84, 0.85, 0.84)),
+                49: tuple(a - 1.5 * loss for a in (0.84, 0.85, 0.84))}
+        runs += pair_runs(source, "dog", accs, (round(S * 40), (0.83, 0.83, 0.83)), S)
+    study = analyse_study(runs, draws=200)
+    assert [r["rho"] for r in study["correlations"]] == [None]
+    loss = {r["depth"]: r for r in study["loss_correlations"]}
+    assert sorted(loss) == [45, 49] and loss[45]["rho"] == pytest.approx(-1.0) and loss[49]["high"] < 0
+    verdict = study_verdict(study)
+    assert "ρ(S, best depth) is undefined" in verdict
+    assert "Points lost by freezing 49 layers" in verdict and "for S the interval lies below 0" in verdict

@@ -288,15 +288,29 @@ def resampled_best_depth(pair: dict[str, Any], rng: random.Random) -> int | None
     return best_of(seed_means(pair, drawn))
 
 
-def bootstrap_spearman(points: list[tuple[float, dict[str, Any]]], draws: int = DRAWS) -> dict[str, Any]:
-    """95 % interval of ρ(score, best depth): pairs drawn with replacement, and inside each drawn pair
-    its seeds, so both the choice of pairs and each oracle's noise show. Fixed RNG: deterministic;
-    draws where ρ is undefined (a constant side) are skipped and counted."""
+def freezing_loss(pair: dict[str, Any], depth: int, seeds: list | None = None) -> float | None:
+    """Points lost by freezing ``depth`` layers against the pair's best depth (over ``seeds``)."""
+    means = seed_means(pair, seeds)
+    return None if depth not in means else 100 * (means[best_of(means)] - means[depth])
+
+
+def resampled_freezing_loss(depth: int):
+    def draw(pair: dict[str, Any], rng: random.Random) -> float | None:
+        return freezing_loss(pair, depth, [rng.choice(pair["seeds"]) for _ in pair["seeds"]])
+    return draw
+
+
+def bootstrap_spearman(points: list[tuple[float, dict[str, Any]]], draws: int = DRAWS,
+                       resampled=resampled_best_depth) -> dict[str, Any]:
+    """95 % interval of ρ(score, best depth) (or of another per-pair value, ``resampled(pair, rng)``):
+    pairs drawn with replacement, and inside each drawn pair its seeds, so both the choice of pairs
+    and each oracle's noise show. Fixed RNG: deterministic; draws where ρ is undefined (a constant
+    side) are skipped and counted."""
     rng = random.Random(0)
     values = []
     for _ in range(draws):
         drawn = [points[rng.randrange(len(points))] for _ in points]
-        rho = spearman([score for score, _ in drawn], [resampled_best_depth(pair, rng) for _, pair in drawn])
+        rho = spearman([score for score, _ in drawn], [resampled(pair, rng) for _, pair in drawn])
         if rho is not None:
             values.append(rho)
     values.sort()
@@ -317,6 +331,25 @@ def correlations(pairs: list[dict[str, Any]], draws: int = DRAWS) -> list[dict[s
     return rows
 
 
+def loss_correlations(pairs: list[dict[str, Any]], draws: int = DRAWS) -> list[dict[str, Any]]:
+    """Per score and per deep fixed depth every pair measured (over half of the deepest): ρ(score,
+    points lost by freezing that many layers against the best depth), with its interval. The rule's
+    premise in another form: a more similar source should lose less when more of it is frozen; this
+    stays defined when every pair has the same best depth."""
+    common = set.intersection(*(set(p["fixed"]) for p in pairs))
+    deep = sorted(d for d in common if d > max(common) / 2)
+    names = list(dict.fromkeys(name for pair in pairs for name in pair["scores"]))
+    rows = []
+    for name in names:
+        points = [(pair["scores"][name], pair) for pair in pairs if name in pair["scores"]]
+        for depth in deep:
+            rho = spearman([score for score, _ in points], [freezing_loss(pair, depth) for _, pair in points])
+            interval = (bootstrap_spearman(points, draws, resampled_freezing_loss(depth)) if rho is not None
+                        else {"low": None, "high": None, "used": 0, "draws": 0})
+            rows.append({"score": name, "depth": depth, "rho": rho, "pairs": len(points), **interval})
+    return rows
+
+
 def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, Any] | None:
     """Everything the study reports; None when the runs are not a study (see ``study_pairs``)."""
     every = collect_pairs(runs)
@@ -329,7 +362,7 @@ def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, A
     return {"pairs": pairs, "left_out": [p["label"] for p in every if len(p["fixed"]) < 2],
             "arms": {arm: average_arm(pairs, arm) for arm in ("best", *ARMS)},
             "versus": [v for v in (rule_versus(pairs, b) for b in BASELINE_DEPTHS) if v is not None],
-            "correlations": correlations(pairs, draws),
+            "correlations": correlations(pairs, draws), "loss_correlations": loss_correlations(pairs, draws),
             "noise": math.sqrt(statistics.fmean(n * n for n in noises)) if noises else None,
             "seeds": max(len(p["seeds"]) for p in pairs), "fallbacks": fallbacks, "measured_runs": measured,
             "l_totals": sorted({p["l_total"] for p in pairs})}
@@ -426,6 +459,24 @@ def correlation_sentence(study: dict[str, Any]) -> str:
     return text.strip()
 
 
+def loss_sentence(study: dict[str, Any]) -> str:
+    """Whether the scores order how much deep freezing costs (negative ρ: the rule's premise)."""
+    rows = [r for r in study.get("loss_correlations", []) if r["rho"] is not None]
+    if not rows:
+        return ""
+    deepest = max(r["depth"] for r in rows)
+    at = {r["score"]: r for r in rows if r["depth"] == deepest}
+    best = min(at.values(), key=lambda r: r["rho"])
+    parts = [f"{SCORE_NAMES.get(r['score'], r['score'])} ρ = {r['rho']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+             for r in at.values()]
+    holding = [SCORE_NAMES.get(r["score"], r["score"]) for r in at.values() if r["high"] is not None and r["high"] < 0]
+    claim = (f"for {' and '.join(holding)} the interval lies below 0: a more similar source loses less when frozen "
+             f"deep, as the rule assumes" if holding else "no score's interval excludes 0")
+    return (f"Points lost by freezing {deepest} layers against the best depth, ranked against each score over "
+            f"the pairs: {'; '.join(parts)}; {claim}. {SCORE_NAMES.get(best['score'], best['score'])} orders "
+            f"that loss best.")
+
+
 def metric_sentence(study: dict[str, Any]) -> str:
     fallbacks, runs = study["fallbacks"], study["measured_runs"]
     if fallbacks == 0:
@@ -440,7 +491,7 @@ def study_verdict(study: dict[str, Any]) -> str:
     cost against the best depth, whether the rule loses to a baseline, time, and ρ."""
     lines = [f"{picks_sentence(study)} {rule_sentence(study)}".strip(), baselines_sentence(study),
              *(versus_sentence(v) for v in study["versus"]), time_sentence(study), correlation_sentence(study),
-             metric_sentence(study)]
+             loss_sentence(study), metric_sentence(study)]
     if study["left_out"]:
         lines.append(f"Left out (fewer than two fixed depths): {', '.join(study['left_out'])}.")
     return "\n".join(line for line in lines if line)
@@ -499,10 +550,13 @@ def time_table(study: dict[str, Any]) -> str:
 
 
 def correlation_table(study: dict[str, Any]) -> str:
-    rows = [[SCORE_NAMES.get(r["score"], r["score"]), str(r["pairs"]), number(r["rho"], 2),
+    """ρ of each score with the best depth, then with the points lost by freezing each deep depth."""
+    rows = [[SCORE_NAMES.get(r["score"], r["score"]), str(r["pairs"]), "best depth", number(r["rho"], 2),
              "–" if r["low"] is None else f"[{r['low']:.2f}, {r['high']:.2f}]", f"{r['used']} of {r['draws']}"]
-            for r in study["correlations"]]
-    return table(["score", "pairs", "ρ(score, best depth)", "95 % interval", "bootstrap draws used"], rows)
+            for r in [*study["correlations"], *study.get("loss_correlations", [])]]
+    for row, r in zip(rows[len(study["correlations"]):], study.get("loss_correlations", [])):
+        row[2] = f"points lost at depth {r['depth']}"
+    return table(["score", "pairs", "ρ(score, …)", "ρ", "95 % interval", "bootstrap draws used"], rows)
 
 
 def study_markdown(study: dict[str, Any]) -> str:
@@ -514,7 +568,9 @@ def study_markdown(study: dict[str, Any]) -> str:
         "depth − arm, in accuracy points; * marks a regret beyond 2 SE of seed noise.",
         depths_table(study), accuracy_table(study),
         "Fit seconds (mean ± std over seeds) and, in brackets, time ÷ finetune's:", time_table(study),
-        "Spearman's ρ between each score and the best depth across pairs; 95 % interval from a hierarchical "
+        "Spearman's ρ between each score and the best depth across pairs, and between each score and the points "
+        "lost by freezing each deep depth against the best (negative: a more similar source loses less); 95 % "
+        "interval from a hierarchical "
         "bootstrap (pairs, then each pair's seeds, drawn with replacement; `random.Random(0)`):",
         correlation_table(study)])
 
