@@ -629,14 +629,16 @@ def draw_depth_vs_s(axis, study: dict[str, Any], colours: list[str]) -> None:
         axis.plot(grid, [s * l_total for s in clipped], color="black", linewidth=1, label=f"rule: S · {l_total}")
         axis.step(grid, [round(s * l_total) for s in clipped], where="mid", color="gray", linewidth=1,
                   linestyle="--", label=f"rounded: round(S · {l_total})")
-    for pair, colour in placed:
+    for index, (pair, colour) in enumerate(sorted(placed, key=lambda item: item[0]["scores"]["cosine"])):
         s, best = pair["scores"]["cosine"], pair["best"]
         if best["min"] is not None:
             axis.vlines(s, best["min"], best["max"], color=colour, linewidth=3, alpha=0.4)
         axis.plot([s], [best["depth"]], "o", color=colour, markersize=8)
         axis.plot([d["S"] for d in pair["dynamic"] if d["S"] is not None],
                   [d["depth"] for d in pair["dynamic"] if d["S"] is not None], "*", color=colour, markersize=12)
-        axis.annotate(pair["label"], (s, best["depth"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # neighbours in S alternate above and below their marker, so labels of close pairs do not overlap
+        axis.annotate(pair["label"], (s, best["depth"]), textcoords="offset points",
+                      xytext=(4, 6 if index % 2 == 0 else -13), fontsize=8)
     axis.plot([], [], "o", color="gray", label="best fixed depth (bar: seeds' range)")
     axis.plot([], [], "*", color="gray", markersize=12, label="dynamic runs' depth")
     missing = len(study["pairs"]) - len(placed)
