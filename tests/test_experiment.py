@@ -176,7 +176,7 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
     assert len(dynamic) == 4 and sorted({r["policy"] for r in runs}) == ["linear", "static"]
     for run in dynamic:
         scores = run["scores"]
-        assert scores["cosine"] == run["S"] and -1 <= scores["centred_cosine"] <= 1 and abs(scores["logme"]) < 10
+        assert abs(scores["cosine"] - run["S"]) < 1e-6 and -1 <= scores["centred_cosine"] <= 1 and abs(scores["logme"]) < 10
         assert run["l_freeze"] == round(run["S"] * run["l_total"])
         assert run["source"]["source"]["name"] == "source:ant-bee-horse"  # the chain: dog ← <class> model ← base
     base_split = json.loads((Path(dynamic[0]["source"]["source"]["run_dir"]) / "split.json").read_text())
