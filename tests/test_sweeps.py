@@ -204,6 +204,40 @@ def test_parallel_jobs_claim_different_gpus_and_wait_when_all_are_taken(tmp_path
     assert got == [0]  # both freed: the waiter tries GPU 0 first
 
 
+def test_a_lock_failure_other_than_busy_takes_the_jobs_gpu_without_a_lock(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def no_flock(handle, flags):  # Lustre mounted without -o flock
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr("simfreeze.speed.placement.fcntl.flock", no_flock)
+    with claim_gpu(tmp_path, 4, first=6) as index:
+        assert index == 2  # job 6 of 4 GPUs: 6 mod 4
+    assert "without a lock" in caplog.text
+
+
+def test_a_slurm_job_takes_its_allocations_gpu_without_a_lock(tmp_path, monkeypatch):
+    from simfreeze.speed import placement
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a SLURM job sees its own allocation only
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    trainer = {"devices": "auto", "accelerator": "auto"}
+    with placement.job_devices(trainer, tmp_path, job=7, multirun=True):
+        assert trainer == {"devices": [0], "accelerator": "gpu"}
+    assert not (tmp_path / ".gpu-locks").exists()  # no lock file on the shared file system
+    assert placement.in_slurm_job({"SLURM_JOB_ID": "1"}) and not placement.in_slurm_job({})
+
+
+def test_auto_precision_picks_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
+    from simfreeze.speed.precision import cuda_precision, default_precision
+
+    assert [cuda_precision(c) for c in ((7, 0), (7, 5), (8, 0), (8, 6), (9, 0))] == [
+        "16-mixed", "16-mixed", "bf16-mixed", "bf16-mixed", "bf16-mixed"]  # V100, T4, A100, RTX 30xx, H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulation counts
+    assert default_precision("cuda") == "16-mixed"
+
+
 @pytest.mark.parametrize("launcher, target, gpus", [
     ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", "visible"), ("slurm", "SlurmLauncher", 1)])
 def test_launcher_configs_compose(launcher, target, gpus):

@@ -4,7 +4,10 @@ Lightning's ``devices=auto`` takes every visible GPU (and DDP), which is wrong f
 shares the machine with other jobs of its sweep. In a multirun, ``trainer.devices=auto`` therefore
 means one GPU, claimed with a non-blocking file lock under the sweep directory so that jobs
 running at the same time (joblib, submitit local) get different GPUs; the lock is released when the
-job ends. SLURM jobs each see only their own allocation, so they claim its first GPU.
+job ends. A SLURM job sees only its own allocation: it takes that allocation's first GPU without a
+lock (a lock on the shared file system would be one file for every job of the sweep, serialising it,
+or fail where the file system has no ``flock``). Where locking fails for another reason than "held",
+the job takes GPU ``job number mod GPUs`` with a warning instead of failing.
 """
 
 from __future__ import annotations
@@ -12,11 +15,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger("simfreeze")
+
+
+def in_slurm_job(environ=os.environ) -> bool:
+    """Inside a SLURM allocation (a job step, or submitit's SLURM executor)."""
+    return "SLURM_JOB_ID" in environ
 
 
 def wants_one_gpu(devices, accelerator: str, multirun: bool, n_cuda: int) -> bool:
@@ -37,9 +46,14 @@ def claim_gpu(lock_dir: Path, n_gpus: int, first: int = 0, poll_seconds: float =
             handle = open(lock_dir / f"gpu{index}.lock", "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError:  # held by another job
                 handle.close()
                 continue
+            except OSError as err:  # no flock here (ENOSYS, ENOLCK: e.g. Lustre without -o flock)
+                handle.close()
+                log.warning("GPU lock %s failed (%s): taking GPU %d without a lock", lock_dir, err, order[0])
+                yield order[0]
+                return
             try:
                 yield index
             finally:
@@ -57,6 +71,11 @@ def job_devices(trainer: dict, sweep_dir: Path, job: int, multirun: bool):
 
     n_cuda = torch.cuda.device_count()
     if not wants_one_gpu(trainer["devices"], trainer["accelerator"], multirun, n_cuda):
+        yield
+        return
+    if in_slurm_job():
+        log.info("job %s runs on its SLURM allocation's first GPU", job)
+        trainer.update(devices=[0], accelerator="gpu")
         yield
         return
     with claim_gpu(sweep_dir / ".gpu-locks", n_cuda, first=job) as index:

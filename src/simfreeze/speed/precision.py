@@ -47,9 +47,16 @@ def device_type(accelerator: str) -> str:
     return "cpu" if accelerator in ("auto", "cpu") else str(accelerator)
 
 
+def cuda_precision(capability: tuple[int, int]) -> str:
+    """bf16 only where the GPU computes it natively (compute capability 8.0+: A100, H100, RTX 30xx…);
+    V100 and T4 (7.x) would emulate it, much slower, so they get fp16 with loss scaling."""
+    return "bf16-mixed" if capability >= (8, 0) else "16-mixed"
+
+
 def default_precision(device: str) -> str:
     if device == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # not torch.cuda.is_bf16_supported(): by default it counts emulation, so V100 / T4 would say yes
+        return cuda_precision(torch.cuda.get_device_capability())
     if device == "cpu" and native_cpu_bf16():
         return "bf16-mixed"
     return "32-true"
