@@ -238,6 +238,18 @@ def test_auto_precision_picks_bf16_only_on_gpus_that_compute_it_natively(monkeyp
     assert default_precision("cuda") == "16-mixed"
 
 
+def test_the_readmes_two_node_recipe_allocates_what_the_trainer_expects():
+    from tests.helpers import REPO
+
+    line = next(l for l in (REPO / "README.md").read_text().splitlines() if "hydra.launcher.nodes=" in l)
+    overrides = line.split("python -m train", 1)[1].split()
+    cfg = compose_config(overrides, hydra=True)
+    launcher, trainer = cfg.hydra.launcher, cfg.trainer
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == trainer.num_nodes  # else Lightning: SLURM_NNODES != num_nodes
+    assert launcher.tasks_per_node == launcher.gpus_per_node == trainer.devices  # one task per GPU
+
+
 @pytest.mark.parametrize("launcher, target, gpus", [
     ("parallel", "JoblibLauncher", None), ("local_queue", "LocalLauncher", "visible"), ("slurm", "SlurmLauncher", 1)])
 def test_launcher_configs_compose(launcher, target, gpus):
