@@ -154,7 +154,7 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: 
     if embedder_name != "source":
         weights = embedder_name
         if embedder_name.startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
-            weights = chain_stage_weights(cfg, embedder_name, train_source)
+            weights = source_weights(chain_stage(cfg, embedder_name, "similarity.embedder"), train_source)[0]
             embedder_name = f"{embedder_name} ({weights})"
         embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
@@ -164,8 +164,3 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: 
                           embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size,
                           scores=spec["scores"], reference_classes=references)
 
-
-def chain_stage_weights(cfg: dict, embedder: str, train_source: TrainFn) -> str:
-    """The checkpoint of the chain stage ``embedder`` names (``source.source`` = the source's own
-    source, ``source.source.source`` one further), trained now if it is not cached yet."""
-    return source_weights(chain_stage(cfg, embedder, "similarity.embedder"), train_source)[0]
