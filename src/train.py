@@ -46,19 +46,29 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from simfreeze.runs.progress import quiet_lightning
+    from simfreeze.speed.distributed import relaunches_command
     from simfreeze.speed.placement import job_devices
+
+    from simfreeze.speed.distributed import process_rank, several_processes, sweep_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else 0
+    tree = sweep_job()  # a sweep job's DDP run in its own process tree: a sweep job all the same
+    if tree:
+        job_num, overrides = tree["num"], tree["overrides"]
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN or tree is not None
     try:
         validate_config(cfg)
         quiet_lightning()
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
-        sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else run_dir
-        with job_devices(run_cfg["trainer"], sweep_dir, hydra_cfg.job.num if multirun else 0, multirun):
-            results = train(run_cfg, run_dir, overrides)
+        sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else run_dir.parent
+        with job_devices(run_cfg["trainer"], sweep_dir, job_num, multirun):
+            if multirun and not tree and relaunches_command(run_cfg["trainer"]):
+                results = train_in_own_process_tree(cfg, run_dir, job_num, overrides)
+            else:
+                results = train(run_cfg, run_dir, overrides)
     except Exception as err:
         if not multirun:
             if isinstance(err, ConfigError):
@@ -73,14 +83,36 @@ def main(cfg: DictConfig) -> float | None:
         # One failed job must not stop the sweep: record it where the summary finds it, go on.
         from simfreeze.runs.results import failed_results, write_results
 
-        log.error("job %s failed", hydra_cfg.job.num, exc_info=not isinstance(err, ConfigError))
-        print(f"error: job {hydra_cfg.job.num} ({' '.join(overrides)}): {err}", file=sys.stderr)
+        log.error("job %s failed", job_num, exc_info=not isinstance(err, ConfigError))
+        print(f"error: job {job_num} ({' '.join(overrides)}): {err}", file=sys.stderr)
         if isinstance(err, RunDirInUse):
             return None  # that directory's results.json belongs to the other run
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_results(run_dir / "results.json", failed_results(OmegaConf.to_container(cfg), run_dir, err, overrides))
+        if process_rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_results(run_dir / "results.json", failed_results(OmegaConf.to_container(cfg), run_dir, err, overrides))
+        if several_processes():
+            raise  # the launcher then ends the job's other processes, which would wait for this one
         return None
     return results.get("best_val_acc")  # the objective for Hydra sweepers
+
+
+def train_in_own_process_tree(cfg: DictConfig, run_dir: Path, job_num: int, overrides: list[str]) -> dict[str, Any]:
+    """A sweep job whose trainer would relaunch the command for DDP, run in a process tree of its
+    own (``simfreeze.speed.distributed``); returns what its ``results.json`` holds."""
+    import json
+
+    from simfreeze.speed.distributed import run_in_own_process_tree
+
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(f"DDP in a sweep job runs the job's saved config ({run_dir / '.hydra'}), which "
+                          f"hydra.output_subdir=null left unsaved; keep the default hydra.output_subdir")
+    log.info("job %s: DDP in a process tree of its own", job_num)
+    done = run_in_own_process_tree(run_dir, job_num, overrides)
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
+    if results is None:
+        raise RuntimeError(f"the job's DDP processes exited with status {done.returncode} without results "
+                           f"(see {run_dir / 'train.log'})")
+    return results
 
 
 def cli() -> None:

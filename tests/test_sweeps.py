@@ -243,7 +243,8 @@ def test_the_readmes_two_node_recipe_allocates_what_the_trainer_expects():
 
     line = next(l for l in (REPO / "README.md").read_text().splitlines() if "hydra.launcher.nodes=" in l)
     overrides = line.split("python -m train", 1)[1].split()
-    cfg = compose_config(overrides, hydra=True)
+    assert overrides[0] == "-m"  # a launcher only submits a multirun; without -m the run stays here
+    cfg = compose_config(overrides[1:], hydra=True)
     launcher, trainer = cfg.hydra.launcher, cfg.trainer
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.nodes == trainer.num_nodes  # else Lightning: SLURM_NNODES != num_nodes

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from simfreeze.data.images import (CIFAR10_MEAN, CIFAR10_STD, ImageFolderSource, ImageSource, TensorBatches,
                                    keep_batch, open_source, pick_views, prepare_batch)
-from simfreeze.data.splits import Split, balanced_split, group_quotas, task_labels
+from simfreeze.data.splits import Split, balanced_split, group_quotas, shard, task_labels
 from simfreeze.errors import DataConfigError
 
 
@@ -74,6 +74,10 @@ class TaskDataModule(L.LightningDataModule):
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.features: dict[str, torch.Tensor] = {}  # cached prefix outputs (N, views, ...) per stage
         self.stored_size: tuple[int, int] | None = None
+        # With DDP each process decodes, caches and serves only its share of every stage (set_shard).
+        self.rank, self.world = 0, 1
+        self.shares: dict[str, dict[str, tuple[int, int]]] = {}  # stage → class → (own images, held)
+        self.total_sizes: dict[str, int] = {}  # images per stage over every process
 
     # -- building
     def plan_split(self) -> Split:
@@ -92,49 +96,75 @@ class TaskDataModule(L.LightningDataModule):
                                         skip=self.skip_per_class)
         return self.split
 
+    def set_shard(self, rank: int, world: int) -> None:
+        """Hold only DDP process ``rank``'s share of ``world`` (before ``setup``): each class's images
+        split by ``simfreeze.data.splits.shard``, training shares padded to one length. The loaders
+        then need no DistributedSampler (the trainer runs with ``use_distributed_sampler=False``)."""
+        if self.tensors and (rank, world) != (self.rank, self.world):
+            raise RuntimeError("set_shard must come before setup")
+        self.rank, self.world = rank, world
+
     def setup(self, stage: str | None = None) -> None:
         if self.tensors:
             return
         self.plan_split()
         for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
-            self.tensors[stage_name] = self._load(chosen, "train")
+            self.tensors[stage_name] = self._load(chosen, "train", stage_name)
         if self.split.holdout:  # the final evaluation: held-out images of the training folder
-            self.tensors["test"] = self._load(self.split.holdout, "train")
+            self.tensors["test"] = self._load(self.split.holdout, "train", "test")
         elif self.use_test and self.source.has_test:
             everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.label_of}
             # A group takes as many test images in all as one of its members has.
             quotas = group_quotas(self.groups, max(map(len, everything.values())))
             everything = {name: indices[:quotas.get(name, len(indices))] for name, indices in everything.items()}
             if any(everything.values()):
-                self.tensors["test"] = self._load(everything, "test")
+                self.tensors["test"] = self._load(everything, "test", "test")
 
-    def _load(self, chosen: dict[str, list[int]], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, chosen: dict[str, list[int]], folder: str, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of ``chosen`` (class → image indices in ``folder``) as ``stage``."""
         images, labels = [], []
+        self.total_sizes[stage] = sum(map(len, chosen.values()))
+        self.shares[stage] = {}
         for name, indices in chosen.items():
+            indices, own = shard(indices, self.rank, self.world, pad=stage == "train")
+            self.shares[stage][name] = (own, len(indices))
             if not indices:
                 continue
             # Every image of the task at one stored size: the first image's (resized on the device later).
-            images.append(self.source.load(name, indices, stage, size=self.stored_size))
+            images.append(self.source.load(name, indices, folder, size=self.stored_size))
             self.stored_size = self.stored_size or tuple(images[-1].shape[-2:])
             labels.append(torch.full((len(indices),), self.label_of[name], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
 
     def class_images(self, name: str) -> torch.Tensor:
-        """The training images of one class (or of every member of a group; uint8), in split order."""
+        """The training images of one class (or of every member of a group; uint8), in split order:
+        with DDP this process's own share, without the padding."""
         self.setup()
         if name in self.groups:
             return torch.cat([self.class_images(member) for member in self.groups[name]])
         start = 0
-        for other, indices in self.split.train.items():
+        for other, (own, held) in self.shares["train"].items():
             if other == name:
-                return self.tensors["train"][0][start:start + len(indices)]
-            start += len(indices)
+                return self.tensors["train"][0][start:start + own]
+            start += held
         raise DataConfigError(f"class '{name}' is not in this task's classes {self.classes}")
+
+    def own(self, stage: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels of ``stage`` that are this process's own (without the padding)."""
+        images, labels = self.tensors[stage]
+        if self.world == 1:
+            return images, labels
+        keep, start = [], 0
+        for own, held in self.shares[stage].values():
+            keep.append(torch.arange(start, start + own))
+            start += held
+        keep = torch.cat(keep)
+        return images[keep], labels[keep]
 
     def prepare(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """A uint8 batch as the network sees it (random flips only when ``flip``)."""
-        return prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size,
-                             flip=flip)
+        x = prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size, flip=flip)
+        return x.to(torch.get_default_dtype())  # bf16 inside a bf16-true forward (fp32 statistics promoted it)
 
     def split_record(self) -> dict:
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""
@@ -153,6 +183,7 @@ class TaskDataModule(L.LightningDataModule):
 
     @property
     def sizes(self) -> dict[str, int]:
+        """Images per stage this process holds (with DDP: its share, see ``total_sizes``)."""
         return {stage: len(labels) for stage, (_, labels) in self.tensors.items()}
 
     # -- loaders
@@ -180,6 +211,7 @@ class TaskDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        if self.features:
-            return pick_views(images, training and self.flip), labels
-        return self.prepare(images, flip=self.flip and training), labels
+        x = pick_views(images, training and self.flip) if self.features else self.prepare(images, flip=self.flip and training)
+        if self.trainer is not None:  # Lightning converted the uint8 batch before this hook: the network's dtype now
+            x = self.trainer.precision_plugin.convert_input(x)
+        return x, labels

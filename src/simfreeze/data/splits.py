@@ -116,3 +116,19 @@ def shared_images(trained_on: Split, held_out: Split) -> dict[str, list[int]]:
         if common:
             overlap[name] = common
     return overlap
+
+
+def shard(indices: Sequence[int], rank: int, world: int, pad: bool) -> tuple[list[int], int]:
+    """The share of one class's images that DDP process ``rank`` of ``world`` holds: every
+    ``world``-th image from ``rank`` on, and how many of them are its own (the rest is padding).
+
+    ``pad``: repeat images from the start of the list so that every process holds
+    ``ceil(len / world)`` — training needs the same number of batches on every process, or the
+    gradient all-reduce of the longer one waits forever. Evaluation shards are not padded: the
+    synced metrics then count every image exactly once.
+    """
+    own = list(indices[rank::world])
+    if not pad or not indices:
+        return own, len(own)
+    share = -(-len(indices) // world)
+    return own + [indices[i % len(indices)] for i in range(share - len(own))], len(own)

@@ -115,6 +115,9 @@ class SimilarityTask:
     # the pass embeds them too), and LogME of the model before fit on the target's training images.
     scores: bool = False
     reference_classes: Sequence[str] = ()
+    # With DDP each process embeds its share of a class; this joins every process's features
+    # (``simfreeze.speed.distributed.gather_rows``), so S is over all the images.
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -151,6 +154,8 @@ def measure_similarity(task: SimilarityTask, net: nn.Module, device: torch.devic
         try:
             batches = image_batches(task.class_images(name), task.prepare, task.batch_size, device)
             features[name] = pooled_features(net, task.head, batches)
+            if task.gather is not None:
+                features[name] = task.gather(features[name])
         finally:
             for hook in hooks:
                 hook.remove()

@@ -61,9 +61,9 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         spec.check(len(layers))
     if cfg["transfer"]:
         check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
-    similarity = None  # after the leakage check: an embedder of the chain (source.source) is trained here
+    similarity, similarity_data = None, []  # after the leakage check: an embedder of the chain (source.source) is trained here
     if spec.needs_similarity or cfg["similarity"]["enabled"]:
-        similarity = similarity_task(cfg, datamodule, probe_record["head"], train_source)
+        similarity, similarity_data = similarity_task(cfg, datamodule, probe_record["head"], train_source)
     source = None
     if cfg["transfer"]:
         # transfer_from=source.source: from the source's own source (the base), skipping the source task
@@ -96,15 +96,20 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
                            every_n_epochs=1, enable_version_counter=False)
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
-    trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger,
+    # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
+    trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger, use_distributed_sampler=False,
                         callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
                                    progress_bar(cfg["progress"])])
 
+    for data in (datamodule, *similarity_data):  # known from the trainer before DDP starts its processes
+        data.set_shard(trainer.global_rank, trainer.world_size)
     datamodule.setup("fit")  # the last check: class sizes, unreadable images
     if trainer.is_global_zero:  # with DDP every process builds this; one writes the files
         claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
         datamodule.save_split(run_dir / "split.json")
-    log.info("task %s: %s", datamodule.labels, datamodule.sizes)
+    log.info("task %s: %s", datamodule.labels, datamodule.total_sizes)
+    if trainer.world_size > 1:
+        log.info("DDP process %d of %d holds %s", trainer.global_rank, trainer.world_size, datamodule.sizes)
     fp32_convs = []
     if str(cfg["trainer"]["precision"]).startswith("bf16") and device_type(cfg["trainer"]["accelerator"]) == "cpu":
         fp32_convs = bf16_unsafe_convs(net, datamodule.prepare(datamodule.tensors["train"][0][:1]))
@@ -117,11 +122,13 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     return Run(datamodule, module, trainer, transfer, clock, best, logger, network, source, fp32_convs)
 
 
-def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: TrainFn) -> SimilarityTask:
+def similarity_task(cfg: dict, target: TaskDataModule, head: str,
+                    train_source: TrainFn) -> tuple[SimilarityTask, list[TaskDataModule]]:
     """What S compares for this run: the source's classes (``similarity.source_classes``, or the
     source task's positive class or classes) against the target's, embedded by the model before fit
     (``similarity.embedder=source``), torchvision weights, a checkpoint, or a stage further up the
-    chain of sources (``source.source``: the source's own source, e.g. a pretrained base)."""
+    chain of sources (``source.source``: the source's own source, e.g. a pretrained base). Also
+    returns the datamodules it takes images from besides ``target`` (to be sharded like it)."""
     spec = cfg["similarity"]
     source_task = cfg["source"]["task"]
     if spec["source_classes"]:
@@ -162,5 +169,5 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str, train_source: 
     references = list(dict.fromkeys([*target.classes, *(extra.classes if extra else [])]))
     return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
                           embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size,
-                          scores=spec["scores"], reference_classes=references)
+                          scores=spec["scores"], reference_classes=references), [extra] if extra else []
 

@@ -30,7 +30,7 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     results = run_results(
         cfg, run_dir, trainer,
         {"best_val_acc": metric(run.best.best_model_score), "final_val_acc": metric(final), "test_acc": metric(test_acc)},
-        run.clock.summary(), {"images": run.datamodule.sizes}, run.transfer.record(),
+        run.clock.summary(), {"images": run.datamodule.total_sizes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
         {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
     log_hparams(run, cfg, results)

@@ -51,7 +51,7 @@ class FitClock(L.Callback):
         self._train_end = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.train_images += len(batch[1])
+        self.train_images += len(batch[1]) * trainer.world_size  # every DDP process trains a batch as large
 
     def on_validation_start(self, trainer, pl_module):
         if trainer.training and self._train_end is None:  # the epoch-end validation, not sanity checking

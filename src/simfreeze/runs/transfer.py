@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +32,7 @@ from simfreeze.method.similarity import Similarity, SimilarityTask, image_batche
 from simfreeze.method.transferability import logme
 from simfreeze.networks.layers import LayerMap
 from simfreeze.networks.units import sequential_units
+from simfreeze.speed.distributed import gather_rows
 from simfreeze.speed.prefix import PrefixCache, deepest_prefixes, fill_prefix_cache, frozen_prefix_length, prefix_cache_key
 
 log = logging.getLogger(__name__)
@@ -61,26 +64,35 @@ class TransferSetup(L.Callback):
             return
         self._done = True
         net, device = pl_module.net, trainer.strategy.root_device  # setup runs before the strategy moves the model
+        # bf16-true / 16-true: the passes below run the network in the dtype training will (Lightning
+        # converts the module only after this hook; converting twice is a no-op).
+        trainer.precision_plugin.convert_module(pl_module)
         autocast = trainer.precision_plugin.forward_context
         writes = trainer.is_global_zero and self.out_dir is not None
         units = sequential_units(net) if self.layers is not None and self.cache_budget_bytes is not None else None
 
         if self.similarity_task is not None:
+            task = self.similarity_task
+            gather = partial(gather_rows, strategy=trainer.strategy)  # with DDP: every process's share
+            if trainer.world_size > 1:
+                task = replace(task, gather=gather)
             keep = {}
-            if units and self.similarity_task.embedder is None:  # the pass runs the prefix the cache needs
+            if units and task.embedder is None:  # the pass runs the prefix the cache needs
                 plans = [frozen_parameter_ids(net, self.layers, n) for n in self.spec.reachable(len(self.layers), self.layers.l_total)]
                 keep = {k: units[k - 1][1] for k in deepest_prefixes(units, plans)}
-            embedder = (self.similarity_task.embedder or net).to(device)
+            embedder = (task.embedder or net).to(device)
             # Under the run's precision, as the fill and training run; centroids and cosine stay fp32 / fp64.
             with autocast():
-                self.similarity = measure_similarity(self.similarity_task, embedder, device, keep,
+                self.similarity = measure_similarity(task, embedder, device, keep,
                                                      (self.cache_budget_bytes or 0) / 2)  # the cache needs room too
-                if self.similarity_task.scores:  # LogME: the features training starts from, on the target's images
-                    train_images, train_labels = self.datamodule.tensors["train"]
+                if task.scores:  # LogME: the features training starts from, on the target's images
+                    train_images, train_labels = self.datamodule.own("train")
                     batches = image_batches(train_images, self.datamodule.prepare, self.datamodule.eval_batch_size, device)
-                    features = pooled_features(net.to(device), self.similarity_task.head, batches)
-            if self.similarity_task.scores:  # in float64, outside autocast
-                self.similarity.record["scores"]["logme"] = logme(features, train_labels)
+                    features = pooled_features(net.to(device), task.head, batches)
+            if task.scores:  # in float64, outside autocast
+                self.similarity.record["scores"]["logme"] = logme(gather(features), gather(train_labels))
+            # One S (and so one plan) on every process: rank 0's, not trusted to agree by determinism.
+            self.similarity.record = trainer.strategy.broadcast(self.similarity.record, src=0)
             if writes:
                 (self.out_dir / "similarity.json").write_text(json.dumps(self.similarity.record, indent=1))
             for logger in trainer.loggers:
@@ -89,7 +101,7 @@ class TransferSetup(L.Callback):
         if self.layers is None:
             return
         score = self.similarity.score if self.similarity else None
-        self.l_freeze = self.spec.l_freeze(len(self.layers), self.layers.l_total, score)
+        self.l_freeze = trainer.strategy.broadcast(self.spec.l_freeze(len(self.layers), self.layers.l_total, score), src=0)
         self._norms = freeze_leading(net, self.layers, self.l_freeze)
         rows = plan_rows(net, self.layers, self.l_freeze)
         if writes:
@@ -105,6 +117,8 @@ class TransferSetup(L.Callback):
             return
         captured = self.similarity.captured if self.similarity else {}
         reused = kept_outputs(captured, frozen_prefix_length(units), list(self.datamodule.split.train))
+        if reused is not None and len(reused) != len(self.datamodule.tensors["train"][1]):
+            reused = None  # a DDP share padded with repeated images: the fill runs them all
         pl_module.to(device)
         self.cache, self.cache_record = fill_prefix_cache(
             units, self.datamodule, device, autocast, str(trainer.precision), self.cache_budget_bytes,

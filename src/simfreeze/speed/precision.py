@@ -84,7 +84,10 @@ class Fp32Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            bias = None if self.bias is None else self.bias.float()
+            out = self._conv_forward(x.float(), self.weight.float(), bias)
+        # bf16-true: the next layer's weights are bf16 too, and want its input so
+        return out if self.weight.dtype == torch.float32 else out.to(self.weight.dtype)
 
 
 def bf16_unsafe_convs(net: nn.Module, example: torch.Tensor) -> list[str]:

@@ -126,10 +126,9 @@ def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autoc
         log.info("prefix cache off: %s", reason)
         return None, {"used": False, "reason": reason}
     start = time.perf_counter()
-    example = dm.prepare(dm.tensors["train"][0][:1].to(device))
     images = sum(n * (views if stage == "train" else 1) for stage, n in sizes.items())
-    with autocast():
-        need, dtype = cache_bytes(prefix, example, images)
+    with autocast():  # the input as training sees it (bf16 under bf16-true)
+        need, dtype = cache_bytes(prefix, dm.prepare(dm.tensors["train"][0][:1].to(device)), images)
     record = {"used": False, "boundary": units[k - 1][0], "units": k, "bytes": need,
               "dtype": str(dtype).removeprefix("torch.")}
     if need > budget_bytes:

@@ -1,0 +1,24 @@
+"""bf16-true and 16-true (weights and activations in half precision, no autocast) through every path
+that runs the network before Lightning converts it: the similarity pass, the prefix-cache fill, and
+the batches made on the device after Lightning converted the (uint8) batch."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import run_train
+
+
+def test_true_half_precision_runs_the_source_the_similarity_pass_and_the_cache(cat_dog_folder, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", "trainer.precision=bf16-true,16-true", "arm=dynamic", "data.positive=dog",
+              "data.classes=[bird,cat,dog]", "source.task={positive:cat}", "model.arch=resnet18",
+              "data.image_size=null", "data.per_class=20", "trainer.max_epochs=2", "progress=lines",
+              "trainer.accelerator=cpu", f"data.root={cat_dog_folder}", f"source.cache_dir={tmp_path / 'sources'}",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    for job, dtype in (("0", "bfloat16"), ("1", "float16")):
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["status"] == "ok" and results["precision"] == f"{'bf16' if job == '0' else '16'}-true"
+        assert results["S"] is not None and results["best_val_acc"] is not None
+        assert results["prefix_cache"]["used"] and results["prefix_cache"]["dtype"] == dtype
+        assert results["source"]["best_val_acc"] is not None  # the source trained uncached in that precision
