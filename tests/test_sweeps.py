@@ -228,6 +228,49 @@ def test_a_slurm_job_takes_its_allocations_gpu_without_a_lock(tmp_path, monkeypa
     assert placement.in_slurm_job({"SLURM_JOB_ID": "1"}) and not placement.in_slurm_job({})
 
 
+UUID_2, UUID_3 = "GPU-8f3b5c1e-0a4d-6b2e-9c7f-1d2e3f4a5b6c", "GPU-1a2b3c4d-5e6f-7a8b-9c0d-e1f2a3b4c5d6"
+MIG = "MIG-0d3c6f8a-27b1-5e9d-8c4f-6a7b8c9d0e1f"
+
+
+@pytest.mark.parametrize("visible", ["2,3", f"{UUID_3},{MIG}", None])
+def test_a_local_queue_job_sees_the_gpus_the_users_environment_allowed(visible, tmp_path, monkeypatch):
+    """hydra/launcher=local_queue through the real plugin and submitit's local executor: the job, a
+    process of its own, reads its CUDA_VISIBLE_DEVICES (None: unset, every GPU)."""
+    import functools
+    import os
+
+    import submitit
+    from hydra.utils import instantiate
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = compose_config(["hydra/launcher=local_queue", f"hydra.sweep.dir={tmp_path}"], hydra=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+
+    def submit_probe(executor, task, *job_args):  # instead of the Hydra jobs: one job that reports its variable
+        return [executor.submit(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"))]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit_probe)
+    assert launcher.launch([["seed=0"]], initial_job_idx=0) == [visible]
+
+
+def test_keep_visible_devices_hands_any_value_through_a_shell(tmp_path):
+    import subprocess
+
+    from simfreeze.speed.placement import keep_visible_devices
+
+    for value in ("2,3", f"{UUID_3},{MIG}", "", "0; touch pwned", None):
+        environ = {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
+        script = " && ".join([*keep_visible_devices(environ), 'echo "${CUDA_VISIBLE_DEVICES-unset}"'])
+        out = subprocess.run(script, shell=True, env={"CUDA_VISIBLE_DEVICES": "0,1"}, cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout
+        assert out == ("unset" if value is None else value) + "\n"
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_auto_precision_picks_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
     from simfreeze.speed.precision import cuda_precision, default_precision
 

@@ -8,6 +8,10 @@ job ends. A SLURM job sees only its own allocation: it takes that allocation's f
 lock (a lock on the shared file system would be one file for every job of the sweep, serialising it,
 or fail where the file system has no ``flock``). Where locking fails for another reason than "held",
 the job takes GPU ``job number mod GPUs`` with a warning instead of failing.
+
+submitit's local executor sets a job's ``CUDA_VISIBLE_DEVICES`` to ``0..gpus_per_node-1`` (and takes
+integer indices only), which is not the user's restriction; ``keep_visible_devices`` gives the shell
+lines (its ``setup``, conf/hydra/launcher/local_queue.yaml) that hand the job the parent's value.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 log = logging.getLogger("simfreeze")
 
@@ -31,6 +36,15 @@ def in_slurm_job(environ=os.environ) -> bool:
 def wants_one_gpu(devices, accelerator: str, multirun: bool, n_cuda: int) -> bool:
     """Whether a job should be pinned to a single GPU (it asked for none in particular)."""
     return multirun and str(devices) == "auto" and accelerator in ("auto", "gpu", "cuda") and n_cuda > 0
+
+
+def keep_visible_devices(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Shell lines that give a submitit local job this process's ``CUDA_VISIBLE_DEVICES`` (verbatim,
+    or unset): submitit sets it to ``0..gpus_per_node-1`` just before running them."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return ["unset CUDA_VISIBLE_DEVICES"]
+    return [f"export CUDA_VISIBLE_DEVICES={shlex.quote(value)}"]
 
 
 @contextlib.contextmanager
