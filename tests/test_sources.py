@@ -115,3 +115,17 @@ def test_a_stage_seed_must_be_an_integer():
     cfg["source"]["source"]["seed"] = "zero"
     with pytest.raises(ConfigError, match=r"source.source.seed=\"zero\" must be an integer or null"):
         check_values(cfg)
+
+
+def test_every_source_stage_trains_on_the_sweep_jobs_own_gpu_and_keeps_its_cache_key():
+    from simfreeze.runs.sources import source_chain, source_key
+
+    # a sweep job pinned to cuda:3 by simfreeze.speed.placement (trainer.devices=[3])
+    pinned_cfg, pinned = base_of("cat_to_dog_pretrained", "arm=dynamic", "trainer.accelerator=gpu", "trainer.devices=[3]")
+    _, unpinned = base_of("cat_to_dog_pretrained", "arm=dynamic", "trainer.accelerator=gpu")
+    assert pinned_cfg["trainer"]["devices"] == [3] and len(pinned) == 2  # the cat source and its base
+    assert [stage["trainer"]["devices"] for stage in pinned] == [[3], [3]]  # not 1, i.e. cuda:0: another job's GPU
+    assert [stage["trainer"]["devices"] for stage in unpinned] == [1, 1]  # devices=auto: one device
+    assert [source_key(s) for s in pinned] == [source_key(s) for s in unpinned]  # one cache entry, any GPU
+    ddp = source_chain({**pinned_cfg, "trainer": {**pinned_cfg["trainer"], "devices": [2, 3], "strategy": "ddp"}})
+    assert ddp[0]["trainer"]["devices"] == [2] and ddp[0]["trainer"]["strategy"] == "auto"

@@ -2,7 +2,9 @@
 
 import csv
 import json
+import tempfile
 import threading
+from pathlib import Path
 
 import joblib
 import pytest
@@ -221,11 +223,107 @@ def test_a_slurm_job_takes_its_allocations_gpu_without_a_lock(tmp_path, monkeypa
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a SLURM job sees its own allocation only
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SIMFREEZE_GPU_LOCK_DIR", str(tmp_path / "locks"))
     trainer = {"devices": "auto", "accelerator": "auto"}
     with placement.job_devices(trainer, tmp_path, job=7, multirun=True):
         assert trainer == {"devices": [0], "accelerator": "gpu"}
-    assert not (tmp_path / ".gpu-locks").exists()  # no lock file on the shared file system
+    assert not (tmp_path / "locks").exists()  # no lock file
     assert placement.in_slurm_job({"SLURM_JOB_ID": "1"}) and not placement.in_slurm_job({})
+
+
+UUID_2, UUID_3 = "GPU-8f3b5c1e-0a4d-6b2e-9c7f-1d2e3f4a5b6c", "GPU-1a2b3c4d-5e6f-7a8b-9c0d-e1f2a3b4c5d6"
+MIG = "MIG-0d3c6f8a-27b1-5e9d-8c4f-6a7b8c9d0e1f"
+
+
+def test_gpus_are_named_by_their_physical_identity_not_the_process_local_index():
+    from simfreeze.speed.placement import physical_gpus, visible_devices
+
+    assert visible_devices({}) is None  # unset: every GPU
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": ""}) == []  # empty: none
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": f" 2, 3 ,{UUID_2[:6]},{MIG}"}) == ["2", "3", UUID_2[:6], MIG]
+    assert physical_gpus(2, None) == ["0", "1"]
+    assert physical_gpus(2, ["2", "3"]) == ["2", "3"]  # cuda:0 of this process is GPU 2 of the machine
+    assert physical_gpus(2, [UUID_3, MIG]) == [UUID_3, MIG]
+    assert physical_gpus(0, []) == []
+    # With the UUID known, every way of naming a GPU (index, partial UUID, another CUDA_DEVICE_ORDER)
+    # gives one name; a MIG slice keeps its own id (its GPU's UUID is its sibling slices' too).
+    machine = {"2": UUID_2, "3": UUID_3, UUID_3[:6]: UUID_3, MIG: UUID_2}
+    for visible in (["2", "3"], [UUID_3[:6]], [MIG, "3"]):
+        names = physical_gpus(len(visible), visible, lambda i: machine[visible[i]])
+        assert names == [MIG if v == MIG else machine[v] for v in visible]
+
+
+def test_two_sweeps_on_one_machine_take_different_gpus(tmp_path, monkeypatch):
+    from simfreeze.speed import placement
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(placement, "cuda_uuid", lambda index: None, raising=False)  # no UUIDs: the entries
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv("SIMFREEZE_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    first, second = {"devices": "auto", "accelerator": "auto"}, {"devices": "auto", "accelerator": "gpu"}
+    with placement.job_devices(first, tmp_path / "sweep-a", job=0, multirun=True), \
+            placement.job_devices(second, tmp_path / "sweep-b", job=0, multirun=True):
+        assert (first["devices"], second["devices"]) == ([0], [1])  # job 0 of each sweep: not both on GPU 2
+        assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["gpu-2.lock", "gpu-3.lock"]
+    assert not (tmp_path / "sweep-a").exists() and not (tmp_path / "sweep-b").exists()
+    assert placement.gpu_lock_dir({}) == Path(tempfile.gettempdir()) / "simfreeze-gpu-locks"  # machine-wide
+
+
+def test_a_user_whose_gpus_overlap_a_running_jobs_waits_for_them(tmp_path):
+    from simfreeze.speed.placement import physical_gpus
+
+    machine = {"2": UUID_2, "3": UUID_3, UUID_3[:6]: UUID_3}
+    one = physical_gpus(2, ["2", "3"], lambda i: machine[["2", "3"][i]])  # CUDA_VISIBLE_DEVICES=2,3
+    other = physical_gpus(1, [UUID_3[:6]], lambda i: UUID_3)  # another user's CUDA_VISIBLE_DEVICES=GPU-1a
+    got = []
+    with claim_gpu(tmp_path, one, first=1) as index:
+        assert index == 1  # GPU 3
+        waiter = threading.Thread(target=lambda: got.append(claim_gpu(tmp_path, other, poll_seconds=0.05).__enter__()))
+        waiter.start()
+        waiter.join(0.3)
+        assert got == []  # its only GPU is GPU 3, held
+    waiter.join(5)
+    assert got == [0]
+
+
+@pytest.mark.parametrize("visible", ["2,3", f"{UUID_3},{MIG}", None])
+def test_a_local_queue_job_sees_the_gpus_the_users_environment_allowed(visible, tmp_path, monkeypatch):
+    """hydra/launcher=local_queue through the real plugin and submitit's local executor: the job, a
+    process of its own, reads its CUDA_VISIBLE_DEVICES (None: unset, every GPU)."""
+    import functools
+    import os
+
+    import submitit
+    from hydra.utils import instantiate
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cfg = compose_config(["hydra/launcher=local_queue", f"hydra.sweep.dir={tmp_path}"], hydra=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+
+    def submit_probe(executor, task, *job_args):  # instead of the Hydra jobs: one job that reports its variable
+        return [executor.submit(functools.partial(os.getenv, "CUDA_VISIBLE_DEVICES"))]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit_probe)
+    assert launcher.launch([["seed=0"]], initial_job_idx=0) == [visible]
+
+
+def test_keep_visible_devices_hands_any_value_through_a_shell(tmp_path):
+    import subprocess
+
+    from simfreeze.speed.placement import keep_visible_devices
+
+    for value in ("2,3", f"{UUID_3},{MIG}", "", "0; touch pwned", None):
+        environ = {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
+        script = " && ".join([*keep_visible_devices(environ), 'echo "${CUDA_VISIBLE_DEVICES-unset}"'])
+        out = subprocess.run(script, shell=True, env={"CUDA_VISIBLE_DEVICES": "0,1"}, cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout
+        assert out == ("unset" if value is None else value) + "\n"
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_auto_precision_picks_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):

@@ -28,9 +28,14 @@ log = logging.getLogger("simfreeze")
 
 
 def register_resolvers() -> None:
-    """``${cuda_count:}`` (conf/hydra/launcher/local_queue.yaml): submitit hides every GPU from a job
-    unless told how many to show. Needed before Hydra composes a config that uses it."""
+    """For conf/hydra/launcher/local_queue.yaml: ``${cuda_count:}``, the number of visible GPUs, and
+    ``${keep_visible_gpus:}``, the shell lines that give a submitit local job this process's
+    ``CUDA_VISIBLE_DEVICES`` (submitit would set ``0..n-1``). Needed before Hydra composes a config
+    that uses them."""
+    from simfreeze.speed.placement import keep_visible_devices
+
     OmegaConf.register_new_resolver("cuda_count", lambda: __import__("torch").cuda.device_count(), replace=True)
+    OmegaConf.register_new_resolver("keep_visible_gpus", keep_visible_devices, replace=True)
 
 
 @functools.cache

@@ -37,7 +37,8 @@ log = logging.getLogger("simfreeze")
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
 NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
               "source_only", "transfer_from"}  # a stage always transfers from its own source
-# devices / num_nodes / strategy: a source always trains on one device (source_config).
+# devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
+# when it has one: which one does not change the weights.
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
 DATA_NOT_IN_KEY = {"eval_batch_size", "use_test", "holdout_per_class"}  # what is evaluated, not what is learned
@@ -67,8 +68,17 @@ def source_config(cfg: dict) -> dict:
                         "cache_dir": spec["cache_dir"]}
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
     # command, whose processes would then wait on the source's lock held by their own parent.
-    source["trainer"].update(devices=1, num_nodes=1, strategy="auto")
+    source["trainer"].update(devices=source_device(cfg["trainer"]["devices"]), num_nodes=1, strategy="auto")
     return source
+
+
+def source_device(devices) -> Any:
+    """The one device a source stage trains on: the target's own when it was given as a list (a
+    sweep job pinned to ``[i]`` by simfreeze.speed.placement; the first of a DDP run's), else
+    ``devices=1``, which is cuda:0 on a GPU machine: another sweep job's GPU."""
+    if isinstance(devices, (list, tuple)) and devices:
+        return [devices[0]]
+    return 1
 
 
 def source_chain(cfg: dict) -> list[dict]:
