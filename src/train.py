@@ -63,8 +63,7 @@ def main(cfg: DictConfig) -> float | None:
         validate_config(cfg)
         quiet_lightning()
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
-        sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else run_dir.parent
-        with job_devices(run_cfg["trainer"], sweep_dir, job_num, multirun):
+        with job_devices(run_cfg["trainer"], job_num, multirun):
             if multirun and not tree and relaunches_command(run_cfg["trainer"]):
                 results = train_in_own_process_tree(cfg, run_dir, job_num, overrides)
             else:

@@ -225,7 +225,7 @@ def test_a_slurm_job_takes_its_allocations_gpu_without_a_lock(tmp_path, monkeypa
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SIMFREEZE_GPU_LOCK_DIR", str(tmp_path / "locks"))
     trainer = {"devices": "auto", "accelerator": "auto"}
-    with placement.job_devices(trainer, tmp_path, job=7, multirun=True):
+    with placement.job_devices(trainer, job=7, multirun=True):
         assert trainer == {"devices": [0], "accelerator": "gpu"}
     assert not (tmp_path / "locks").exists()  # no lock file
     assert placement.in_slurm_job({"SLURM_JOB_ID": "1"}) and not placement.in_slurm_job({})
@@ -262,11 +262,10 @@ def test_two_sweeps_on_one_machine_take_different_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     monkeypatch.setenv("SIMFREEZE_GPU_LOCK_DIR", str(tmp_path / "locks"))
     first, second = {"devices": "auto", "accelerator": "auto"}, {"devices": "auto", "accelerator": "gpu"}
-    with placement.job_devices(first, tmp_path / "sweep-a", job=0, multirun=True), \
-            placement.job_devices(second, tmp_path / "sweep-b", job=0, multirun=True):
+    with placement.job_devices(first, job=0, multirun=True), \
+            placement.job_devices(second, job=0, multirun=True):
         assert (first["devices"], second["devices"]) == ([0], [1])  # job 0 of each sweep: not both on GPU 2
         assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["gpu-2.lock", "gpu-3.lock"]
-    assert not (tmp_path / "sweep-a").exists() and not (tmp_path / "sweep-b").exists()
     assert placement.gpu_lock_dir({}) == Path(tempfile.gettempdir()) / "simfreeze-gpu-locks"  # machine-wide
 
 

@@ -153,10 +153,9 @@ def claim_gpu(lock_dir: Path, gpus: int | Sequence[str], first: int = 0, poll_se
 
 
 @contextlib.contextmanager
-def job_devices(trainer: dict, sweep_dir: Path, job: int, multirun: bool):
+def job_devices(trainer: dict, job: int, multirun: bool):
     """Pin a sweep job that asked for ``devices=auto`` to one GPU of its own (edits ``trainer``, the
-    run config's trainer section, for the duration). ``sweep_dir`` is unused: the locks are
-    machine-wide (``gpu_lock_dir``)."""
+    run config's trainer section, for the duration); the locks are machine-wide (``gpu_lock_dir``)."""
     import torch
 
     n_cuda = torch.cuda.device_count()
