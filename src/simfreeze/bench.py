@@ -44,7 +44,8 @@ ARMS = {  # name → overrides on top of +experiment=cat_to_dog
 
 def compose_run(overrides: list[str]) -> dict:
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=cat_to_dog", *overrides])
+        # One device: devices=auto on a machine with several GPUs would start DDP, relaunching the bench.
+        cfg = compose("train", overrides=["+experiment=cat_to_dog", "trainer.devices=1", *overrides])
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg.pop("hydra", None)
     return cfg
