@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -397,3 +398,33 @@ def test_runs_that_recorded_the_configs_policy_are_read_with_the_policy_that_ran
     verdict = depth_verdict(summarise(runs))
     assert [d["setting"] for d in verdict["dynamic"]] == ["freeze.l_freeze=dynamic"]
 
+
+
+def readme_commands(first: str, last: str) -> list[str]:
+    """The ``python -m train`` commands of README's code blocks and inline code between two headings."""
+    from tests.helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    text = text[text.index(first):text.index(last)]
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python -m train ")]
+    commands += re.findall(r"`(python -m train [^`]+)`", text)
+    return [command.split("  #")[0].split(" # ")[0] for command in commands if "…" not in command]
+
+
+def first_point(override: str) -> str:
+    """A sweep override (``seed=0,1,2``) as its first point, which ``compose`` accepts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    if not parsed.is_sweep_override():
+        return override
+    return f"{parsed.get_key_element()}={next(parsed.sweep_string_iterator())}"
+
+
+def test_the_readmes_scale_out_commands_compose():
+    commands = readme_commands("## Sweeps, the depth oracle and scale-out", "## How layers are counted")
+    assert len(commands) >= 8 and any("trainer.strategy=ddp" in c for c in commands)
+    for command in commands:
+        overrides = [o for o in command.removeprefix("python -m train ").split() if o != "-m"]
+        cfg = compose_config([first_point(o) for o in overrides], hydra=True)
+        assert cfg.trainer is not None, command
