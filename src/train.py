@@ -46,10 +46,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from simfreeze.runs.progress import quiet_lightning
-    from simfreeze.speed.distributed import relaunches_command
+    from simfreeze.speed.distributed import process_rank, relaunches_command, several_processes, sweep_job
     from simfreeze.speed.placement import job_devices
-
-    from simfreeze.speed.distributed import process_rank, several_processes, sweep_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -65,7 +63,7 @@ def main(cfg: DictConfig) -> float | None:
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         with job_devices(run_cfg["trainer"], job_num, multirun):
             if multirun and not tree and relaunches_command(run_cfg["trainer"]):
-                results = train_in_own_process_tree(cfg, run_dir, job_num, overrides)
+                results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg["trainer"])
             else:
                 results = train(run_cfg, run_dir, overrides)
     except Exception as err:
@@ -95,9 +93,10 @@ def main(cfg: DictConfig) -> float | None:
     return results.get("best_val_acc")  # the objective for Hydra sweepers
 
 
-def train_in_own_process_tree(cfg: DictConfig, run_dir: Path, job_num: int, overrides: list[str]) -> dict[str, Any]:
+def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str], trainer: dict) -> dict[str, Any]:
     """A sweep job whose trainer would relaunch the command for DDP, run in a process tree of its
-    own (``simfreeze.speed.distributed``); returns what its ``results.json`` holds."""
+    own (``simfreeze.speed.distributed``) on the devices this job holds (``trainer``); returns what
+    its ``results.json`` holds."""
     import json
 
     from simfreeze.speed.distributed import run_in_own_process_tree
@@ -106,7 +105,7 @@ def train_in_own_process_tree(cfg: DictConfig, run_dir: Path, job_num: int, over
         raise ConfigError(f"DDP in a sweep job runs the job's saved config ({run_dir / '.hydra'}), which "
                           f"hydra.output_subdir=null left unsaved; keep the default hydra.output_subdir")
     log.info("job %s: DDP in a process tree of its own", job_num)
-    done = run_in_own_process_tree(run_dir, job_num, overrides)
+    done = run_in_own_process_tree(run_dir, job_num, overrides, trainer)
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
     if results is None:
         raise RuntimeError(f"the job's DDP processes exited with status {done.returncode} without results "

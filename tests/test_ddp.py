@@ -151,3 +151,22 @@ def test_a_failing_process_of_a_multi_process_job_exits_with_an_error(image_fold
 def test_slurm_jobs_end_every_task_when_one_fails():
     setup = compose_config(["hydra/launcher=slurm"], hydra=True).hydra.launcher.setup
     assert any(re.fullmatch(r"export SLURM_KILL_BAD_EXIT=1", line) for line in setup)
+
+
+def test_a_sweep_jobs_own_process_tree_runs_on_the_gpu_the_job_claimed(tmp_path):
+    """The new process reads the job's saved config, where devices is still ``auto``: without the
+    claimed device it would try to claim a GPU again, and wait for the lock its own job holds."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from simfreeze.speed.distributed import own_process_tree_command
+
+    saved = tmp_path / "job" / ".hydra"
+    saved.mkdir(parents=True)
+    OmegaConf.save(compose_config(["arm=dynamic", "task=cat_to_dog", "trainer.strategy=ddp"]), saved / "config.yaml")
+    command = own_process_tree_command(tmp_path / "job", {"devices": [3], "accelerator": "gpu"})
+    assert command[command.index("--config-path") + 1] == str(saved.resolve())
+    overrides = [arg for arg in command[command.index("config") + 1:] if not arg.startswith("hydra.")]
+    with initialize_config_dir(str(saved), version_base="1.3"):
+        trainer = compose("config", overrides).trainer
+    assert (trainer.devices, trainer.accelerator, trainer.strategy) == ([3], "gpu", "ddp")

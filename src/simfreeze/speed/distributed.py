@@ -85,15 +85,17 @@ def sweep_job(environ=os.environ) -> dict | None:
     return json.loads(value) if value else None
 
 
-def own_process_tree_command(run_dir: Path) -> list[str]:
+def own_process_tree_command(run_dir: Path, trainer: dict) -> list[str]:
     """``python -m train`` on the job's saved config (``.hydra/config.yaml``), as a single run in
-    the job's directory that leaves the saved config as it is."""
+    the job's directory that leaves the saved config as it is, on the devices the job holds (a GPU
+    this job claimed, which the new process must not try to claim again)."""
     return [sys.executable, "-m", "train", "--config-path", str((run_dir / ".hydra").resolve()), "--config-name",
-            "config", f"hydra.run.dir={run_dir.resolve()}", "hydra.output_subdir=null"]
+            "config", f"hydra.run.dir={run_dir.resolve()}", "hydra.output_subdir=null",
+            f"trainer.devices={json.dumps(trainer['devices'])}", f"trainer.accelerator={trainer['accelerator']}"]
 
 
-def run_in_own_process_tree(run_dir: Path, job: int, overrides: list[str]) -> subprocess.CompletedProcess:
+def run_in_own_process_tree(run_dir: Path, job: int, overrides: list[str], trainer: dict) -> subprocess.CompletedProcess:
     """Run a sweep job in a process tree of its own (see the module's docstring); its output goes
     to this process's console, and it writes the job's ``results.json``."""
     env = {**os.environ, SWEEP_JOB_ENV: json.dumps({"num": job, "overrides": list(overrides)})}
-    return subprocess.run(own_process_tree_command(run_dir), env=env, check=False)
+    return subprocess.run(own_process_tree_command(run_dir, trainer), env=env, check=False)
