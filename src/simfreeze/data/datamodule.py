@@ -69,6 +69,7 @@ class TaskDataModule(L.LightningDataModule):
         self.image_size, self.flip, self.use_test, self.holdout_per_class = image_size, flip, use_test, holdout_per_class
         self.skip_per_class = skip_per_class
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # mean, std per device (``constants``)
         self.source: ImageSource | None = None
         self.split: Split | None = None
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -162,9 +163,18 @@ class TaskDataModule(L.LightningDataModule):
         return images[keep], labels[keep]
 
     def prepare(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """A uint8 batch as the network sees it (random flips only when ``flip``)."""
-        x = prepare_batch(images, self.mean.to(images.device), self.std.to(images.device), self.image_size, flip=flip)
+        """A uint8 batch as the network sees it (random flips only when ``flip``), on its device."""
+        mean, std = self.constants(images.device)
+        x = prepare_batch(images, mean, std, self.image_size, flip=flip)
         return x.to(torch.get_default_dtype())  # bf16 inside a bf16-true forward (fp32 statistics promoted it)
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` on ``device``: copied there on first use, not once per batch (a copy
+        from the host each step would make a GPU wait). A new ``mean`` or ``std`` is copied again."""
+        cached = self._constants.get(device)
+        if cached is None or cached[0] is not self.mean or cached[1] is not self.std:
+            cached = self._constants[device] = (self.mean, self.std, self.mean.to(device), self.std.to(device))
+        return cached[2], cached[3]
 
     def split_record(self) -> dict:
         """Everything needed to rebuild the split: saved as ``split.json`` in the run directory."""

@@ -171,25 +171,35 @@ def prepare_batch(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """uint8 NCHW → normalised float NCHW (the default dtype): optional resize and random
-    horizontal flips per batch."""
+    horizontal flips per batch.
+
+    All of it runs on ``images``' device and nothing comes from the host: ``mean`` and ``std``
+    must be on that device already (``TaskDataModule.prepare`` keeps a copy per device), and the
+    flip mask is drawn there (``flip_mask``; a ``generator`` must be of that device)."""
     x = images.to(torch.get_default_dtype()).div_(255)
     if image_size and x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                           align_corners=False)
     if flip:
-        mask = torch.rand(x.shape[0], generator=generator) < 0.5
-        x = torch.where(mask.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(flip_mask(x.shape[0], x.device, generator).view(-1, 1, 1, 1), x.flip(-1), x)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def flip_mask(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which of ``n`` images to flip (each with probability 1/2), drawn on ``device``: no copy from
+    the host, so no wait for the device. ``prepare_batch`` and ``pick_views`` both draw through
+    here, so the cached and uncached paths flip the same images for the same random state (on a
+    CPU the same numbers as a host draw, ``torch.rand(n) < 0.5``)."""
+    return torch.rand(n, device=device, generator=generator) < 0.5
 
 
 def pick_views(features: torch.Tensor, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """A batch of cached prefix outputs (B, views, ...) → (B, ...).
 
     View 1 holds the outputs for the flipped image; training takes it for a random half of the
-    batch, drawing the same random numbers as ``prepare_batch`` so both paths flip the same images.
+    batch, drawn as ``prepare_batch`` draws it (``flip_mask``), so both paths flip the same images.
     """
     if features.shape[1] == 1 or not training:
         return features[:, 0]
-    mask = torch.rand(features.shape[0], generator=generator) < 0.5
-    mask = mask.to(features.device).view(-1, *([1] * (features.dim() - 2)))
+    mask = flip_mask(features.shape[0], features.device, generator).view(-1, *([1] * (features.dim() - 2)))
     return torch.where(mask, features[:, 1], features[:, 0])

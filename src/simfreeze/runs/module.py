@@ -29,7 +29,11 @@ class Classifier(L.LightningModule):
         self.channels_last = channels_last
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro")
+        # validate_args=False: no checks of the inputs at each update (host work; their count of unique
+        # labels would wait for a GPU — torchmetrics 1.9 skips it for float logits, a later one may not).
+        # Updated, not called: a call also computes the batch's accuracy, shown only by an on_step log.
+        metric = partial(torchmetrics.classification.MulticlassAccuracy, num_classes=num_classes, average="micro",
+                         validate_args=False)
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
         # Set when batches are cached prefix outputs: the net's remaining units, run in order.
         # A plain list, so the modules stay registered once (under net) in the state dict.
@@ -48,7 +52,7 @@ class Classifier(L.LightningModule):
         # Kept on the device and read once per epoch: a check per step would wait for every step on a GPU.
         finite = loss.detach().isfinite()
         self._finite = finite if self._finite is None else self._finite & finite
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -69,7 +73,7 @@ class Classifier(L.LightningModule):
     def _evaluate(self, batch, stage: str, metric):
         x, y = batch
         logits = self(x)
-        metric(logits, y)
+        metric.update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)  # mean over DDP processes
         self.log(f"{stage}/acc", metric, prog_bar=True)
 

@@ -57,12 +57,36 @@ class EpochLines(ProgressBar):
             print(f"test  {shown}", flush=True)
 
 
+class Bar(TQDMProgressBar):
+    """Lightning's tqdm bar, whose postfix (``train/loss``) is read at most every ``postfix_every_s``
+    seconds within an epoch, and at its end: reading it turns the logged loss into a float, which
+    on a GPU waits for the step to finish, so a read per step would keep the host from running
+    ahead. The count still moves every step."""
+
+    def __init__(self, postfix_every_s: float = 1.0):
+        super().__init__()
+        self.postfix_every_s = postfix_every_s
+        self._postfix_at = float("-inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, n = self.train_progress_bar, batch_idx + 1
+        if bar is None or not self._should_update(n, bar.total):
+            return
+        now = time.perf_counter()
+        if n == bar.total or now - self._postfix_at >= self.postfix_every_s:
+            self._postfix_at = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif not bar.disable:
+            bar.n = n
+            bar.refresh()
+
+
 def progress_bar(style: str = "auto") -> ProgressBar:
     """``bar`` (tqdm), ``lines`` (one line per epoch), or ``auto``: a bar only on a terminal."""
     if style not in ("auto", "bar", "lines"):
         raise ValueError(f"progress='{style}' must be one of auto, bar, lines")
     if style == "bar" or (style == "auto" and sys.stderr.isatty()):
-        return TQDMProgressBar()
+        return Bar()
     return EpochLines()
 
 
