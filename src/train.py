@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from simfreeze.runs.progress import quiet_lightning
     from simfreeze.speed.placement import job_devices
 
@@ -59,6 +62,8 @@ def main(cfg: DictConfig) -> float | None:
         sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else run_dir
         with job_devices(run_cfg["trainer"], sweep_dir, hydra_cfg.job.num if multirun else 0, multirun):
             results = train(run_cfg, run_dir, overrides)
+    except SIGTERMException:  # a scheduler's stop, which Lightning raises as SystemExit(None), i.e. status 0
+        sys.exit(128 + signal.SIGTERM)  # the fit wrote last.ckpt and logged how to resume
     except Exception as err:
         if not multirun:
             if isinstance(err, ConfigError):

@@ -35,8 +35,8 @@ log = logging.getLogger("simfreeze")
 
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
-NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
-              "source_only", "transfer_from"}  # a stage always transfers from its own source
+NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
+              "transfer", "source_only", "transfer_from"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config).
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
