@@ -83,12 +83,14 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         log.info("initial weights %s: dropped head keys %s", weights, network["dropped_head_keys"])
     module = Classifier(net, datamodule.num_classes, optimizer=hydra.utils.instantiate(cfg["optimizer"]),
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
-                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"])
+                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"],
+                        keep_frozen=cfg["checkpoint"]["keep_frozen"])
     cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
     transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
     clock = FitClock()
     # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume,
-    # every checkpoint.last_every_n_epochs epochs, at the end and when stopped.
+    # every checkpoint.last_every_n_epochs epochs, at the end and when stopped. Neither holds the
+    # frozen prefix unless checkpoint.keep_frozen (the module's hooks).
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
     last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])

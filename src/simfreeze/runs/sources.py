@@ -63,6 +63,8 @@ def source_config(cfg: dict) -> dict:
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
+    # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
+    source["checkpoint"].update(keep_frozen=True)
     source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
