@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from simfreeze.runs.progress import quiet_lightning
     from simfreeze.speed.distributed import process_rank, relaunches_command, several_processes, sweep_job
     from simfreeze.speed.placement import job_devices
@@ -66,6 +69,8 @@ def main(cfg: DictConfig) -> float | None:
                 results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg["trainer"])
             else:
                 results = train(run_cfg, run_dir, overrides)
+    except SIGTERMException:  # a scheduler's stop, which Lightning raises as SystemExit(None), i.e. status 0
+        sys.exit(128 + signal.SIGTERM)  # the fit wrote last.ckpt and logged how to resume
     except Exception as err:
         if not multirun:
             if isinstance(err, ConfigError):

@@ -58,7 +58,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_
 
     original = FitClock.on_train_epoch_start
 
-    def killed_in_epoch_two(self, trainer, pl_module):  # after epoch one and its checkpoint
+    def killed_in_epoch_two(self, trainer, pl_module):  # after epoch one: stopped, the run writes last.ckpt
         if trainer.current_epoch == 1:
             raise RuntimeError("killed")
         original(self, trainer, pl_module)
@@ -69,7 +69,8 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(image_
         assert "killed" in str(err)
     monkeypatch.setattr(FitClock, "on_train_epoch_start", original)
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0  # one epoch done
+    killed = torch.load(last, map_location="cpu", weights_only=True)
+    assert killed["global_step"] == 4 and "frozen_state" in killed  # one epoch done; the frozen prefix left out
     resumed, _, w_resumed = fit(image_folder, tmp_path / "resumed", *transfer, f"ckpt_path={last}")
     assert resumed["l_freeze"] == whole["l_freeze"] == 9 and resumed["epochs"] == whole["epochs"] == 3
     assert all(torch.equal(w_whole[k], w_resumed[k]) for k in w_whole)  # bit for bit

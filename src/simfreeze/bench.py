@@ -87,8 +87,9 @@ def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
     """The scratch arm's training as a bare PyTorch loop: same model, data, batches, precision,
     memory format, optimizer, schedule and epochs, with validation each epoch; no Lightning.
 
-    Like a run, it writes ``last.ckpt`` (weights, optimizer, schedule) every epoch and the weights
-    of the best validation accuracy, into ``out``. Returns (seconds, of which checkpoint writes).
+    Like a run, it writes ``last.ckpt`` (weights, optimizer, schedule) every
+    ``checkpoint.last_every_n_epochs`` epochs and at the end, and the weights of the best validation
+    accuracy, into ``out``. Returns (seconds, of which checkpoint writes).
     """
     import hydra
 
@@ -102,7 +103,7 @@ def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
     precision = resolve_precision(cfg["trainer"]["precision"], cfg["trainer"]["accelerator"])
     (x_train, y_train), (x_val, y_val) = [(x.to(device), y.to(device)) for x, y in (dm.tensors["train"], dm.tensors["val"])]
     mean, std = dm.mean.to(device), dm.std.to(device)
-    batch, epochs = dm.batch_size, cfg["trainer"]["max_epochs"]
+    batch, epochs, every = dm.batch_size, cfg["trainer"]["max_epochs"], cfg["checkpoint"]["last_every_n_epochs"]
     steps = epochs * -(-len(y_train) // batch)
     optimizer = hydra.utils.instantiate(cfg["optimizer"])(net.parameters())
     scheduler = hydra.utils.instantiate(cfg["scheduler"])(optimizer, total_steps=steps)
@@ -134,8 +135,9 @@ def plain_loop_seconds(cfg: dict, out: Path) -> tuple[float, float]:
         if correct / len(y_val) > best:
             best = correct / len(y_val)
             torch.save({"state_dict": net.state_dict()}, out / "best.ckpt")
-        torch.save({"state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch}, out / "last.ckpt")
+        if epoch + 1 == epochs or (every and (epoch + 1) % every == 0):
+            torch.save({"state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch}, out / "last.ckpt")
         saving += time.perf_counter() - tick
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -44,7 +44,7 @@ def schema() -> dict[str, frozenset[str]]:
     primary = OmegaConf.load(CONF / "train.yaml")
     groups = [next(iter(entry)) for entry in primary.defaults if not isinstance(entry, str)]
     keys = {"": frozenset(set(primary) - {"defaults", "hydra"} | set(groups))}
-    for section in ("source", "similarity", "freeze", "cache"):
+    for section in ("source", "similarity", "freeze", "cache", "checkpoint"):
         keys[section] = frozenset(primary[section])
     for group in ("data", "model"):  # every option of the group has the same keys
         keys[group] = frozenset(k for path in (CONF / group).glob("*.yaml") for k in OmegaConf.load(path))
@@ -79,7 +79,7 @@ def validate_config(cfg: DictConfig) -> None:
     reject_unknown("", cfg.keys(), keys[""])  # before the imports: a typo fails at once
     import lightning as L
 
-    for section in ("data", "model", "source", "similarity", "freeze", "cache"):
+    for section in ("data", "model", "source", "similarity", "freeze", "cache", "checkpoint"):
         reject_unknown(f"{section}.", cfg[section].keys(), keys[section])
     stage, prefix = cfg.source, "source."
     while stage:  # a chain: source.source.… (each stage: task, weights, freeze, seed, source)
@@ -149,6 +149,8 @@ RULES = {
     "cache.budget_gb": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "similarity.enabled": rule(lambda v: isinstance(v, bool), "true or false"),
     "similarity.scores": rule(lambda v: isinstance(v, bool), "true or false"),
+    "checkpoint.last_every_n_epochs": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
+    "checkpoint.keep_frozen": rule(lambda v: isinstance(v, bool), "true or false"),
     **{f"data.{key}": value for key, value in DATA_RULES.items()},
 }
 
@@ -236,7 +238,7 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
 
 # Keys that may differ between a run and its resume: where things are and how the run is shown or
 # spread, not what it computes.
-FREE_ON_RESUME = {"ckpt_path", "name", "progress", "test", "cache", "source.cache_dir", "data.root", "data.download",
+FREE_ON_RESUME = {"ckpt_path", "name", "progress", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
                   "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
                   "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}

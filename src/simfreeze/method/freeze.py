@@ -1,13 +1,18 @@
 """Applying a freeze plan to a network: ``requires_grad`` per layer, frozen BatchNorm held in eval,
-and the plan's record (``plan.json``) and table. Plain torch: the run's callback
-(``simfreeze.runs.transfer``) calls these at the right moments of the fit."""
+the plan's record (``plan.json``) and table, and the frozen state a checkpoint may leave out. Plain
+torch: the run's callback (``simfreeze.runs.transfer``) and module (``simfreeze.runs.module``) call
+these at the right moments of the fit."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping
 
+import torch
 from torch import nn
 
+from simfreeze.errors import ConfigError
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.networks.layers import LayerMap
 
@@ -72,3 +77,67 @@ def plan_markdown(spec: FreezeSpec, layers: LayerMap, rows: list[PlanRow], l_fre
             f"(L_total {layers.l_total})\n\n| # | layer | frozen | parameters |\n|---|---|---|---|\n")
     return head + "\n".join(f"| {r.index} | {r.name} | {'yes' if r.frozen else ''} | {r.parameters:,} |"
                             for r in rows)
+
+
+# The frozen state in checkpoints. A frozen layer's weights and BatchNorm statistics never change in
+# a run (``requires_grad=False``; its BatchNorm held in eval), and the rebuilt network holds them
+# again (they are the source's), so a checkpoint need not store them: it records their keys and a
+# digest, and a restore takes them from the network as rebuilt after checking that digest.
+
+
+def frozen_state_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of ``module`` that a freeze holds fixed: every parameter with
+    ``requires_grad=False``, and the buffers of a module whose own parameters (one at least) are all
+    frozen. A module without parameters keeps its buffers: nothing says it is held in eval."""
+    keys = []
+    for key, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if isinstance(value, nn.Parameter):
+            frozen = not value.requires_grad
+        else:
+            owner = module.get_submodule(key.rpartition(".")[0])
+            own = list(owner.parameters(recurse=False))
+            frozen = bool(own) and not any(p.requires_grad for p in own)
+        if frozen:
+            keys.append(key)
+    return keys
+
+
+def state_digest(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> str:
+    """SHA-256 of the named tensors: key, shape, dtype and values, independent of device and memory
+    format."""
+    digest = hashlib.sha256()
+    for key in keys:
+        tensor = state[key].detach()
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def leave_out_frozen(state: dict[str, torch.Tensor], keys: list[str]) -> dict:
+    """Removes ``keys`` from ``state`` (a checkpoint's ``state_dict``, in place) and returns the
+    record a restore needs: the keys, their dtypes and a digest (strings only: ``weights_only``)."""
+    record = {"keys": list(keys), "dtypes": [str(state[k].dtype).removeprefix("torch.") for k in keys],
+              "digest": state_digest(state, keys)}
+    for key in keys:
+        del state[key]
+    return record
+
+
+def frozen_state_from(record: dict, current: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> dict:
+    """The tensors ``record`` (``leave_out_frozen``) left out, taken from ``current`` (the state dict
+    of the network as rebuilt) in the dtypes they were saved in; a ``ConfigError`` in one line if
+    they are not the ones the checkpoint was written with (``source`` names the checkpoint)."""
+    keys = record["keys"]
+    missing = [k for k in keys if k not in current]
+    if missing:
+        raise ConfigError(f"{source} leaves out {len(keys)} frozen tensors, but the network as rebuilt has no "
+                          f"{missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                          f"another architecture?")
+    restored = {k: current[k].detach().to(getattr(torch, dtype)) for k, dtype in zip(keys, record["dtypes"])}
+    if state_digest(restored, keys) != record["digest"]:
+        raise ConfigError(f"{source} leaves out its frozen prefix ({len(keys)} tensors), and the one this run "
+                          f"rebuilt from its source differs from it (digest mismatch): the source was retrained "
+                          f"or other source weights given since the checkpoint was written")
+    return restored

@@ -29,11 +29,19 @@ def replace_head(net: nn.Module, num_classes: int) -> str:
     return name
 
 
+# A run's checkpoint that leaves out its frozen state records it under this key (simfreeze.method.freeze).
+FROZEN_STATE = "frozen_state"
+
+
 def read_state_dict(path: str | Path, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """A plain state dict, or the network's weights inside a Lightning checkpoint (``net.`` keys).
     ``key`` is the config key the path came from, for the error messages, each one line."""
     loaded = load_checkpoint(path, key)
     path = Path(path).expanduser()
+    if isinstance(loaded, dict) and isinstance(loaded.get(FROZEN_STATE), dict):
+        raise WeightsError(f"{key}='{path}' leaves out its frozen prefix ({len(loaded[FROZEN_STATE]['keys'])} tensors, "
+                           f"which its run takes from its source), so it is not whole weights: give the source's, "
+                           f"or train that run with checkpoint.keep_frozen=true")
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = {k.removeprefix("net."): v for k, v in loaded["state_dict"].items() if k.startswith("net.")}
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

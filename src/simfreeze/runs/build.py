@@ -23,7 +23,7 @@ from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import RandomStateCallback, SameRunOnResume
+from simfreeze.runs.resume import LastCheckpoint, RandomStateCallback, SameRunOnResume
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -83,17 +83,17 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         log.info("initial weights %s: dropped head keys %s", weights, network["dropped_head_keys"])
     module = Classifier(net, datamodule.num_classes, optimizer=hydra.utils.instantiate(cfg["optimizer"]),
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
-                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"])
+                        label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"],
+                        keep_frozen=cfg["checkpoint"]["keep_frozen"])
     cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
     transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
     clock = FitClock()
-    # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume.
+    # best.ckpt holds weights only (for testing and export); last.ckpt everything needed to resume,
+    # every checkpoint.last_every_n_epochs epochs, at the end and when stopped. Neither holds the
+    # frozen prefix unless checkpoint.keep_frozen (the module's hooks).
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
-    # Written at every epoch end (save_last alone writes last.ckpt only when another checkpoint is
-    # saved in that step, so a killed run would have nothing to resume from).
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           every_n_epochs=1, enable_version_counter=False)
+    last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.

@@ -1,5 +1,5 @@
 """The LightningModule: cross-entropy training of a network, or of the units after a cached
-frozen prefix (``suffix``), with accuracy metrics."""
+frozen prefix (``suffix``), with accuracy metrics; its checkpoints leave the frozen prefix out."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torchmetrics
 from torch import nn
 
 from simfreeze.errors import TrainingDiverged
+from simfreeze.method.freeze import frozen_state_from, frozen_state_keys, leave_out_frozen
+from simfreeze.networks.build import FROZEN_STATE
 from simfreeze.networks.units import Unit, run_units
 
 
@@ -19,12 +21,16 @@ class Classifier(L.LightningModule):
     """Cross-entropy training of ``net`` with accuracy metrics; optimizer over trainable params only.
 
     No recipe defaults here: the optimizer, schedule and the rest come from the config (conf/).
-    ``scheduler`` steps every batch (OneCycleLR).
+    ``scheduler`` steps every batch (OneCycleLR). Checkpoints leave out the frozen state (weights,
+    and statistics of frozen BatchNorm) unless ``keep_frozen``; a restore takes it back from ``net``,
+    which the run rebuilt from the same source (``simfreeze.method.freeze``, "frozen state").
     """
 
     def __init__(self, net: nn.Module, num_classes: int, *, optimizer: Callable[..., torch.optim.Optimizer],
-                 scheduler: Callable[..., Any] | None, label_smoothing: float, channels_last: bool):
+                 scheduler: Callable[..., Any] | None, label_smoothing: float, channels_last: bool,
+                 keep_frozen: bool = False):
         super().__init__()
+        self.keep_frozen = keep_frozen
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.channels_last = channels_last
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -82,6 +88,18 @@ class Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test", self.test_acc)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keys = [] if self.keep_frozen else [k for k in frozen_state_keys(self) if k in checkpoint["state_dict"]]
+        if keys:
+            checkpoint[FROZEN_STATE] = leave_out_frozen(checkpoint["state_dict"], keys)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        record = checkpoint.get(FROZEN_STATE)
+        if record:  # before Lightning loads the state dict (strictly): put the left-out tensors back
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            source = f"the checkpoint '{path}'" if path else "the checkpoint"
+            checkpoint["state_dict"].update(frozen_state_from(record, self.state_dict(), source))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,5 +1,6 @@
-"""Exact resume: the random number generators' states travel with every checkpoint, and a resume
-must continue the same run (``SameRunOnResume``).
+"""Resume: ``last.ckpt`` and what it must hold. ``LastCheckpoint`` writes it every N epochs, at the
+end of training and when a run is stopped; the random number generators' states travel with every
+checkpoint, and a resume must continue the same run (``SameRunOnResume``).
 
 Lightning restores weights, optimizer, scheduler, loops and callbacks from ``ckpt_path``, but not
 the RNGs that draw the batch order and the flips, so a resumed run would see other batches than the
@@ -10,13 +11,56 @@ uninterrupted run ends (tests/test_reproducibility.py).
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from simfreeze.config import resume_differences, run_settings
 from simfreeze.errors import ConfigError
+
+log = logging.getLogger("simfreeze")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, everything a resume needs, written by Lightning's ``ModelCheckpoint`` every
+    ``every_n_epochs`` epochs (0: none on the way) and when the fit is stopped by an exception
+    (``save_on_exception``): SIGTERM, which Lightning turns into one at the next batch, Ctrl-C, an
+    error. What it lacks is added here: a save when training ends (the last epoch need not be a
+    multiple of N); none for a ``ConfigError`` (a diverged run's weights are NaN, a refused restore
+    has nothing of its own) or while testing (the module then holds the best weights); a stop in
+    ``on_train_epoch_start`` saved as the end of the epoch before, which it is (Lightning 2.6 would
+    resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=every_n_epochs,
+                         save_on_exception=True, enable_version_counter=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is saved already
+            self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, ConfigError) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        epochs = trainer.fit_loop.epoch_progress
+        between = epochs.current.ready > epochs.current.started  # the next epoch made ready, not begun
+        if between:
+            epochs.total.ready, epochs.current.ready = epochs.total.ready - 1, epochs.current.ready - 1
+        try:
+            super().on_exception(trainer, pl_module, exception)  # unless this step is saved already
+        finally:
+            if between:
+                epochs.total.ready, epochs.current.ready = epochs.total.ready + 1, epochs.current.ready + 1
+        path = self.format_checkpoint_name({})
+        if trainer.is_global_zero and Path(path).is_file():
+            log.warning("stopped (%s) in epoch %d at step %d: resume with ckpt_path=%s", type(exception).__name__,
+                        trainer.current_epoch + 1, trainer.global_step, path)
 
 
 class RandomStateCallback(L.Callback):

@@ -35,8 +35,8 @@ log = logging.getLogger("simfreeze")
 
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
-NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "similarity", "freeze", "transfer",
-              "source_only", "transfer_from"}  # a stage always transfers from its own source
+NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
+              "transfer", "source_only", "transfer_from"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
 # when it has one: which one does not change the weights.
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
@@ -64,6 +64,8 @@ def source_config(cfg: dict) -> dict:
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
+    # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
+    source["checkpoint"].update(keep_frozen=True)
     source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
