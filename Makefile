@@ -25,7 +25,11 @@ export CIFAR10_ROOT := $(SHARED_CIFAR10)
 endif
 endif
 
-.PHONY: install train test bench clean
+.PHONY: help install train test bench clean
+
+help:  ## this list
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 16
+	@echo "  ARGS=\"...\" passes Hydra overrides to train (or flags to bench); CPU_ISA=avx2 runs as on a CPU without native bf16"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,17 +38,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed  ## create .venv and install the project with its test tools
 
-train: install
+train: install  ## the paper's protocol: python -m train +experiment=cat_to_dog $(ARGS)
 	$(BIN)/python -m train +experiment=cat_to_dog $(ARGS)
 
-test: install
+test: install  ## the test suite (two workers; PYTEST_ARGS=... for more)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Fit times of the arms side by side in one process (medians of 3); see README, Performance.
-bench: install
+bench: install  ## fit times of the arms side by side (python -m simfreeze.bench)
 	$(BIN)/python -m simfreeze.bench $(ARGS)
 
-clean:
+clean:  ## remove .venv and build leftovers (not outputs/)
 	rm -rf $(VENV) src/*.egg-info .pytest_cache

@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN or tree is not None
     try:
         validate_config(cfg)
-        quiet_lightning()
+        quiet_lightning(cfg.verbose)
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         with job_devices(run_cfg["trainer"], job_num, multirun):
             if multirun and not tree and relaunches_command(run_cfg["trainer"]):
@@ -85,7 +85,8 @@ def main(cfg: DictConfig) -> float | None:
         # One failed job must not stop the sweep: record it where the summary finds it, go on.
         from simfreeze.runs.results import failed_results, write_results
 
-        log.error("job %s failed", job_num, exc_info=not isinstance(err, ConfigError))
+        # The traceback for train.log; the console has the error line below.
+        log.error("job %s failed", job_num, exc_info=not isinstance(err, ConfigError), extra={"console": False})
         print(f"error: job {job_num} ({' '.join(overrides)}): {err}", file=sys.stderr)
         if isinstance(err, RunDirInUse):
             return None  # that directory's results.json belongs to the other run
@@ -131,11 +132,30 @@ def cli() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach this function
     try:
         main()
+        if "job" in sys.argv[1:] and {"--cfg", "-c"} & set(sys.argv[1:]):
+            note = sweep_note(sys.argv[1:])
+            if note:
+                print(note)
     except CompactHydraException as err:
         print(f"error: {hydra_error_line(err)}", file=sys.stderr)
         sys.exit(2)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+
+
+def sweep_note(argv: list[str]) -> str | None:
+    """After ``--cfg job`` of an experiment that sweeps (``hydra.sweeper.params``): what each of its
+    jobs sets, which the printed config (one composition, before the sweep) cannot show."""
+    from hydra import compose, initialize_config_dir
+
+    takes_value = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp"}
+    overrides = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in takes_value)]
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        params = compose("train", overrides, return_hydra_config=True).hydra.sweeper.params or {}
+    if not params:
+        return None
+    lines = [f"#   {key}: {value}" for key, value in params.items()]
+    return "\n".join(["# This is a sweep: the config above is before its values; its jobs take every combination of", *lines])
 
 
 if __name__ == "__main__":

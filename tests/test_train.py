@@ -37,6 +37,11 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((run_dir / "split.json").read_text())["per_class"] == 20
     assert "[simfreeze]" in result.stdout and "epoch 2/2" in result.stdout
+    # The console holds progress and results; train.log also Lightning's device lines, with times.
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 2/2" in log and "[simfreeze] scratch" in log and "GPU available" in log
+    assert "GPU available" not in result.stdout and "Trainable params" not in result.stdout + result.stderr
+    assert len(result.stdout.splitlines()) <= 4, result.stdout  # 2 epoch lines, the test line, the result line
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
@@ -64,7 +69,7 @@ def test_a_diverged_run_fails_with_one_line_and_no_results(image_folder, tmp_pat
     assert "Traceback" not in result.stderr and not (run_dir / "results.json").exists()
 
 
-def test_a_long_epoch_prints_progress_lines(capsys):
+def test_a_long_epoch_prints_progress_lines(caplog):
     from types import SimpleNamespace
 
     from simfreeze.runs.progress import EpochLines
@@ -72,10 +77,25 @@ def test_a_long_epoch_prints_progress_lines(capsys):
     lines = EpochLines(every_s=0.0)
     trainer = SimpleNamespace(current_epoch=0, max_epochs=4, num_training_batches=400,
                               callback_metrics={"train/loss": 1.2345})
+    caplog.set_level("INFO", logger="simfreeze.progress")
     lines.on_train_epoch_start(trainer, None)
     lines.on_train_batch_end(trainer, None, None, None, 119)
-    assert "epoch 1/4  batch 120/400  train/loss 1.2345" in capsys.readouterr().out
+    assert caplog.messages == ["epoch 1/4  batch 120/400  train/loss 1.2345  (0.0 s)"]
+    caplog.clear()
     quiet = EpochLines()  # every 30 s: not after a moment
     quiet.on_train_epoch_start(trainer, None)
     quiet.on_train_batch_end(trainer, None, None, None, 0)
-    assert capsys.readouterr().out == ""
+    assert caplog.messages == []
+
+
+def test_verbose_brings_lightnings_details_back_to_the_console(image_folder, tmp_path):
+    result = run_train(*TINY, "data.classes=[ant,bee]", "trainer.accelerator=cpu", "trainer.max_epochs=1", "verbose=true",
+                       f"data.root={image_folder}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert "GPU available" in result.stdout and "Trainable params" in result.stdout and "epoch 1/1" in result.stdout
+
+
+def test_cfg_job_of_an_experiment_says_what_its_jobs_sweep(tmp_path):
+    result = run_train("+experiment=cat_to_dog", "--cfg", "job", cwd=tmp_path)
+    assert "arm: scratch" in result.stdout  # the composition before the sweep…
+    assert "#   arm: source,scratch,dynamic,static45,head_only,finetune" in result.stdout  # …and what the jobs set
+    assert "This is a sweep" not in run_train("--cfg", "job", cwd=tmp_path).stdout

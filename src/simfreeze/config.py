@@ -95,6 +95,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision} must be one of {', '.join(precisions)}")
     if cfg.progress not in ("auto", "bar", "lines"):
         raise ConfigError(f"progress={cfg.progress} must be one of auto, bar, lines")
+    if not isinstance(cfg.verbose, bool):
+        raise ConfigError(f"verbose={cfg.verbose} must be true or false")
     FreezeSpec.from_config(OmegaConf.to_container(cfg.freeze))  # the l_freeze shorthand
     check_values(OmegaConf.to_container(cfg, resolve=True))
     for (section, old), new in DEPRECATED.items():
@@ -238,7 +240,7 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
 
 # Keys that may differ between a run and its resume: where things are and how the run is shown or
 # spread, not what it computes.
-FREE_ON_RESUME = {"ckpt_path", "name", "progress", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
+FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
                   "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
                   "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}

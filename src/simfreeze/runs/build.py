@@ -97,7 +97,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
-    trainer = L.Trainer(**cfg["trainer"], default_root_dir=run_dir, logger=logger, use_distributed_sampler=False,
+    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"]}, default_root_dir=run_dir, logger=logger, use_distributed_sampler=False,
                         callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
                                    progress_bar(cfg["progress"])])
 

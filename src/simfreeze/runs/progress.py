@@ -1,5 +1,10 @@
 """The console: progress that reads well in a log file (one line per epoch instead of a redrawn
-bar), and Lightning's messages routed through Hydra's log handlers."""
+bar), and Lightning's messages routed through Hydra's log handlers.
+
+Progress and result lines go to the ``simfreeze.progress`` logger, so they reach ``train.log`` too.
+Hydra's console handler (conf/train.yaml, ``hydra.job_logging``) shows those, warnings and errors;
+everything else (Lightning's device lines and tips, our set-up details) goes to ``train.log`` only,
+unless ``verbose=true``."""
 
 from __future__ import annotations
 
@@ -9,6 +14,20 @@ import time
 import warnings
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+console = logging.getLogger("simfreeze.progress")  # epoch and result lines: the console and train.log
+
+
+class ConsoleFilter(logging.Filter):
+    """Hydra's console handler lets through progress, results, warnings and errors; the rest is in
+    ``train.log``. ``verbose`` (the ``verbose`` setting) lets everything through."""
+
+    verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):  # written for train.log only (e.g. a traceback printed as one line)
+            return False
+        return ConsoleFilter.verbose or record.levelno >= logging.WARNING or record.name == console.name
 
 
 class EpochLines(ProgressBar):
@@ -38,8 +57,8 @@ class EpochLines(ProgressBar):
         self._shown = now
         loss = trainer.callback_metrics.get("train/loss")
         shown = f"  train/loss {float(loss):.4f}" if loss is not None else ""
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  batch {batch_idx + 1}/"
-              f"{trainer.num_training_batches}{shown}  ({now - self._start:.1f} s)", flush=True)
+        console.info("epoch %d/%d  batch %d/%d%s  (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs,
+                     batch_idx + 1, trainer.num_training_batches, shown, now - self._start)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not self._enabled:
@@ -47,14 +66,14 @@ class EpochLines(ProgressBar):
         metrics = {k: v for k, v in trainer.callback_metrics.items()
                    if k.startswith(("train/loss", "val/"))}
         shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(metrics.items()))
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  "
-              f"({time.perf_counter() - self._start:.1f} s)", flush=True)
+        console.info("epoch %d/%d  %s  (%.1f s)", trainer.current_epoch + 1, trainer.max_epochs, shown,
+                     time.perf_counter() - self._start)
 
     def on_test_end(self, trainer, pl_module):
         if self._enabled:
             shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
                               if k.startswith("test/"))
-            print(f"test  {shown}", flush=True)
+            console.info("test  %s", shown)
 
 
 class Bar(TQDMProgressBar):
@@ -90,14 +109,24 @@ def progress_bar(style: str = "auto") -> ProgressBar:
     return EpochLines()
 
 
-def quiet_lightning() -> None:
-    """Route Lightning's messages through Hydra's log handlers only (console + train.log), once."""
+def quiet_lightning(verbose: bool = False) -> None:
+    """Route Lightning's messages through Hydra's log handlers only (console + train.log); without
+    ``verbose`` the console shows progress, results and warnings only (``ConsoleFilter``)."""
     import lightning  # noqa: F401  (its import installs the handlers removed here)
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    ConsoleFilter.verbose = verbose
+    if not logging.getLogger().handlers and not console.handlers:  # no Hydra (the bench): the lines still print
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        console.addHandler(handler)
+        console.setLevel(logging.INFO)
+        console.propagate = False
+    if not verbose:  # a tiny run's advice, not a problem
+        warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
     # Frozen BatchNorm is held in eval on purpose (simfreeze.runs.transfer).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

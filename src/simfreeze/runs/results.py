@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import torch
 
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.speed.precision import native_cpu_bf16
+
+progress = logging.getLogger("simfreeze.progress")  # the console and train.log (simfreeze.runs.progress)
 
 
 class FitClock(L.Callback):
@@ -175,8 +178,17 @@ def finish(run_dir: Path, results: dict[str, Any], line: Callable[[dict], str] |
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_results(run_dir / "results.json", results)
-        print((line or summary_line)(results), flush=True)
+        progress.info("%s", (line or summary_line)({**results, "run_dir": str(final_dir(run_dir))}))
     return results
+
+
+def final_dir(run_dir: Path) -> Path:
+    """Where a run's files end up: a source stage trains in ``.<name>.tmp-<pid>`` and is renamed to
+    ``<name>`` when it is done (``simfreeze.runs.sources.cached_source``)."""
+    name = run_dir.name
+    if name.startswith(".") and ".tmp-" in name:
+        return run_dir.with_name(name[1:].rsplit(".tmp-", 1)[0])
+    return run_dir
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ log = logging.getLogger("simfreeze")
 
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
-NOT_IN_KEY = {"name", "progress", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
+NOT_IN_KEY = {"name", "progress", "verbose", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
               "transfer", "source_only", "transfer_from"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
 # when it has one: which one does not change the weights.
