@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.stats import plus_minus
 
 
 def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -37,9 +38,8 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
     """The verdict in sentences (markdown bold on the numbers that matter); "" without a verdict."""
     if verdict is None:
         return ""
-    mean, std = verdict["best_acc"]
     lines = [f"Best fixed depth: **{verdict['best_depth']:g}** frozen layers ({verdict['best_setting']}), "
-             f"best val acc {mean:.3f} ± {std:.3f}."]
+             f"best val acc {plus_minus(verdict['best_acc'])}."]
     for d in verdict["dynamic"]:
         gap = d["points_below_best"]
         where = "above" if gap < 0 else "below"
@@ -48,7 +48,7 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
                   f"{abs(layers):g} {'deeper' if layers > 0 else 'shallower'} than the best depth")
         lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
                      f"{offset}, and is **{abs(gap):.1f} points {where}** it "
-                     f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
+                     f"({plus_minus(d['acc'])}).")
     low, high = verdict["fixed_range"]
     spread = f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); "
     if verdict["seeds"] < 2:

@@ -66,12 +66,26 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def results_note(rows: list[dict[str, Any]]) -> str:
+    """What the results table's numbers are: mean ± std over seeds, or one seed's values (then said once
+    here rather than as "± 0.000" in every cell)."""
+    counts = [r["n"] for r in rows if r["n"]]
+    if counts and max(counts) == 1:
+        what = "One seed per setting: each cell is that job's value; there is no estimate of seed noise."
+    elif counts and min(counts) == 1:
+        what = ("Mean ± std over seeds (sample std) of the jobs that finished; a setting with 1 seed shows its "
+                "value alone.")
+    else:
+        what = "Mean ± std over seeds (sample std) of the jobs that finished."
+    return what + " `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's."
+
+
 def plans_table(rows: list[dict[str, Any]], first_trained: dict[str, str | None]) -> str:
     """S and the freeze plan per setting that has either; "" when none has."""
     planned = [r for r in rows if r["S"] is not None or r["l_freeze"]]
     if not planned:
         return ""
-    lines = ["| setting | S (mean ± std) | L_freeze | first trained layer |", "|---|---|---|---|"]
+    lines = ["| setting | S | L_freeze | first trained layer |", "|---|---|---|---|"]
     for r in planned:
         lines.append(f"| {r['setting']} | {plus_minus(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
                      f"{first_trained.get(r['setting']) or '–'} |")
@@ -123,9 +137,7 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
         if study else None,
         Section("jobs", None, jobs_line(runs)),
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
-        Section("results", "Results",
-                "Mean ± std over seeds (sample std; 0 for one seed) of the jobs that finished. `time ÷ scratch`: "
-                f"mean fit seconds over the same architecture's scratch arm's.\n\n{results_table(rows)}"),
+        Section("results", "Results", f"{results_note(rows)}\n\n{results_table(rows)}"),
         Section("depth_verdict", None, verdict) if verdict else None,
         Section("figure", None, "![accuracy and fit time vs frozen layers](summary.png)") if plot else None,
         Section("stages", "Stages of the chain (the staged AlexNet paper)",

@@ -50,7 +50,7 @@ from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import depth_verdict, verdict_text
-from simfreeze.reports.documents import render_documents, results_table, sweep_sections
+from simfreeze.reports.documents import render_documents, results_note, results_table, sweep_sections
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import architecture_of, effective_policy, mean_std, parse_override, setting_keys, setting_of
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
@@ -331,7 +331,7 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
                               plot=plot is not None, cost_model=cost_md, study=study_md)
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    return {"table": table, "verdict": verdict_md, "study": study_verdict(study) if study else "",
+    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "study": study_verdict(study) if study else "",
             "failed": [r for r in runs if r["status"] != "ok"], "plot": plot, "stages": stages_md,
             "architectures": architectures_md}
 
@@ -342,7 +342,7 @@ def report(sweep_dir: Path, command: str) -> int:
     if summary is None:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
-    print(f"\n{summary['table']}\n", flush=True)
+    print(f"\n{summary['note']}\n\n{summary['table']}\n", flush=True)
     for verdict in ("verdict", "study"):
         if summary[verdict]:
             print(summary[verdict].replace("**", "") + "\n")

@@ -1,0 +1,62 @@
+"""What a sweep's summary says and draws, read from synthetic results.json files (no training): one
+seed shown as one value, dynamic against scratch, fit times that a busy machine inflated, the
+figures' honesty, TensorBoard and the last lines printed."""
+
+import json
+
+import pytest
+
+from simfreeze.reports.stats import mean_std, plus_minus
+from simfreeze.reports.sweep import report, summarise, write_summary
+
+# arm: (frozen layers, best val acc, fit seconds, transfers); the numbers of a real one-seed cat_to_dog sweep
+ARMS = {"source": (0, 0.631, 45.7, False), "scratch": (0, 0.634, 45.0, False), "dynamic": (39, 0.631, 23.9, True),
+        "static45": (45, 0.6375, 12.2, True), "head_only": (49, 0.6406, 7.05, True), "finetune": (0, 0.619, 43.3, True)}
+
+
+def arm_run(arm, seed=0, *, acc=None, seconds=None, source="source:cat"):
+    depth, default_acc, default_seconds, transfer = ARMS.get(arm, (0, 0.6, 40.0, True))
+    return {"status": "ok", "arm": arm, "name": f"{arm}:dog", "seed": seed, "transfer": transfer,
+            "policy": "linear" if arm == "dynamic" else "static" if depth else "none", "l_freeze": depth,
+            "n_layers": 50, "S": 0.98 if arm == "dynamic" else None, "trainable_parameters": 1000 * (50 - depth) + 2,
+            "best_val_acc": default_acc if acc is None else acc, "test_acc": None,
+            "fit_seconds": default_seconds if seconds is None else seconds,
+            "source": {"name": source, "fit_seconds": 45.7} if transfer else None,
+            "overrides": ["+experiment=cat_to_dog", f"arm={arm}", f"seed={seed}"]}
+
+
+def write_sweep(directory, runs):
+    for job, r in enumerate(runs):
+        (directory / str(job)).mkdir(parents=True)
+        (directory / str(job) / "results.json").write_text(json.dumps({**r, "run_dir": str(directory / str(job))}))
+    return directory
+
+
+def documents(sweep):
+    return (sweep / "summary.md").read_text(), (sweep / "report.md").read_text()
+
+
+def test_one_value_is_shown_alone_and_two_with_their_std():
+    one, two = mean_std([0.6]), mean_std([0.6, 0.62])
+    assert one == (0.6, 0.0) and one.n == 1 and two.n == 2  # still a (mean, std) pair to unpack
+    assert plus_minus(one) == "0.600" and plus_minus(two) == "0.610 ± 0.014" and plus_minus(None) == "–"
+    assert plus_minus((0.6, 0.0)) == "0.600 ± 0.000"  # a pair that does not say its n is taken as it is
+
+
+def test_a_one_seed_sweep_says_one_seed_once_and_no_plus_minus_zero(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, [arm_run(arm) for arm in ARMS])
+    assert report(sweep, "python -m train +experiment=cat_to_dog") == 0
+    out = capsys.readouterr().out
+    for text in (*documents(sweep), out):
+        assert "± 0.0" not in text
+        assert text.count("One seed per setting") == 1
+        assert "| arm=dynamic | dynamic | 1 | 0.9800 | 39 | 11,002 | 0.631 | 23.9 | 0.531 |" in text
+    assert "best val acc 0.641." in out and "(0.631)." in out  # the depth verdict, numbers alone too
+
+
+def test_several_seeds_keep_mean_and_std(tmp_path):
+    runs = [arm_run(arm, seed, acc=ARMS[arm][1] + 0.01 * seed) for seed in (0, 1) for arm in ARMS]
+    write_summary(write_sweep(tmp_path, runs))
+    summary_md, _ = documents(tmp_path)
+    assert "Mean ± std over seeds (sample std)" in summary_md and "One seed" not in summary_md
+    assert "| 0.636 ± 0.007 |" in summary_md
