@@ -60,3 +60,43 @@ def test_several_seeds_keep_mean_and_std(tmp_path):
     summary_md, _ = documents(tmp_path)
     assert "Mean ± std over seeds (sample std)" in summary_md and "One seed" not in summary_md
     assert "| 0.636 ± 0.007 |" in summary_md
+
+
+def line_styles(axis):
+    """Each drawn line of an axis (empty legend proxies aside): its label (an error bar's, for its
+    data line) and line style."""
+    labels = {id(c.lines[0]): c.get_label() for c in axis.containers}
+    return [(labels.get(id(line), line.get_label()), line.get_linestyle()) for line in axis.lines if len(line.get_xdata())]
+
+
+def test_the_depth_figure_marks_measured_depths_and_says_what_it_shows(tmp_path):
+    from simfreeze.reports.depth import depth_verdict
+    from simfreeze.reports.plots import depth_figure
+
+    rows = summarise([arm_run(arm) for arm in ARMS])
+    figure = depth_figure(rows, depth_verdict(rows))
+    accuracy, seconds = figure.axes
+    assert figure.get_suptitle() == "accuracy and fit time vs frozen layers (1 seed per setting: no error bars)"
+    styles = line_styles(accuracy)
+    # the measured depths are markers only; what joins them is a dotted guide, and the legend says so
+    assert ("fixed depth (measured)", "None") in styles
+    assert ("dotted: a guide only (depths between not measured)", ":") in styles
+    assert not [label for label, style in styles if style == "-"]
+    low, high = accuracy.get_ylim()
+    assert accuracy.get_ylabel() == f"best val accuracy (axis zoomed: {low:.3f}–{high:.3f})" and low > 0.6
+    assert seconds.get_ylim()[0] == 0
+    runs = [arm_run(arm, seed, acc=ARMS[arm][1] + 0.01 * seed) for seed in (0, 1, 2) for arm in ARMS]
+    assert "(mean ± std over 3 seeds)" in depth_figure(summarise(runs)).get_suptitle()
+
+
+def test_the_study_figure_joins_depths_with_a_dotted_guide_and_says_its_axis_is_zoomed():
+    from simfreeze.reports.study import analyse_study, study_figure
+    from tests.test_study_report import two_pairs
+
+    right = study_figure(analyse_study(two_pairs(), draws=20)).axes[1]
+    styles = line_styles(right)
+    assert {style for label, style in styles if label in ("cat → dog", "cat → truck")} == {"None"}
+    assert [style for _, style in styles].count(":") == 2  # one guide per pair
+    assert "-" not in {style for _, style in styles}
+    assert right.get_title().startswith("accuracy vs depth per pair (y axis zoomed: ")
+    assert right.get_ylabel() == "held-out test accuracy, mean ± std over 2 seeds"

@@ -7,41 +7,59 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.stats import seeds_phrase, zoomed_label
 
 
 def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = None) -> Figure | None:
-    """Best val accuracy and fit seconds against frozen layers (mean ± std over seeds).
+    """Best val accuracy and fit seconds against frozen layers (mean ± std over seeds; one seed: the
+    values, no error bars).
 
-    Transfer settings with a fixed depth form the curve; similarity-driven settings (dynamic,
-    threshold) are red stars; runs that do not transfer (scratch, the source) are dashed reference
-    lines. None when no setting has a layer count (e.g. only failed jobs).
+    Transfer settings with a fixed depth are markers at the depths measured, joined by a thin dotted
+    guide (the depths between were not measured); similarity-driven settings (dynamic, threshold) are
+    red stars; runs that do not transfer (scratch, the source) are dashed reference lines. The
+    accuracy axis is zoomed to the data and says so; the time axis starts at 0. None when no setting
+    has a layer count (e.g. only failed jobs).
     """
     placed = [r for r in rows if r["mean_l_freeze"] is not None and r["best_val_acc"]]
     if not placed:
         return None
+    seeds = seeds_phrase([r["n"] for r in placed])
+    spread = seeds != "1 seed per setting"  # error bars only where there is a std to draw
     figure = Figure(figsize=(10, 4), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for axis, key, label in ((panels[0], "best_val_acc", "best val accuracy"), (panels[1], "fit_seconds", "fit seconds")):
         fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY), key=lambda r: r["mean_l_freeze"])
         if fixed:
-            axis.errorbar([r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed], yerr=[r[key][1] for r in fixed],
-                          marker="o", capsize=3, label="fixed depth")
+            xs, ys = [r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed]
+            if len(fixed) > 1:
+                axis.plot(xs, ys, linestyle=":", linewidth=1, color="tab:blue", alpha=0.6,
+                          label="dotted: a guide only (depths between not measured)")
+            axis.errorbar(xs, ys, yerr=[r[key][1] for r in fixed] if spread else None, marker="o", linestyle="none",
+                          color="tab:blue", capsize=3, label="fixed depth (measured)")
+        references = 0
         for r in placed:
             if r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
-                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]], marker="*", markersize=14, color="tab:red",
-                              capsize=3, linestyle="none", label=r["setting"])
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="*",
+                              markersize=14, color="tab:red", capsize=3, linestyle="none", label=r["setting"])
             elif not r["transfer"]:
                 axis.axhline(r[key][0], linestyle="--", color="gray", linewidth=1)
+                # above and below their lines in turn: two references of about the same value stay readable
                 axis.annotate(r["setting"], (0, r[key][0]), xycoords=("axes fraction", "data"), fontsize=8,
-                              color="gray", va="bottom")
+                              color="gray", va="bottom" if references % 2 == 0 else "top")
+                references += 1
         if verdict and key == "best_val_acc":
-            axis.axvline(verdict["best_depth"], color="tab:green", linestyle=":", label="best fixed depth")
+            axis.axvline(verdict["best_depth"], color="tab:green", linestyle="-.", linewidth=1, label="best fixed depth")
         axis.set_xlabel("frozen layers (L_freeze)")
-        axis.set_ylabel(label)
+        if key == "fit_seconds":
+            axis.set_ylim(bottom=0)
+            axis.set_ylabel(label)
+        else:
+            axis.set_ylabel(zoomed_label(axis, label))
         axis.grid(alpha=0.3)
-    if panels[0].get_legend_handles_labels()[0]:
-        panels[0].legend(fontsize=8, loc="best")
-    figure.suptitle("accuracy and fit time vs frozen layers (mean ± std over seeds)")
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:  # below the panels, off the data
+        figure.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(handles), 4))
+    figure.suptitle(f"accuracy and fit time vs frozen layers ({seeds}{'' if spread else ': no error bars'})")
     return figure
 
 

@@ -42,15 +42,19 @@ def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
 
 
 def seeds_phrase(counts: list[int]) -> str:
-    """What a mean ± std is over, from the number of seeds per setting: "mean ± std over 3 seeds",
-    "mean ± std over 2–3 seeds per setting" or "1 seed per setting, no std"."""
+    """What a figure's points are, from the number of seeds per setting: "mean ± std over 3 seeds",
+    "mean ± std over 1–3 seeds per setting" or "1 seed per setting"."""
     counts = [n for n in counts if n]
     if not counts or max(counts) == 1:
-        return "1 seed per setting, no std"
+        return "1 seed per setting"
     low, high = min(counts), max(counts)
-    if low == high:
-        return f"mean ± std over {high} seeds"
-    return f"mean ± std over {low}–{high} seeds per setting" + (" (one seed: the value alone)" if low == 1 else "")
+    return f"mean ± std over {high} seeds" if low == high else f"mean ± std over {low}–{high} seeds per setting"
+
+
+def zoomed_label(axis, label: str, digits: int = 3) -> str:
+    """``label`` with the axis's shown range, for a y axis that does not start at 0 (call after drawing)."""
+    low, high = axis.get_ylim()
+    return f"{label} (axis zoomed: {low:.{digits}f}–{high:.{digits}f})"
 
 
 def parse_override(text: str) -> tuple[str, str]:
