@@ -100,3 +100,35 @@ def test_the_study_figure_joins_depths_with_a_dotted_guide_and_says_its_axis_is_
     assert "-" not in {style for _, style in styles}
     assert right.get_title().startswith("accuracy vs depth per pair (y axis zoomed: ")
     assert right.get_ylabel() == "held-out test accuracy, mean ± std over 2 seeds"
+
+
+def test_dynamic_is_compared_with_scratch_in_points_against_the_seed_noise(tmp_path, capsys):
+    one = write_sweep(tmp_path / "one", [arm_run(arm) for arm in ARMS])
+    assert report(one, "python -m train +experiment=cat_to_dog") == 0
+    sentence = ("Against scratch: arm=dynamic (similarity-driven) has best val acc 0.631 against scratch's 0.634, "
+                "**0.3 points below** it, in 0.53× its fit time; 1 seed: no estimate of seed noise to judge it against.")
+    out = capsys.readouterr().out
+    assert all(sentence in text for text in documents(one)) and sentence.replace("**", "") in out
+    # three seeds: dynamic 0.62 ± 0.01, scratch 0.60 ± 0.02; SE = √(0.01²/3 + 0.02²/3) = 1.29 points
+    runs = [arm_run("scratch", s, acc=0.60 + d) for s, d in enumerate((-0.02, 0.0, 0.02))]
+    runs += [arm_run("dynamic", s, acc=0.62 + d) for s, d in enumerate((-0.01, 0.0, 0.01))]
+    write_summary(write_sweep(tmp_path / "three", runs))
+    summary_md, report_md = documents(tmp_path / "three")
+    assert ("has best val acc 0.620 ± 0.010 against scratch's 0.600 ± 0.020, **2.0 points above** it, in 0.53× its "
+            "fit time; within seed noise (2·SE of the difference = 2.6 points, 3 and 3 seeds).") in summary_md
+    assert "**2.0 points above**" in report_md
+    # without a scratch arm there is nothing to compare with
+    write_summary(write_sweep(tmp_path / "none", [arm_run(arm) for arm in ("dynamic", "static45")]))
+    assert "Against scratch" not in documents(tmp_path / "none")[0]
+
+
+def test_a_fit_time_above_scratchs_for_no_more_layers_is_flagged_not_failed(tmp_path, capsys):
+    slowed = {"static45": 2.7 * 45.0, "source": 1.05 * 45.0}  # static45 on a busy machine; the source within 10 %
+    runs = [arm_run(arm, seconds=slowed.get(arm)) for arm in ARMS]
+    assert report(write_sweep(tmp_path, runs), "python -m train +experiment=cat_to_dog") == 0
+    note = ("Fit time above scratch's (by more than 10 %) although the setting trains no more layers: arm=static45 "
+            "2.70× (5,002 trainable parameters against 50,002). That is more likely a busy machine than the method")
+    assert all(note in text for text in documents(tmp_path)) and note in capsys.readouterr().out
+    calm = tmp_path / "calm"
+    write_summary(write_sweep(calm, [arm_run(arm) for arm in ARMS]))
+    assert "busy machine" not in documents(calm)[0]

@@ -26,9 +26,10 @@ class Section:
 
 # Which sections each document shows, in this order; a section the sweep has no content for is
 # not built, and so not shown.
-SUMMARY_SECTIONS = ("command", "study", "results", "depth_verdict", "stages", "architectures", "figure", "failed_jobs", "runs")
-REPORT_SECTIONS = ("command", "study", "jobs", "plans", "results", "depth_verdict", "figure", "stages", "architectures",
-                   "cost_model", "files")
+SUMMARY_SECTIONS = ("command", "study", "results", "depth_verdict", "scratch", "stages", "architectures", "figure",
+                    "failed_jobs", "runs")
+REPORT_SECTIONS = ("command", "study", "jobs", "plans", "results", "depth_verdict", "scratch", "figure", "stages",
+                   "architectures", "cost_model", "files")
 DOCUMENTS = {"summary.md": ("Sweep summary", SUMMARY_SECTIONS), "report.md": ("Sweep report", REPORT_SECTIONS)}
 
 COST_MODEL_INTRO = (
@@ -121,11 +122,11 @@ def files_list(plot: bool, cost_model: bool, study: bool = False) -> str:
 
 
 def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str], *,
-                   verdict: str = "", stages: str = "", architectures: str = "",
+                   verdict: str = "", scratch: str = "", stages: str = "", architectures: str = "",
                    first_trained: dict[str, str | None] | None = None, plot: bool = False,
                    cost_model: str = "", study: str = "") -> list[Section]:
-    """Every section the sweep has content for. ``verdict``, ``stages``, ``architectures``,
-    ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.stages``,
+    """Every section the sweep has content for. ``verdict``, ``scratch``, ``stages``, ``architectures``,
+    ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.scratch``, ``.stages``,
     ``.architectures``, ``.cost`` and ``.study`` ("" where they do not apply; with a study,
     ``study.png`` was drawn); ``first_trained``: the first trained layer of each setting's plan;
     ``plot``: whether ``summary.png`` was drawn."""
@@ -139,6 +140,7 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
         Section("results", "Results", f"{results_note(rows)}\n\n{results_table(rows)}"),
         Section("depth_verdict", None, verdict) if verdict else None,
+        Section("scratch", None, scratch) if scratch else None,
         Section("figure", None, "![accuracy and fit time vs frozen layers](summary.png)") if plot else None,
         Section("stages", "Stages of the chain (the staged AlexNet paper)",
                 f"Mean ± std over the chained runs (one chain per seed).\n\n{stages}") if stages else None,

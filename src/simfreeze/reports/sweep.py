@@ -51,6 +51,7 @@ from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import depth_verdict, verdict_text
 from simfreeze.reports.documents import render_documents, results_note, results_table, sweep_sections
+from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import architecture_of, effective_policy, mean_std, parse_override, setting_keys, setting_of
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
@@ -199,7 +200,7 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
         reference = mean_std(references.get(architecture_of(first), []))
         depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
         rows.append({
-            "setting": setting, "arm": first.get("arm"), "name": first.get("name"),
+            "setting": setting, "arm": first.get("arm"), "name": first.get("name"), "architecture": architecture_of(first),
             "transfer": first.get("transfer"), "policy": first.get("policy"),
             "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
             "S": mean_std([r.get("S") for r in ok]),
@@ -326,12 +327,13 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows if study is None else [], figure)
     study_md = write_study(sweep_dir, study) if study else ""
     cost_md = write_cost_model(sweep_dir, rows) if not architectures_md else ""
-    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, stages=stages_md,
+    scratch_md = scratch_markdown(rows)
+    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
                               plot=plot is not None, cost_model=cost_md, study=study_md)
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "study": study_verdict(study) if study else "",
+    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "scratch": scratch_md, "study": study_verdict(study) if study else "",
             "failed": [r for r in runs if r["status"] != "ok"], "plot": plot, "stages": stages_md,
             "architectures": architectures_md}
 
@@ -343,7 +345,7 @@ def report(sweep_dir: Path, command: str) -> int:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
     print(f"\n{summary['note']}\n\n{summary['table']}\n", flush=True)
-    for verdict in ("verdict", "study"):
+    for verdict in ("verdict", "scratch", "study"):
         if summary[verdict]:
             print(summary[verdict].replace("**", "") + "\n")
     for section in ("stages", "architectures"):
