@@ -132,3 +132,21 @@ def test_a_fit_time_above_scratchs_for_no_more_layers_is_flagged_not_failed(tmp_
     calm = tmp_path / "calm"
     write_summary(write_sweep(calm, [arm_run(arm) for arm in ARMS]))
     assert "busy machine" not in documents(calm)[0]
+
+
+def test_the_cost_figure_keeps_its_legend_off_the_data_and_shows_the_line_that_coincides():
+    from simfreeze.reports.cost import cost_markdown, sweep_costs
+    from simfreeze.reports.plots import cost_figure
+
+    tables, scratch_s = sweep_costs(summarise([arm_run(arm) for arm in ARMS]))
+    figure = cost_figure(tables)
+    (axis,) = figure.axes
+    assert axis.get_legend() is None and len(figure.legends) == 1 and len(figure.legends[0].texts) == 9
+    lines = {line.get_label(): line for line in axis.lines}
+    classic = lines["classic: k · scratch (= its formula)"]
+    finetune = lines["arm=finetune: formula (0 + 50·k) · t = classic (F = 0)"]
+    assert list(finetune.get_ydata()) == pytest.approx(list(classic.get_ydata()))  # the same numbers, by construction
+    # drawn so that both show: a wide translucent band under a dashed line with crosses
+    assert (finetune.get_linestyle(), finetune.get_marker()) == ("--", "x") and classic.get_zorder() < finetune.get_zorder()
+    assert classic.get_linewidth() > 2 * finetune.get_linewidth()
+    assert "With F = 0 (arm=finetune) the formula is the classic line by construction" in cost_markdown(tables, scratch_s)
