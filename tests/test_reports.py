@@ -150,3 +150,25 @@ def test_the_cost_figure_keeps_its_legend_off_the_data_and_shows_the_line_that_c
     assert (finetune.get_linestyle(), finetune.get_marker()) == ("--", "x") and classic.get_zorder() < finetune.get_zorder()
     assert classic.get_linewidth() > 2 * finetune.get_linewidth()
     assert "With F = 0 (arm=finetune) the formula is the classic line by construction" in cost_markdown(tables, scratch_s)
+
+
+def test_tensorboard_gets_the_depths_in_rising_order_and_every_figure_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # cat_to_dog's job order: static45 (45), head_only (49), then finetune (0)
+    write_summary(write_sweep(tmp_path, [arm_run(arm) for arm in ARMS]))
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    for tag in ("depth/best_val_acc", "depth/fit_seconds"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 45, 49]
+    assert [e.value for e in events.Scalars("depth/best_val_acc")] == pytest.approx([0.619, 0.6375, 0.6406])
+    assert sorted(events.Tags()["images"]) == ["sweep/accuracy_and_time_vs_depth", "sweep/cost_model"]
+    assert {path.name for path in tmp_path.glob("*.png")} == {"summary.png", "cost_model.png"}
+
+
+def test_the_last_lines_name_both_documents_the_figures_and_tensorboard(tmp_path, capsys):
+    write_sweep(tmp_path, [arm_run(arm) for arm in ARMS])
+    report(tmp_path, "python -m train +experiment=cat_to_dog")
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-3:]
+    assert last == [f"summary: {tmp_path / 'summary.md'}, report: {tmp_path / 'report.md'}",
+                    f"figures: {tmp_path / 'summary.png'}, {tmp_path / 'cost_model.png'}",
+                    f"tensorboard --logdir {tmp_path}"]

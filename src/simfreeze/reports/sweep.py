@@ -244,67 +244,70 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
             writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
 
 
-def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
+def depth_scalars(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, float]]:
+    """``(group, step, best val acc, fit seconds)`` of every transfer setting with a depth, ``group``
+    ``depth`` (fixed) or ``dynamic`` (similarity-driven), the step its mean depth rounded; in
+    increasing step order within each group, as TensorBoard draws a curve only from steps that rise."""
+    points = []
+    for r in rows:
+        if r["mean_l_freeze"] is None or not r["best_val_acc"] or not r["transfer"]:
+            continue
+        group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
+        points.append((group, round(r["mean_l_freeze"]), r["best_val_acc"][0], r["fit_seconds"][0]))
+    return sorted(points, key=lambda point: (point[0], point[1]))
+
+
+def log_to_tensorboard(log_dir: Path, texts: dict[str, str], rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
+    """The sweep's text (tag → markdown), its ``depth/*`` and ``dynamic/*`` scalars (``rows``: [] in a
+    study, whose pairs' depths must not be pooled) and every figure it wrote as a file (tag → figure)."""
     # Imported here: torch is slow to import, and a sweep's start need not wait for it.
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
-        writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")
-        for r in rows:
-            if r["mean_l_freeze"] is None or not r["best_val_acc"] or not r["transfer"]:
-                continue
-            group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
-            step = round(r["mean_l_freeze"])
-            writer.add_scalar(f"{group}/best_val_acc", r["best_val_acc"][0], step)
-            writer.add_scalar(f"{group}/fit_seconds", r["fit_seconds"][0], step)
-        if figure is not None:
-            writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
+        for tag, text in texts.items():
+            writer.add_text(tag, text)
+        for group, step, accuracy, seconds in depth_scalars(rows):
+            writer.add_scalar(f"{group}/best_val_acc", accuracy, step)
+            writer.add_scalar(f"{group}/fit_seconds", seconds, step)
+        for tag, figure in figures.items():
+            writer.add_figure(tag, figure)
 
 
-def log_study_to_tensorboard(log_dir: Path, markdown: str, figure) -> None:
-    """The study's verdict and tables as text (``study/verdict``) and its figure (``study/best_depth_vs_S``)."""
-    from torch.utils.tensorboard import SummaryWriter  # torch: only once the sweep has ended
-
-    with SummaryWriter(str(log_dir)) as writer:
-        writer.add_text("study/verdict", markdown)
-        writer.add_figure("study/best_depth_vs_S", figure)
-
-
-def write_study(sweep_dir: Path, study: dict[str, Any]) -> str:
-    """``study.csv`` (one row per pair), ``study.png`` and the TensorBoard entries of a similarity
-    study; returns the study section's markdown."""
+def write_study(sweep_dir: Path, study: dict[str, Any]) -> tuple[str, Any]:
+    """``study.csv`` (one row per pair) and ``study.png`` of a similarity study; returns the study
+    section's markdown and the figure."""
     rows = study_csv_rows(study)
     with open(sweep_dir / "study.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    markdown = study_markdown(study)
     figure = study_figure(study)
     figure.savefig(sweep_dir / "study.png", dpi=120, bbox_inches="tight")
-    log_study_to_tensorboard(sweep_dir / "tensorboard", markdown, figure)
-    return markdown
+    return study_markdown(study), figure
 
 
-def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Any]:
     """The cost model of Ivanov's 45/5 paper beside the sweep's measured times (needs a scratch arm
     and a transfer arm with a measured source): ``cost_model.csv``, ``cost_model.png``; returns its
-    markdown ("" when the sweep has no such arms)."""
+    markdown and figure ("" and None when the sweep has no such arms)."""
     from simfreeze.reports.plots import cost_figure  # matplotlib: only when there is a figure to draw
 
     tables, scratch_s = sweep_costs(rows)
     if not tables:
-        return ""
+        return "", None
     with open(sweep_dir / "cost_model.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(tables.values()))[0]])
         writer.writeheader()
         writer.writerows({"setting": setting, **row} for setting, table in tables.items() for row in table)
-    cost_figure(tables).savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
-    return cost_markdown(tables, scratch_s)
+    figure = cost_figure(tables)
+    figure.savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
+    return cost_markdown(tables, scratch_s), figure
 
 
 def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
-    """Write the summary files of a sweep directory. Returns the table, the verdict text, the study's
-    verdict, the stage and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
+    """Write the summary files of a sweep directory. Returns the table and its note, the verdict text,
+    the comparison with scratch, the study's verdict, the stage and architecture tables, the failed
+    jobs, the depth figure's path and every figure's path (None: no jobs)."""
     from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
 
     runs = read_runs(sweep_dir)
@@ -324,18 +327,25 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     if figure is not None:
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     table = results_table(rows)
-    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows if study is None else [], figure)
-    study_md = write_study(sweep_dir, study) if study else ""
-    cost_md = write_cost_model(sweep_dir, rows) if not architectures_md else ""
+    study_md, study_plot = write_study(sweep_dir, study) if study else ("", None)
+    cost_md, cost_plot = write_cost_model(sweep_dir, rows) if not architectures_md else ("", None)
+    # every figure written as a file is in TensorBoard too, under its own tag
+    figures = {"sweep/accuracy_and_time_vs_depth": figure, "study/best_depth_vs_S": study_plot,
+               "sweep/cost_model": cost_plot}
+    texts = {"sweep/summary": f"{verdict_md}\n\n{table}", **({"study/verdict": study_md} if study_md else {})}
+    log_to_tensorboard(sweep_dir / "tensorboard", texts, rows if study is None else [],
+                       {tag: plot for tag, plot in figures.items() if plot is not None})
     scratch_md = scratch_markdown(rows)
     sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
                               plot=plot is not None, cost_model=cost_md, study=study_md)
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "scratch": scratch_md, "study": study_verdict(study) if study else "",
-            "failed": [r for r in runs if r["status"] != "ok"], "plot": plot, "stages": stages_md,
-            "architectures": architectures_md}
+    written = {"summary.png": figure, "study.png": study_plot, "cost_model.png": cost_plot}
+    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "scratch": scratch_md,
+            "study": study_verdict(study) if study else "", "failed": [r for r in runs if r["status"] != "ok"],
+            "plot": plot, "figures": [sweep_dir / name for name, drawn in written.items() if drawn is not None],
+            "stages": stages_md, "architectures": architectures_md}
 
 
 def report(sweep_dir: Path, command: str) -> int:
@@ -351,8 +361,11 @@ def report(sweep_dir: Path, command: str) -> int:
     for section in ("stages", "architectures"):
         if summary[section]:
             print(summary[section].replace("**", "") + "\n")
-    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else "")
-          + (f", study: {sweep_dir / 'study.png'}" if summary["study"] else ""), flush=True)
+    # where to read on: the two documents, the figures, and TensorBoard (the summary's and every job's logs)
+    print(f"summary: {sweep_dir / 'summary.md'}, report: {sweep_dir / 'report.md'}")
+    if summary["figures"]:
+        print(f"figures: {', '.join(map(str, summary['figures']))}")
+    print(f"tensorboard --logdir {sweep_dir}", flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
     if summary["failed"]:
