@@ -172,3 +172,32 @@ def test_the_last_lines_name_both_documents_the_figures_and_tensorboard(tmp_path
     assert last == [f"summary: {tmp_path / 'summary.md'}, report: {tmp_path / 'report.md'}",
                     f"figures: {tmp_path / 'summary.png'}, {tmp_path / 'cost_model.png'}",
                     f"tensorboard --logdir {tmp_path}"]
+
+
+def pretrained_runs():
+    """``+experiment=cat_to_dog_pretrained``: base_finetune starts from the base, the other transfer arms
+    from the cat model (itself trained from the base); base_finetune has the best accuracy here."""
+    return [arm_run(arm) for arm in ARMS] + [arm_run("base_finetune", acc=0.70, seconds=44.0, source="source:base")]
+
+
+def test_the_depth_oracle_compares_only_settings_that_start_from_the_same_model(tmp_path):
+    from simfreeze.reports.depth import depth_verdict, verdict_text
+    from simfreeze.reports.plots import depth_figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = summarise(pretrained_runs())
+    verdict = depth_verdict(rows)
+    # both freeze 0 layers, but base_finetune's 0 is another model's: head_only (49) is the best depth of the cat model
+    assert verdict["best_setting"] == "arm=head_only" and verdict["start"] == "source:cat"
+    assert verdict["left_out"] == [("arm=base_finetune", "source:base")]
+    assert verdict["fixed_range"] == pytest.approx((0.619, 0.6406))
+    assert ("Left out of this comparison, as they start from another model than source:cat: arm=base_finetune "
+            "(from source:base).") in verdict_text(verdict)
+    accuracy = depth_figure(rows, verdict).axes[0]
+    curve = [c for c in accuracy.containers if c.get_label() == "fixed depth (measured)"][0]
+    assert list(curve.lines[0].get_xdata()) == [0, 45, 49] and 0.70 not in curve.lines[0].get_ydata()
+    assert "arm=base_finetune (starts from source:base)" in [c.get_label() for c in accuracy.containers]
+    write_summary(write_sweep(tmp_path, pretrained_runs()))
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("depth/best_val_acc")] == [
+        (0, pytest.approx(0.619)), (45, pytest.approx(0.6375)), (49, pytest.approx(0.6406))]

@@ -7,6 +7,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.depth import comparable
 from simfreeze.reports.stats import seeds_phrase, zoomed_label
 
 
@@ -16,19 +17,22 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
 
     Transfer settings with a fixed depth are markers at the depths measured, joined by a thin dotted
     guide (the depths between were not measured); similarity-driven settings (dynamic, threshold) are
-    red stars; runs that do not transfer (scratch, the source) are dashed reference lines. The
-    accuracy axis is zoomed to the data and says so; the time axis starts at 0. None when no setting
+    red stars; runs that do not transfer (scratch, the source) are dashed reference lines; transfer
+    settings that start from another model than those (``simfreeze.reports.depth.comparable``) are
+    grey diamonds, apart from the curve. The accuracy axis is zoomed to the data and says so; the time axis starts at 0. None when no setting
     has a layer count (e.g. only failed jobs).
     """
     placed = [r for r in rows if r["mean_l_freeze"] is not None and r["best_val_acc"]]
     if not placed:
         return None
+    other_start = {id(r) for r in comparable(rows)["left_out"]}
     seeds = seeds_phrase([r["n"] for r in placed])
     spread = seeds != "1 seed per setting"  # error bars only where there is a std to draw
     figure = Figure(figsize=(10, 4), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for axis, key, label in ((panels[0], "best_val_acc", "best val accuracy"), (panels[1], "fit_seconds", "fit seconds")):
-        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY), key=lambda r: r["mean_l_freeze"])
+        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY
+                        and id(r) not in other_start), key=lambda r: r["mean_l_freeze"])
         if fixed:
             xs, ys = [r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed]
             if len(fixed) > 1:
@@ -36,17 +40,22 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
                           label="dotted: a guide only (depths between not measured)")
             axis.errorbar(xs, ys, yerr=[r[key][1] for r in fixed] if spread else None, marker="o", linestyle="none",
                           color="tab:blue", capsize=3, label="fixed depth (measured)")
-        references = 0
+        references = []
         for r in placed:
-            if r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
+            if id(r) in other_start:
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="D",
+                              markersize=7, color="gray", markerfacecolor="none", capsize=3, linestyle="none",
+                              label=f"{r['setting']} (starts from {r.get('start') or 'another model'})")
+            elif r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
                 axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="*",
                               markersize=14, color="tab:red", capsize=3, linestyle="none", label=r["setting"])
             elif not r["transfer"]:
                 axis.axhline(r[key][0], linestyle="--", color="gray", linewidth=1)
-                # above and below their lines in turn: two references of about the same value stay readable
-                axis.annotate(r["setting"], (0, r[key][0]), xycoords=("axes fraction", "data"), fontsize=8,
-                              color="gray", va="bottom" if references % 2 == 0 else "top")
-                references += 1
+                references.append((r[key][0], r["setting"]))
+        # labels above and below their lines in turn, the highest above: close references stay readable
+        for index, (value, setting) in enumerate(sorted(references)):
+            axis.annotate(setting, (0, value), xycoords=("axes fraction", "data"), fontsize=8, color="gray",
+                          va="bottom" if (len(references) - 1 - index) % 2 == 0 else "top")
         if verdict and key == "best_val_acc":
             axis.axvline(verdict["best_depth"], color="tab:green", linestyle="-.", linewidth=1, label="best fixed depth")
         axis.set_xlabel("frozen layers (L_freeze)")

@@ -78,6 +78,17 @@ def setting_of(run: dict[str, Any], keys: list[str]) -> str:
         f"{run.get('arm', '?')} {run.get('name', '')}".strip()
 
 
+def start_of(run: dict[str, Any]) -> str | None:
+    """The model a run starts from: its source's name (``source:cat``; ``source:ant-bee`` for a run
+    with ``transfer_from=source.source``, such as ``arm=base_finetune``), else the weights it loaded
+    (``IMAGENET1K_V2``); None when it records neither (scratch, runs made before)."""
+    source = run.get("source")
+    if isinstance(source, dict) and source.get("name"):
+        return source["name"]
+    weights = run.get("weights")
+    return str(weights["weights"]) if isinstance(weights, dict) and weights.get("weights") else None
+
+
 def architecture_of(run: dict[str, Any]) -> str | None:
     weights = run.get("weights")
     return weights.get("arch") if isinstance(weights, dict) else None

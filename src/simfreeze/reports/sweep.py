@@ -49,11 +49,12 @@ from omegaconf import OmegaConf
 from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
-from simfreeze.reports.depth import depth_verdict, verdict_text
+from simfreeze.reports.depth import comparable, depth_verdict, verdict_text
 from simfreeze.reports.documents import render_documents, results_note, results_table, sweep_sections
 from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
-from simfreeze.reports.stats import architecture_of, effective_policy, mean_std, parse_override, setting_keys, setting_of
+from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, parse_override, setting_keys,
+                                     setting_of, start_of)
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -201,6 +202,7 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
         depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
         rows.append({
             "setting": setting, "arm": first.get("arm"), "name": first.get("name"), "architecture": architecture_of(first),
+            "start": start_of(first),
             "transfer": first.get("transfer"), "policy": first.get("policy"),
             "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
             "S": mean_std([r.get("S") for r in ok]),
@@ -247,10 +249,11 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
 def depth_scalars(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, float]]:
     """``(group, step, best val acc, fit seconds)`` of every transfer setting with a depth, ``group``
     ``depth`` (fixed) or ``dynamic`` (similarity-driven), the step its mean depth rounded; in
-    increasing step order within each group, as TensorBoard draws a curve only from steps that rise."""
+    increasing step order within each group, as TensorBoard draws a curve only from steps that rise.
+    Only the settings the depth oracle compares: those that start from the same model."""
     points = []
-    for r in rows:
-        if r["mean_l_freeze"] is None or not r["best_val_acc"] or not r["transfer"]:
+    for r in comparable(rows)["kept"]:
+        if r["mean_l_freeze"] is None:
             continue
         group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
         points.append((group, round(r["mean_l_freeze"]), r["best_val_acc"][0], r["fit_seconds"][0]))
