@@ -6,7 +6,9 @@ callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and wr
 directory:
 
 - ``summary.md``: the command, the table, the depth verdict (best fixed depth, where dynamic
-  landed), failed jobs, every job's row;
+  landed, among settings that start from the same model), the similarity-driven arm against
+  scratch and fit times above scratch's for no more trained layers (``simfreeze.reports.scratch``),
+  failed jobs, every job's row;
 - ``report.md``: the document to read (command, S and the plans, the results with their figures,
   the cost model); both documents are rendered from one list of sections
   (``simfreeze.reports.documents``), and where they apply both show each stage of a chain of
@@ -19,9 +21,10 @@ directory:
   (best depth against S; accuracy against depth per pair). The depth verdict, ``summary.png`` and
   the ``depth/*`` scalars pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
-- ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
-- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step (in a
-  study: ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
+- ``summary.png``: accuracy and fit time against frozen layers, the measured depths as markers, dynamic marked;
+- ``tensorboard/``: the table as text, every figure written (``summary.png``, ``cost_model.png``,
+  ``study.png``), and ``depth/*`` scalars with the depth as step, in rising order (in a study:
+  ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
 
