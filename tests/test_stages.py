@@ -63,7 +63,7 @@ def test_summary_and_report_show_a_shared_section_with_the_same_text(tmp_path):
     # what each document shows besides: the jobs' rows in the summary, the files in the report
     assert "Runs" in summary and "Runs" not in report and "Files" in report and "Files" not in summary
     shared = set(SUMMARY_SECTIONS) & set(REPORT_SECTIONS)
-    assert shared == {"command", "study", "results", "depth_verdict", "figure", "stages", "architectures"}
+    assert shared == {"command", "study", "results", "depth_verdict", "scratch", "figure", "stages", "architectures"}
 
 
 def test_staged_experiment_trains_each_stage_once_and_reports_the_chain(tmp_path_factory, tmp_path):

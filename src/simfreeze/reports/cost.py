@@ -71,5 +71,9 @@ def cost_markdown(tables: dict[str, list[dict]], scratch_s: float, shown: Sequen
         predicted = table[1]["predicted_transfer_s"] - table[0]["predicted_transfer_s"]
         slopes.append(f"{setting} {slope:.1f} s per model after a one-off source of {once:.1f} s "
                       f"(formula: {predicted:.1f} s per model)")
+    zero = [setting for setting, table in tables.items()
+            if table[0]["layers_transfer"] - (table[1]["layers_transfer"] - table[0]["layers_transfer"]) == 0]
+    same = (f" With F = 0 ({', '.join(zero)}) the formula is the classic line by construction: nothing is frozen, "
+            f"so the source saves no layers." if zero else "")
     return ("\n".join(lines) + "\n\nBoth grow linearly in k — the transfer line is not logarithmic, it has a smaller "
-            "slope: " + "; ".join(slopes) + ".")
+            "slope: " + "; ".join(slopes) + "." + same)

@@ -1,5 +1,8 @@
 """The depth oracle: the best fixed depth of a sweep, and how far each dynamic setting landed from it.
 
+Depths are compared only between settings that start from the same model (``start``: the source's
+name, or the weights loaded): in ``cat_to_dog_pretrained`` ``finetune`` starts from the cat model and
+``base_finetune`` from the base, so both freeze 0 layers but are not the same depth of one model.
 Pure functions over the rows of ``simfreeze.reports.sweep.summarise``.
 """
 
@@ -8,15 +11,31 @@ from __future__ import annotations
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.stats import plus_minus
+
+
+def comparable(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The finished transfer settings that start from one model (``kept``), and those that start from
+    another (``left_out``). The model is the similarity-driven settings' (the first one's), else the
+    one most fixed depths start from (ties: the first seen)."""
+    transfer = [r for r in rows if r["transfer"] and r["best_val_acc"] and r["n"]]
+    if not transfer:
+        return {"start": None, "kept": [], "left_out": []}
+    dynamic = [r.get("start") for r in transfer if r["policy"] in NEEDS_SIMILARITY]
+    fixed = [r.get("start") for r in transfer if r["policy"] not in NEEDS_SIMILARITY]
+    start = dynamic[0] if dynamic else max(dict.fromkeys(fixed), key=fixed.count)
+    return {"start": start, "kept": [r for r in transfer if r.get("start") == start],
+            "left_out": [r for r in transfer if r.get("start") != start]}
 
 
 def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The best fixed depth (highest mean best val acc over the transfer runs whose depth was
-    fixed) and, for each dynamic setting, how far it landed from it in accuracy points and layers.
-    None with fewer than two fixed depths to compare."""
-
-    fixed = [r for r in rows if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
-    dynamic = [r for r in rows if r["transfer"] and r["policy"] in NEEDS_SIMILARITY and r["best_val_acc"] and r["n"]]
+    fixed, among those that start from the same model as the dynamic ones) and, for each dynamic
+    setting, how far it landed from it in accuracy points and layers; the settings left out as
+    they start from another model. None with fewer than two fixed depths to compare."""
+    group = comparable(rows)
+    fixed = [r for r in group["kept"] if r["policy"] not in NEEDS_SIMILARITY]
+    dynamic = [r for r in group["kept"] if r["policy"] in NEEDS_SIMILARITY]
     if len(fixed) < 2:
         return None
     best = max(fixed, key=lambda r: r["best_val_acc"][0])
@@ -30,6 +49,7 @@ def depth_verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
                      "points_below_best": round(100 * (best["best_val_acc"][0] - r["best_val_acc"][0]), 2),
                      "layers_from_best": None if r["mean_l_freeze"] is None else round(r["mean_l_freeze"] - best["mean_l_freeze"], 1)}
                     for r in dynamic],
+        "start": group["start"], "left_out": [(r["setting"], r.get("start")) for r in group["left_out"]],
     }
 
 
@@ -37,9 +57,8 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
     """The verdict in sentences (markdown bold on the numbers that matter); "" without a verdict."""
     if verdict is None:
         return ""
-    mean, std = verdict["best_acc"]
     lines = [f"Best fixed depth: **{verdict['best_depth']:g}** frozen layers ({verdict['best_setting']}), "
-             f"best val acc {mean:.3f} ± {std:.3f}."]
+             f"best val acc {plus_minus(verdict['best_acc'])}."]
     for d in verdict["dynamic"]:
         gap = d["points_below_best"]
         where = "above" if gap < 0 else "below"
@@ -48,7 +67,7 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
                   f"{abs(layers):g} {'deeper' if layers > 0 else 'shallower'} than the best depth")
         lines.append(f"Dynamic ({d['setting']}) froze {'/'.join(map(str, d['l_freeze']))} layers, "
                      f"{offset}, and is **{abs(gap):.1f} points {where}** it "
-                     f"({d['acc'][0]:.3f} ± {d['acc'][1]:.3f}).")
+                     f"({plus_minus(d['acc'])}).")
     low, high = verdict["fixed_range"]
     spread = f"The fixed depths' means span {low:.3f}–{high:.3f} ({100 * (high - low):.1f} points); "
     if verdict["seeds"] < 2:
@@ -56,4 +75,8 @@ def verdict_text(verdict: dict[str, Any] | None) -> str:
     else:
         lines.append(spread + f"the largest std over seeds is {verdict['largest_std']:.3f} "
                      f"({100 * verdict['largest_std']:.1f} points): differences smaller than that are within seed noise.")
+    if verdict.get("left_out"):
+        than = f" than {verdict['start']}" if verdict["start"] else ""
+        others = ", ".join(f"{setting} (from {start or 'no recorded model'})" for setting, start in verdict["left_out"])
+        lines.append(f"Left out of this comparison, as they start from another model{than}: {others}.")
     return "\n".join(lines)

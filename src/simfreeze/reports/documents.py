@@ -26,9 +26,10 @@ class Section:
 
 # Which sections each document shows, in this order; a section the sweep has no content for is
 # not built, and so not shown.
-SUMMARY_SECTIONS = ("command", "study", "results", "depth_verdict", "stages", "architectures", "figure", "failed_jobs", "runs")
-REPORT_SECTIONS = ("command", "study", "jobs", "plans", "results", "depth_verdict", "figure", "stages", "architectures",
-                   "cost_model", "files")
+SUMMARY_SECTIONS = ("command", "study", "results", "depth_verdict", "scratch", "stages", "architectures", "figure",
+                    "failed_jobs", "runs")
+REPORT_SECTIONS = ("command", "study", "jobs", "plans", "results", "depth_verdict", "scratch", "figure", "stages",
+                   "architectures", "cost_model", "files")
 DOCUMENTS = {"summary.md": ("Sweep summary", SUMMARY_SECTIONS), "report.md": ("Sweep report", REPORT_SECTIONS)}
 
 COST_MODEL_INTRO = (
@@ -66,12 +67,26 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def results_note(rows: list[dict[str, Any]]) -> str:
+    """What the results table's numbers are: mean ± std over seeds, or one seed's values (then said once
+    here rather than as "± 0.000" in every cell)."""
+    counts = [r["n"] for r in rows if r["n"]]
+    if counts and max(counts) == 1:
+        what = "One seed per setting: each cell is that job's value; there is no estimate of seed noise."
+    elif counts and min(counts) == 1:
+        what = ("Mean ± std over seeds (sample std) of the jobs that finished; a setting with 1 seed shows its "
+                "value alone.")
+    else:
+        what = "Mean ± std over seeds (sample std) of the jobs that finished."
+    return what + " `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's."
+
+
 def plans_table(rows: list[dict[str, Any]], first_trained: dict[str, str | None]) -> str:
     """S and the freeze plan per setting that has either; "" when none has."""
     planned = [r for r in rows if r["S"] is not None or r["l_freeze"]]
     if not planned:
         return ""
-    lines = ["| setting | S (mean ± std) | L_freeze | first trained layer |", "|---|---|---|---|"]
+    lines = ["| setting | S | L_freeze | first trained layer |", "|---|---|---|---|"]
     for r in planned:
         lines.append(f"| {r['setting']} | {plus_minus(r['S'], 4)} | {'/'.join(map(str, r['l_freeze'])) or '–'} | "
                      f"{first_trained.get(r['setting']) or '–'} |")
@@ -107,11 +122,11 @@ def files_list(plot: bool, cost_model: bool, study: bool = False) -> str:
 
 
 def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str], *,
-                   verdict: str = "", stages: str = "", architectures: str = "",
+                   verdict: str = "", scratch: str = "", stages: str = "", architectures: str = "",
                    first_trained: dict[str, str | None] | None = None, plot: bool = False,
                    cost_model: str = "", study: str = "") -> list[Section]:
-    """Every section the sweep has content for. ``verdict``, ``stages``, ``architectures``,
-    ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.stages``,
+    """Every section the sweep has content for. ``verdict``, ``scratch``, ``stages``, ``architectures``,
+    ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.scratch``, ``.stages``,
     ``.architectures``, ``.cost`` and ``.study`` ("" where they do not apply; with a study,
     ``study.png`` was drawn); ``first_trained``: the first trained layer of each setting's plan;
     ``plot``: whether ``summary.png`` was drawn."""
@@ -123,10 +138,9 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
         if study else None,
         Section("jobs", None, jobs_line(runs)),
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
-        Section("results", "Results",
-                "Mean ± std over seeds (sample std; 0 for one seed) of the jobs that finished. `time ÷ scratch`: "
-                f"mean fit seconds over the same architecture's scratch arm's.\n\n{results_table(rows)}"),
+        Section("results", "Results", f"{results_note(rows)}\n\n{results_table(rows)}"),
         Section("depth_verdict", None, verdict) if verdict else None,
+        Section("scratch", None, scratch) if scratch else None,
         Section("figure", None, "![accuracy and fit time vs frozen layers](summary.png)") if plot else None,
         Section("stages", "Stages of the chain (the staged AlexNet paper)",
                 f"Mean ± std over the chained runs (one chain per seed).\n\n{stages}") if stages else None,

@@ -7,41 +7,68 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.depth import comparable
+from simfreeze.reports.stats import seeds_phrase, zoomed_label
 
 
 def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = None) -> Figure | None:
-    """Best val accuracy and fit seconds against frozen layers (mean ± std over seeds).
+    """Best val accuracy and fit seconds against frozen layers (mean ± std over seeds; one seed: the
+    values, no error bars).
 
-    Transfer settings with a fixed depth form the curve; similarity-driven settings (dynamic,
-    threshold) are red stars; runs that do not transfer (scratch, the source) are dashed reference
-    lines. None when no setting has a layer count (e.g. only failed jobs).
+    Transfer settings with a fixed depth are markers at the depths measured, joined by a thin dotted
+    guide (the depths between were not measured); similarity-driven settings (dynamic, threshold) are
+    red stars; runs that do not transfer (scratch, the source) are dashed reference lines; transfer
+    settings that start from another model than those (``simfreeze.reports.depth.comparable``) are
+    grey diamonds, apart from the curve. The accuracy axis is zoomed to the data and says so; the time axis starts at 0. None when no setting
+    has a layer count (e.g. only failed jobs).
     """
     placed = [r for r in rows if r["mean_l_freeze"] is not None and r["best_val_acc"]]
     if not placed:
         return None
+    other_start = {id(r) for r in comparable(rows)["left_out"]}
+    seeds = seeds_phrase([r["n"] for r in placed])
+    spread = seeds != "1 seed per setting"  # error bars only where there is a std to draw
     figure = Figure(figsize=(10, 4), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for axis, key, label in ((panels[0], "best_val_acc", "best val accuracy"), (panels[1], "fit_seconds", "fit seconds")):
-        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY), key=lambda r: r["mean_l_freeze"])
+        fixed = sorted((r for r in placed if r["transfer"] and r["policy"] not in NEEDS_SIMILARITY
+                        and id(r) not in other_start), key=lambda r: r["mean_l_freeze"])
         if fixed:
-            axis.errorbar([r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed], yerr=[r[key][1] for r in fixed],
-                          marker="o", capsize=3, label="fixed depth")
+            xs, ys = [r["mean_l_freeze"] for r in fixed], [r[key][0] for r in fixed]
+            if len(fixed) > 1:
+                axis.plot(xs, ys, linestyle=":", linewidth=1, color="tab:blue", alpha=0.6,
+                          label="dotted: a guide only (depths between not measured)")
+            axis.errorbar(xs, ys, yerr=[r[key][1] for r in fixed] if spread else None, marker="o", linestyle="none",
+                          color="tab:blue", capsize=3, label="fixed depth (measured)")
+        references = []
         for r in placed:
-            if r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
-                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]], marker="*", markersize=14, color="tab:red",
-                              capsize=3, linestyle="none", label=r["setting"])
+            if id(r) in other_start:
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="D",
+                              markersize=7, color="gray", markerfacecolor="none", capsize=3, linestyle="none",
+                              label=f"{r['setting']} (starts from {r.get('start') or 'another model'})")
+            elif r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="*",
+                              markersize=14, color="tab:red", capsize=3, linestyle="none", label=r["setting"])
             elif not r["transfer"]:
                 axis.axhline(r[key][0], linestyle="--", color="gray", linewidth=1)
-                axis.annotate(r["setting"], (0, r[key][0]), xycoords=("axes fraction", "data"), fontsize=8,
-                              color="gray", va="bottom")
+                references.append((r[key][0], r["setting"]))
+        # labels above and below their lines in turn, the highest above: close references stay readable
+        for index, (value, setting) in enumerate(sorted(references)):
+            axis.annotate(setting, (0, value), xycoords=("axes fraction", "data"), fontsize=8, color="gray",
+                          va="bottom" if (len(references) - 1 - index) % 2 == 0 else "top")
         if verdict and key == "best_val_acc":
-            axis.axvline(verdict["best_depth"], color="tab:green", linestyle=":", label="best fixed depth")
+            axis.axvline(verdict["best_depth"], color="tab:green", linestyle="-.", linewidth=1, label="best fixed depth")
         axis.set_xlabel("frozen layers (L_freeze)")
-        axis.set_ylabel(label)
+        if key == "fit_seconds":
+            axis.set_ylim(bottom=0)
+            axis.set_ylabel(label)
+        else:
+            axis.set_ylabel(zoomed_label(axis, label))
         axis.grid(alpha=0.3)
-    if panels[0].get_legend_handles_labels()[0]:
-        panels[0].legend(fontsize=8, loc="best")
-    figure.suptitle("accuracy and fit time vs frozen layers (mean ± std over seeds)")
+    handles, labels = panels[0].get_legend_handles_labels()
+    if handles:  # below the panels, off the data
+        figure.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(handles), 4))
+    figure.suptitle(f"accuracy and fit time vs frozen layers ({seeds}{'' if spread else ': no error bars'})")
     return figure
 
 
@@ -106,20 +133,25 @@ def freeze_curve(depth, l_total: int, low: float, high: float, marks: dict[str, 
 
 def cost_figure(tables: dict[str, list[dict]]) -> Figure:
     """The cost model of Ivanov's 45/5 paper (dashed) against measured seconds (solid) for k = 1…
-    target models: classic (every model from scratch) and each transfer setting (one source, then k targets)."""
-    figure = Figure(figsize=(8, 5), layout="constrained")
+    target models: classic (every model from scratch) and each transfer setting (one source, then k
+    targets). A setting that freezes nothing (F = 0, fine-tuning) has the classic line as its formula,
+    by construction: it is drawn dashed with crosses over the classic line's wide grey band, and its
+    legend entry says so. The legend sits outside the axes, off the data."""
+    figure = Figure(figsize=(10, 5), layout="constrained")
     axis = figure.subplots()
     first = next(iter(tables.values()))
     ks = [r["k"] for r in first]
-    axis.plot(ks, [r["measured_classic_s"] for r in first], "o-", color="black", label="classic: k · scratch (= formula)")
+    axis.plot(ks, [r["measured_classic_s"] for r in first], "s-", color="black", linewidth=5, alpha=0.3,
+              markersize=8, zorder=1, label="classic: k · scratch (= its formula)")
     for (setting, rows), colour in zip(tables.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")):
         frozen = rows[0]["layers_transfer"] - (rows[1]["layers_transfer"] - rows[0]["layers_transfer"])
         axis.plot(ks, [r["measured_transfer_s"] for r in rows], "o-", color=colour, label=f"{setting}: source + k · arm")
-        axis.plot(ks, [r["predicted_transfer_s"] for r in rows], "--", color=colour,
-                  label=f"{setting}: formula ({frozen} + {rows[0]['layers_transfer'] - frozen}·k) · t")
+        formula = f"{setting}: formula ({frozen} + {rows[0]['layers_transfer'] - frozen}·k) · t"
+        axis.plot(ks, [r["predicted_transfer_s"] for r in rows], "x--" if frozen == 0 else "--", color=colour,
+                  markersize=7, label=formula + (" = classic (F = 0)" if frozen == 0 else ""))
     axis.set_xlabel("target models k")
     axis.set_ylabel("seconds")
-    axis.set_title("cost of k target models (Ivanov's 45/5 paper's model, dashed): all lines are linear in k")
+    axis.set_title("cost of k target models: measured (solid), Ivanov's 45/5 formula (dashed)\nevery line is linear in k")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    figure.legend(fontsize=7, loc="outside right upper")
     return figure

@@ -9,19 +9,52 @@ import statistics
 from typing import Any
 
 
-def mean_std(values: list[float | None]) -> tuple[float, float] | None:
-    """Mean and sample std of the values present (std 0 for one value); None when none is."""
+class MeanStd(tuple):
+    """``(mean, std)`` of ``n`` values: a plain pair to unpack and index, that also knows whether its
+    std is an estimate (n ≥ 2) or the 0 that stands in for none (n = 1)."""
+
+    def __new__(cls, mean: float, std: float, n: int):
+        pair = super().__new__(cls, (mean, std))
+        pair.n = n
+        return pair
+
+
+def mean_std(values: list[float | None]) -> MeanStd | None:
+    """Mean and sample std of the values present (std 0 for one value, with ``n`` 1 to say so); None
+    when none is."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return MeanStd(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def one_value(value: tuple[float, float] | None) -> bool:
+    """Whether a mean ± std stands for a single value (no std to show)."""
+    return getattr(value, "n", None) == 1
 
 
 def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
+    """``mean ± std``; the value alone where it is one value: a "± 0" there would read as no variance."""
     if value is None:
         return "–"
     mean, std = value
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" if one_value(value) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def seeds_phrase(counts: list[int]) -> str:
+    """What a figure's points are, from the number of seeds per setting: "mean ± std over 3 seeds",
+    "mean ± std over 1–3 seeds per setting" or "1 seed per setting"."""
+    counts = [n for n in counts if n]
+    if not counts or max(counts) == 1:
+        return "1 seed per setting"
+    low, high = min(counts), max(counts)
+    return f"mean ± std over {high} seeds" if low == high else f"mean ± std over {low}–{high} seeds per setting"
+
+
+def zoomed_label(axis, label: str, digits: int = 3) -> str:
+    """``label`` with the axis's shown range, for a y axis that does not start at 0 (call after drawing)."""
+    low, high = axis.get_ylim()
+    return f"{label} (axis zoomed: {low:.{digits}f}–{high:.{digits}f})"
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -43,6 +76,17 @@ def setting_of(run: dict[str, Any], keys: list[str]) -> str:
     present = dict(parse_override(o) for o in run.get("overrides") or [])
     return " ".join(f"{key}={present[key]}" for key in keys if key in present) or \
         f"{run.get('arm', '?')} {run.get('name', '')}".strip()
+
+
+def start_of(run: dict[str, Any]) -> str | None:
+    """The model a run starts from: its source's name (``source:cat``; ``source:ant-bee`` for a run
+    with ``transfer_from=source.source``, such as ``arm=base_finetune``), else the weights it loaded
+    (``IMAGENET1K_V2``); None when it records neither (scratch, runs made before)."""
+    source = run.get("source")
+    if isinstance(source, dict) and source.get("name"):
+        return source["name"]
+    weights = run.get("weights")
+    return str(weights["weights"]) if isinstance(weights, dict) and weights.get("weights") else None
 
 
 def architecture_of(run: dict[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ import statistics
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
-from simfreeze.reports.stats import mean_std, plus_minus
+from simfreeze.reports.stats import mean_std, plus_minus, seeds_phrase, zoomed_label
 
 L_TOTAL = 40  # the paper's L_total for ResNet-50; runs made before it was recorded used it
 BASELINE_DEPTHS = {"static45": 45, "head_only": 49, "finetune": 0}
@@ -650,20 +650,29 @@ def draw_depth_vs_s(axis, study: dict[str, Any], colours: list[str]) -> None:
 
 
 def draw_accuracy_vs_depth(axis, study: dict[str, Any], colours: list[str]) -> None:
+    """Per pair its measured depths as markers (mean ± std over seeds), joined by a thin dotted guide
+    (the depths between were not measured), the rule as a star; the accuracy axis zoomed, and said so."""
+    counts = []
     for pair, colour in zip(study["pairs"], colours):
         depths = list(pair["fixed"])
         values = [mean_std(list(pair["fixed"][d]["acc"].values())) for d in depths]
-        axis.errorbar(depths, [v[0] for v in values], yerr=[v[1] for v in values], marker="o", capsize=2,
-                      color=colour, linewidth=1, label=pair["label"])
+        counts += [v.n for v in values]
+        axis.plot(depths, [v[0] for v in values], linestyle=":", linewidth=1, color=colour, alpha=0.6)
+        axis.errorbar(depths, [v[0] for v in values], yerr=[v[1] for v in values] if pair["seeds"][1:] else None,
+                      marker="o", capsize=2,
+                      color=colour, linestyle="none", label=pair["label"])
         rule = pair["arms"].get("rule")
         if rule is not None:
-            axis.errorbar([rule["depth"]], [rule["acc"][0]], yerr=[rule["acc"][1]], marker="*", markersize=12,
+            counts.append(rule["acc"].n)
+            axis.errorbar([rule["depth"]], [rule["acc"][0]], yerr=[rule["acc"][1]] if rule["n"] > 1 else None,
+                          marker="*", markersize=12,
                           color=colour, capsize=2, linestyle="none")
     axis.plot([], [], "*", color="gray", markersize=12, label="dynamic (the rule)")
+    axis.plot([], [], ":", color="gray", linewidth=1, label="dotted: a guide only (depths between not measured)")
     metric = ("held-out test accuracy" if study["fallbacks"] == 0 else "best val accuracy"
               if study["fallbacks"] == study["measured_runs"] else "accuracy (test, else best val)")
     axis.set_xlabel("frozen layers (markers: measured depths)")
-    axis.set_ylabel(f"{metric}, mean ± std over seeds")
-    axis.set_title("accuracy vs depth per pair")
+    axis.set_ylabel(f"{metric}, {seeds_phrase(counts)}")
+    axis.set_title(zoomed_label(axis, "accuracy vs depth per pair").replace("(axis", "(y axis"))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")

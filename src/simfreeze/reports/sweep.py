@@ -6,7 +6,9 @@ callback at multirun end (``hydra.callbacks.summary`` in conf/train.yaml) and wr
 directory:
 
 - ``summary.md``: the command, the table, the depth verdict (best fixed depth, where dynamic
-  landed), failed jobs, every job's row;
+  landed, among settings that start from the same model), the similarity-driven arm against
+  scratch and fit times above scratch's for no more trained layers (``simfreeze.reports.scratch``),
+  failed jobs, every job's row;
 - ``report.md``: the document to read (command, S and the plans, the results with their figures,
   the cost model); both documents are rendered from one list of sections
   (``simfreeze.reports.documents``), and where they apply both show each stage of a chain of
@@ -19,9 +21,10 @@ directory:
   (best depth against S; accuracy against depth per pair). The depth verdict, ``summary.png`` and
   the ``depth/*`` scalars pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
-- ``summary.png``: accuracy and fit time against frozen layers, dynamic marked;
-- ``tensorboard/``: the table as text, the figure, and ``depth/*`` scalars with the depth as step (in a
-  study: ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
+- ``summary.png``: accuracy and fit time against frozen layers, the measured depths as markers, dynamic marked;
+- ``tensorboard/``: the table as text, every figure written (``summary.png``, ``cost_model.png``,
+  ``study.png``), and ``depth/*`` scalars with the depth as step, in rising order (in a study:
+  ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
 
@@ -49,10 +52,12 @@ from omegaconf import OmegaConf
 from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
-from simfreeze.reports.depth import depth_verdict, verdict_text
-from simfreeze.reports.documents import render_documents, results_table, sweep_sections
+from simfreeze.reports.depth import comparable, depth_verdict, verdict_text
+from simfreeze.reports.documents import render_documents, results_note, results_table, sweep_sections
+from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
-from simfreeze.reports.stats import architecture_of, effective_policy, mean_std, parse_override, setting_keys, setting_of
+from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, parse_override, setting_keys,
+                                     setting_of, start_of)
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -199,7 +204,8 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
         reference = mean_std(references.get(architecture_of(first), []))
         depths = [r["l_freeze"] for r in ok if r.get("n_layers")]
         rows.append({
-            "setting": setting, "arm": first.get("arm"), "name": first.get("name"),
+            "setting": setting, "arm": first.get("arm"), "name": first.get("name"), "architecture": architecture_of(first),
+            "start": start_of(first),
             "transfer": first.get("transfer"), "policy": first.get("policy"),
             "seeds": sorted({r["seed"] for r in ok}), "n": len(ok), "failed": len(members) - len(ok),
             "S": mean_std([r.get("S") for r in ok]),
@@ -243,67 +249,71 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
             writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
 
 
-def log_to_tensorboard(log_dir: Path, table: str, verdict_md: str, rows: list[dict[str, Any]], figure) -> None:
+def depth_scalars(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, float]]:
+    """``(group, step, best val acc, fit seconds)`` of every transfer setting with a depth, ``group``
+    ``depth`` (fixed) or ``dynamic`` (similarity-driven), the step its mean depth rounded; in
+    increasing step order within each group, as TensorBoard draws a curve only from steps that rise.
+    Only the settings the depth oracle compares: those that start from the same model."""
+    points = []
+    for r in comparable(rows)["kept"]:
+        if r["mean_l_freeze"] is None:
+            continue
+        group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
+        points.append((group, round(r["mean_l_freeze"]), r["best_val_acc"][0], r["fit_seconds"][0]))
+    return sorted(points, key=lambda point: (point[0], point[1]))
+
+
+def log_to_tensorboard(log_dir: Path, texts: dict[str, str], rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
+    """The sweep's text (tag → markdown), its ``depth/*`` and ``dynamic/*`` scalars (``rows``: [] in a
+    study, whose pairs' depths must not be pooled) and every figure it wrote as a file (tag → figure)."""
     # Imported here: torch is slow to import, and a sweep's start need not wait for it.
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
-        writer.add_text("sweep/summary", f"{verdict_md}\n\n{table}")
-        for r in rows:
-            if r["mean_l_freeze"] is None or not r["best_val_acc"] or not r["transfer"]:
-                continue
-            group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
-            step = round(r["mean_l_freeze"])
-            writer.add_scalar(f"{group}/best_val_acc", r["best_val_acc"][0], step)
-            writer.add_scalar(f"{group}/fit_seconds", r["fit_seconds"][0], step)
-        if figure is not None:
-            writer.add_figure("sweep/accuracy_and_time_vs_depth", figure)
+        for tag, text in texts.items():
+            writer.add_text(tag, text)
+        for group, step, accuracy, seconds in depth_scalars(rows):
+            writer.add_scalar(f"{group}/best_val_acc", accuracy, step)
+            writer.add_scalar(f"{group}/fit_seconds", seconds, step)
+        for tag, figure in figures.items():
+            writer.add_figure(tag, figure)
 
 
-def log_study_to_tensorboard(log_dir: Path, markdown: str, figure) -> None:
-    """The study's verdict and tables as text (``study/verdict``) and its figure (``study/best_depth_vs_S``)."""
-    from torch.utils.tensorboard import SummaryWriter  # torch: only once the sweep has ended
-
-    with SummaryWriter(str(log_dir)) as writer:
-        writer.add_text("study/verdict", markdown)
-        writer.add_figure("study/best_depth_vs_S", figure)
-
-
-def write_study(sweep_dir: Path, study: dict[str, Any]) -> str:
-    """``study.csv`` (one row per pair), ``study.png`` and the TensorBoard entries of a similarity
-    study; returns the study section's markdown."""
+def write_study(sweep_dir: Path, study: dict[str, Any]) -> tuple[str, Any]:
+    """``study.csv`` (one row per pair) and ``study.png`` of a similarity study; returns the study
+    section's markdown and the figure."""
     rows = study_csv_rows(study)
     with open(sweep_dir / "study.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    markdown = study_markdown(study)
     figure = study_figure(study)
     figure.savefig(sweep_dir / "study.png", dpi=120, bbox_inches="tight")
-    log_study_to_tensorboard(sweep_dir / "tensorboard", markdown, figure)
-    return markdown
+    return study_markdown(study), figure
 
 
-def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> str:
+def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Any]:
     """The cost model of Ivanov's 45/5 paper beside the sweep's measured times (needs a scratch arm
     and a transfer arm with a measured source): ``cost_model.csv``, ``cost_model.png``; returns its
-    markdown ("" when the sweep has no such arms)."""
+    markdown and figure ("" and None when the sweep has no such arms)."""
     from simfreeze.reports.plots import cost_figure  # matplotlib: only when there is a figure to draw
 
     tables, scratch_s = sweep_costs(rows)
     if not tables:
-        return ""
+        return "", None
     with open(sweep_dir / "cost_model.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(tables.values()))[0]])
         writer.writeheader()
         writer.writerows({"setting": setting, **row} for setting, table in tables.items() for row in table)
-    cost_figure(tables).savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
-    return cost_markdown(tables, scratch_s)
+    figure = cost_figure(tables)
+    figure.savefig(sweep_dir / "cost_model.png", dpi=120, bbox_inches="tight")
+    return cost_markdown(tables, scratch_s), figure
 
 
 def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
-    """Write the summary files of a sweep directory. Returns the table, the verdict text, the study's
-    verdict, the stage and architecture tables, the failed jobs and the figure's path (None: no jobs)."""
+    """Write the summary files of a sweep directory. Returns the table and its note, the verdict text,
+    the comparison with scratch, the study's verdict, the stage and architecture tables, the failed
+    jobs, the depth figure's path and every figure's path (None: no jobs)."""
     from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
 
     runs = read_runs(sweep_dir)
@@ -323,17 +333,25 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     if figure is not None:
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     table = results_table(rows)
-    log_to_tensorboard(sweep_dir / "tensorboard", table, verdict_md, rows if study is None else [], figure)
-    study_md = write_study(sweep_dir, study) if study else ""
-    cost_md = write_cost_model(sweep_dir, rows) if not architectures_md else ""
-    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, stages=stages_md,
+    study_md, study_plot = write_study(sweep_dir, study) if study else ("", None)
+    cost_md, cost_plot = write_cost_model(sweep_dir, rows) if not architectures_md else ("", None)
+    # every figure written as a file is in TensorBoard too, under its own tag
+    figures = {"sweep/accuracy_and_time_vs_depth": figure, "study/best_depth_vs_S": study_plot,
+               "sweep/cost_model": cost_plot}
+    texts = {"sweep/summary": f"{verdict_md}\n\n{table}", **({"study/verdict": study_md} if study_md else {})}
+    log_to_tensorboard(sweep_dir / "tensorboard", texts, rows if study is None else [],
+                       {tag: plot for tag, plot in figures.items() if plot is not None})
+    scratch_md = scratch_markdown(rows)
+    sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
                               plot=plot is not None, cost_model=cost_md, study=study_md)
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    return {"table": table, "verdict": verdict_md, "study": study_verdict(study) if study else "",
-            "failed": [r for r in runs if r["status"] != "ok"], "plot": plot, "stages": stages_md,
-            "architectures": architectures_md}
+    written = {"summary.png": figure, "study.png": study_plot, "cost_model.png": cost_plot}
+    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "scratch": scratch_md,
+            "study": study_verdict(study) if study else "", "failed": [r for r in runs if r["status"] != "ok"],
+            "plot": plot, "figures": [sweep_dir / name for name, drawn in written.items() if drawn is not None],
+            "stages": stages_md, "architectures": architectures_md}
 
 
 def report(sweep_dir: Path, command: str) -> int:
@@ -342,15 +360,18 @@ def report(sweep_dir: Path, command: str) -> int:
     if summary is None:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
-    print(f"\n{summary['table']}\n", flush=True)
-    for verdict in ("verdict", "study"):
+    print(f"\n{summary['note']}\n\n{summary['table']}\n", flush=True)
+    for verdict in ("verdict", "scratch", "study"):
         if summary[verdict]:
             print(summary[verdict].replace("**", "") + "\n")
     for section in ("stages", "architectures"):
         if summary[section]:
             print(summary[section].replace("**", "") + "\n")
-    print(f"summary: {sweep_dir / 'summary.md'}" + (f", plot: {summary['plot']}" if summary["plot"] else "")
-          + (f", study: {sweep_dir / 'study.png'}" if summary["study"] else ""), flush=True)
+    # where to read on: the two documents, the figures, and TensorBoard (the summary's and every job's logs)
+    print(f"summary: {sweep_dir / 'summary.md'}, report: {sweep_dir / 'report.md'}")
+    if summary["figures"]:
+        print(f"figures: {', '.join(map(str, summary['figures']))}")
+    print(f"tensorboard --logdir {sweep_dir}", flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
     if summary["failed"]:
