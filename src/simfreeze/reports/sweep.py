@@ -360,13 +360,11 @@ def report(sweep_dir: Path, command: str) -> int:
     if summary is None:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
-    print(f"\n{summary['note']}\n\n{summary['table']}\n", flush=True)
-    for verdict in ("verdict", "scratch", "study"):
-        if summary[verdict]:
-            print(summary[verdict].replace("**", "") + "\n")
-    for section in ("stages", "architectures"):
+    # One blank line before; none between the sections, which each start with their own words.
+    print(f"\n{summary['note']}\n{summary['table']}", flush=True)
+    for section in ("verdict", "scratch", "study", "stages", "architectures"):
         if summary[section]:
-            print(summary[section].replace("**", "") + "\n")
+            print(summary[section].replace("**", "").strip())
     # where to read on: the two documents, the figures, and TensorBoard (the summary's and every job's logs)
     print(f"summary: {sweep_dir / 'summary.md'}, report: {sweep_dir / 'report.md'}")
     if summary["figures"]:
