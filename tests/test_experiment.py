@@ -22,6 +22,9 @@ def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_p
     rows = list(csv.DictReader(open(sweep / "runs.csv")))
     assert [r["arm"] for r in rows] == ["source", "scratch", "dynamic", "static45", "head_only", "finetune"]
     assert "| arm=dynamic | dynamic | 1 |" in result.stdout and (sweep / "summary.md").is_file()
+    # The console: per job Hydra's line, 1 epoch line (SMALL), one result line (the source's once), the summary.
+    assert result.stdout.count("[simfreeze] ") == 6 and "→ " + str(tmp_path / "sources" / ".source") not in result.stdout
+    assert len(result.stdout.splitlines()) <= 40, result.stdout
     # the readable report: plans, the table, the figures and Ivanov's cost model beside measured times
     report = (sweep / "report.md").read_text()
     assert "![cost model](cost_model.png)" in report and "| arm=dynamic |" in report

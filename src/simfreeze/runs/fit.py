@@ -60,4 +60,5 @@ def report_source(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[s
     _, source = source_weights(with_resolved_precision(cfg), train=fit)
     results = {**source, "arm": "source", "run_dir": str(run_dir), "source_dir": source["run_dir"],
                "overrides": list(overrides)}
-    return finish(run_dir, results)
+    # Trained just now, the stage has printed its line (same numbers, its cache directory) above.
+    return finish(run_dir, results, show=source["cached"])

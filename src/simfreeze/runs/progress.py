@@ -73,7 +73,8 @@ class EpochLines(ProgressBar):
         if self._enabled:
             shown = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
                               if k.startswith("test/"))
-            console.info("test  %s", shown)
+            # train.log only: the result line that follows has test/acc
+            logging.getLogger("simfreeze").info("test  %s", shown)
 
 
 class Bar(TQDMProgressBar):

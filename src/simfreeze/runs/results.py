@@ -173,12 +173,14 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def finish(run_dir: Path, results: dict[str, Any], line: Callable[[dict], str] | None = None,
-           write: bool = True) -> dict[str, Any]:
-    """Write ``results.json`` and print the run's one line (``write`` False: another DDP process does)."""
+           write: bool = True, show: bool = True) -> dict[str, Any]:
+    """Write ``results.json`` and print the run's one line (``write`` False: another DDP process does;
+    ``show`` False: the line is printed already)."""
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_results(run_dir / "results.json", results)
-        progress.info("%s", (line or summary_line)({**results, "run_dir": str(final_dir(run_dir))}))
+        if show:
+            progress.info("%s", (line or summary_line)({**results, "run_dir": str(final_dir(run_dir))}))
     return results
 
 
