@@ -64,9 +64,10 @@ def main(cfg: DictConfig) -> float | None:
         validate_config(cfg)
         quiet_lightning(cfg.verbose)
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
+        run_cfg["logs"] = (tree or {}).get("logs") or job_logs(run_cfg, run_dir, overrides, multirun and not tree)
         with job_devices(run_cfg["trainer"], job_num, multirun):
             if multirun and not tree and relaunches_command(run_cfg["trainer"]):
-                results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg["trainer"])
+                results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg)
             else:
                 results = train(run_cfg, run_dir, overrides)
     except SIGTERMException:  # a scheduler's stop, which Lightning raises as SystemExit(None), i.e. status 0
@@ -99,10 +100,27 @@ def main(cfg: DictConfig) -> float | None:
     return results.get("best_val_acc")  # the objective for Hydra sweepers
 
 
-def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str], trainer: dict) -> dict[str, Any]:
+def job_logs(cfg: dict, run_dir: Path, overrides: list[str], multirun: bool) -> dict[str, Any]:
+    """Where this job's loggers write and its name there (``simfreeze.runs.loggers``): in a sweep,
+    named by the keys the sweep varies, which its ``multirun.yaml`` (or the sweeper's params) tell."""
+    from simfreeze.runs.loggers import job_logs as fill, swept_keys
+
+    if not multirun:
+        return fill(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], None)
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    try:  # the command line's sweep overrides (seed=0,1,2) are in the sweep's saved config only
+        task = list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+    except Exception:  # another launcher's layout: the sweeper's params alone
+        task = []
+    swept = swept_keys(OmegaConf.to_container(hydra_cfg.sweeper).get("params"), task)
+    return fill(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], (sweep_dir, swept, overrides))
+
+
+def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str], cfg: dict) -> dict[str, Any]:
     """A sweep job whose trainer would relaunch the command for DDP, run in a process tree of its
-    own (``simfreeze.speed.distributed``) on the devices this job holds (``trainer``); returns what
-    its ``results.json`` holds."""
+    own (``simfreeze.speed.distributed``) on the devices this job holds (``cfg["trainer"]``), logging
+    where this job logs; returns what its ``results.json`` holds."""
     import json
 
     from simfreeze.speed.distributed import run_in_own_process_tree
@@ -111,7 +129,7 @@ def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str],
         raise ConfigError(f"DDP in a sweep job runs the job's saved config ({run_dir / '.hydra'}), which "
                           f"hydra.output_subdir=null left unsaved; keep the default hydra.output_subdir")
     log.info("job %s: DDP in a process tree of its own", job_num)
-    done = run_in_own_process_tree(run_dir, job_num, overrides, trainer)
+    done = run_in_own_process_tree(run_dir, job_num, overrides, cfg["trainer"], cfg["logs"])
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else None
     if results is None:
         raise RuntimeError(f"the job's DDP processes exited with status {done.returncode} without results "

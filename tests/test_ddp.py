@@ -53,6 +53,9 @@ def test_a_ddp_sweep_runs_each_job_in_its_own_process_tree(cat_dog_folder, tmp_p
         assert (sweep / "1" / name).is_file()
     assert json.loads((sweep / "1" / "similarity.json").read_text())["S"] == pytest.approx(two["S"], abs=1e-6)
     assert len(list((sweep / "1" / "checkpoints").glob("*.ckpt"))) >= 1
+    # The job's own process tree logs where the sweep's jobs log, named by what the sweep varies.
+    assert (sweep / "tensorboard" / "trainer.devices=2" / "seed=0" / "hparams.yaml").is_file()
+    assert (sweep / "tensorboard" / "trainer.devices=1" / "seed=0" / "hparams.yaml").is_file()
 
 
 def test_ddp_validation_is_synced_across_processes(cat_dog_folder, tmp_path):

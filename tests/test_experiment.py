@@ -47,6 +47,13 @@ def test_cat_to_dog_multirun_prints_and_writes_one_summary(cat_dog_folder, tmp_p
     source_split = json.loads((Path(runs["source"]["source_dir"]) / "split.json").read_text())
     target_split = json.loads((sweep / rows[1]["job"] / "split.json").read_text())
     assert source_split["files"] == target_split["files"] and source_split["positive"] == "cat"
+    # One TensorBoard for the sweep: a run per job named by arm and seed, the source the first job
+    # trained, and the summary; every job's own metrics.csv.
+    board = sweep / "tensorboard"
+    assert sorted({str(p.parent.relative_to(board)) for p in board.rglob("events.out.tfevents.*")}) == [
+        "arm=dynamic/seed=0", "arm=finetune/seed=0", "arm=head_only/seed=0", "arm=scratch/seed=0",
+        "arm=static45/seed=0", "source:cat/seed=0", "summary"]
+    assert all((sweep / r["job"] / "csv" / "metrics.csv").is_file() for r in rows[1:])
 
 
 def test_source_never_trains_on_target_validation_images(cat_dog_folder):

@@ -157,7 +157,7 @@ def test_tensorboard_gets_the_depths_in_rising_order_and_every_figure_written(tm
 
     # cat_to_dog's job order: static45 (45), head_only (49), then finetune (0)
     write_summary(write_sweep(tmp_path, [arm_run(arm) for arm in ARMS]))
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
     for tag in ("depth/best_val_acc", "depth/fit_seconds"):
         assert [e.step for e in events.Scalars(tag)] == [0, 45, 49]
     assert [e.value for e in events.Scalars("depth/best_val_acc")] == pytest.approx([0.619, 0.6375, 0.6406])
@@ -171,7 +171,7 @@ def test_the_last_lines_name_both_documents_the_figures_and_tensorboard(tmp_path
     last = capsys.readouterr().out.rstrip("\n").splitlines()[-3:]
     assert last == [f"summary: {tmp_path / 'summary.md'}, report: {tmp_path / 'report.md'}",
                     f"figures: {tmp_path / 'summary.png'}, {tmp_path / 'cost_model.png'}",
-                    f"tensorboard --logdir {tmp_path}"]
+                    f"tensorboard --logdir {tmp_path / 'tensorboard'}"]
 
 
 def pretrained_runs():
@@ -198,6 +198,6 @@ def test_the_depth_oracle_compares_only_settings_that_start_from_the_same_model(
     assert list(curve.lines[0].get_xdata()) == [0, 45, 49] and 0.70 not in curve.lines[0].get_ydata()
     assert "arm=base_finetune (starts from source:base)" in [c.get_label() for c in accuracy.containers]
     write_summary(write_sweep(tmp_path, pretrained_runs()))
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("depth/best_val_acc")] == [
         (0, pytest.approx(0.619)), (45, pytest.approx(0.6375)), (49, pytest.approx(0.6406))]

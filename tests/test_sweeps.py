@@ -78,7 +78,7 @@ def test_failed_and_killed_jobs_are_listed_and_not_averaged(tmp_path):
     assert "Best fixed depth: **45**" in summary["verdict"] and summary["verdict"] in text and summary["verdict"] in report
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # TensorBoard: the fixed depths' accuracy with the depth as step; dynamic at its mean depth 39.5
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
     fixed = {e.step: e.value for e in events.Scalars("depth/best_val_acc")}
     assert fixed == pytest.approx({0: 0.61, 45: 0.66, 49: 0.61})
     assert [(e.step, e.value) for e in events.Scalars("dynamic/best_val_acc")] == [(40, pytest.approx(0.62))]

@@ -1,5 +1,6 @@
 """End to end: `python -m train` in a fresh process, from a directory that is not the repository."""
 
+import csv
 import json
 
 import pytest
@@ -29,11 +30,17 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert results["reproducibility"].startswith("bit-identical")
     assert results["precision_phases"] == {"similarity": None, "cache_fill": None, "training": "32-true", "fp32_convs": []}
     assert set(results["versions"]) >= {"torch", "torchvision", "lightning", "hydra"}
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    # TensorBoard's run is named by the arm and the seed; CSVLogger's metrics.csv has a row per epoch.
+    events = EventAccumulator(str(run_dir / "tensorboard" / "arm=scratch" / "seed=0"))
     events.Reload()
     assert {"train/loss", "val/loss", "val/acc", "hp/best_val_acc"} <= set(events.Tags()["scalars"])
     assert max(e.value for e in events.Scalars("val/acc")) == pytest.approx(results["best_val_acc"])
-    assert "arm: scratch" in (run_dir / "tensorboard" / "hparams.yaml").read_text()
+    assert "arm: scratch" in (run_dir / "tensorboard" / "arm=scratch" / "seed=0" / "hparams.yaml").read_text()
+    hparams = hparams_of(events)
+    assert hparams["arm"].string_value == "scratch" and hparams["seed"].string_value == "0"
+    assert "S" not in hparams  # no similarity: no stand-in value that reads as a cosine
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == [e.value for e in events.Scalars("val/acc")]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert json.loads((run_dir / "split.json").read_text())["per_class"] == 20
     assert "[simfreeze]" in result.stdout and "epoch 2/2" in result.stdout
@@ -42,6 +49,16 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert "epoch 2/2" in log and "[simfreeze] scratch" in log and "GPU available" in log
     assert "GPU available" not in result.stdout and "Trainable params" not in result.stdout + result.stderr
     assert len(result.stdout.splitlines()) <= 4, result.stdout  # 2 epoch lines, the test line, the result line
+
+
+def hparams_of(events: EventAccumulator) -> dict:
+    """A run's HParams as TensorBoard reads them. No experiment summary of its own: the HParams tab
+    then takes its columns from every run (one scratch run's summary would hide the others' S)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    content = events.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" not in content
+    return dict(HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams)
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

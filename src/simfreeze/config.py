@@ -44,7 +44,7 @@ def schema() -> dict[str, frozenset[str]]:
     primary = OmegaConf.load(CONF / "train.yaml")
     groups = [next(iter(entry)) for entry in primary.defaults if not isinstance(entry, str)]
     keys = {"": frozenset(set(primary) - {"defaults", "hydra"} | set(groups))}
-    for section in ("source", "similarity", "freeze", "cache", "checkpoint"):
+    for section in ("source", "similarity", "freeze", "cache", "checkpoint", "logs"):
         keys[section] = frozenset(primary[section])
     for group in ("data", "model"):  # every option of the group has the same keys
         keys[group] = frozenset(k for path in (CONF / group).glob("*.yaml") for k in OmegaConf.load(path))
@@ -79,7 +79,7 @@ def validate_config(cfg: DictConfig) -> None:
     reject_unknown("", cfg.keys(), keys[""])  # before the imports: a typo fails at once
     import lightning as L
 
-    for section in ("data", "model", "source", "similarity", "freeze", "cache", "checkpoint"):
+    for section in ("data", "model", "source", "similarity", "freeze", "cache", "checkpoint", "logs"):
         reject_unknown(f"{section}.", cfg[section].keys(), keys[section])
     stage, prefix = cfg.source, "source."
     while stage:  # a chain: source.source.… (each stage: task, weights, freeze, seed, source)
@@ -182,6 +182,15 @@ def check_values(cfg: dict) -> None:
         stage, prefix = stage.get("source"), f"{prefix}source."
     check_factory("optimizer", cfg.get("optimizer"))
     check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})
+    for kind, node in (cfg.get("logger") or {}).items():
+        if not isinstance(node, dict) or "_target_" not in node:
+            raise ConfigError(f"logger.{kind} must name a Lightning logger class in _target_ (conf/logger/)")
+        check_factory(f"logger.{kind}", node, given_by_the_run=frozenset())
+    for key in ("dir", "name"):
+        if cfg["logs"][key] is not None and not isinstance(cfg["logs"][key], str):
+            raise ConfigError(f"logs.{key}={json.dumps(cfg['logs'][key])} must be a string or null")
+    if cfg["logs"]["dir"]:
+        check_writable_folder("logs.dir", cfg["logs"]["dir"])
     accelerator = str(cfg["trainer"].get("accelerator"))
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -203,6 +212,8 @@ def check_factory(section: str, node: dict | None, given_by_the_run: set[str] = 
         target = get_class(node["_target_"])
     except Exception as err:  # not importable: Hydra would fail later with a traceback
         raise ConfigError(f"{section}._target_={node['_target_']}: no such class ({err})") from None
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target.__init__).parameters.values()):
+        return  # it hands other keys on (W&B's to wandb.init): theirs to check
     allowed = parameter_names(target.__init__) - given_by_the_run
     reject_unknown(f"{section}.", [k for k in node if not k.startswith("_")], allowed)
 
@@ -240,7 +251,7 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
 
 # Keys that may differ between a run and its resume: where things are and how the run is shown or
 # spread, not what it computes.
-FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
+FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "logger", "logs", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
                   "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
                   "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}

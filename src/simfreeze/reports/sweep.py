@@ -22,9 +22,10 @@ directory:
   the ``depth/*`` scalars pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, the measured depths as markers, dynamic marked;
-- ``tensorboard/``: the table as text, every figure written (``summary.png``, ``cost_model.png``,
+- ``tensorboard/summary/``: the table as text, every figure written (``summary.png``, ``cost_model.png``,
   ``study.png``), and ``depth/*`` scalars with the depth as step, in rising order (in a study:
-  ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure);
+  ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure),
+  beside every job's run (``tensorboard/arm=dynamic/seed=0``, ``simfreeze.runs.loggers``);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
 
@@ -339,7 +340,8 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     figures = {"sweep/accuracy_and_time_vs_depth": figure, "study/best_depth_vs_S": study_plot,
                "sweep/cost_model": cost_plot}
     texts = {"sweep/summary": f"{verdict_md}\n\n{table}", **({"study/verdict": study_md} if study_md else {})}
-    log_to_tensorboard(sweep_dir / "tensorboard", texts, rows if study is None else [],
+    # beside the jobs' runs (simfreeze.runs.loggers: tensorboard/arm=dynamic/seed=0, …) as the run "summary"
+    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", texts, rows if study is None else [],
                        {tag: plot for tag, plot in figures.items() if plot is not None})
     scratch_md = scratch_markdown(rows)
     sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
@@ -369,7 +371,7 @@ def report(sweep_dir: Path, command: str) -> int:
     print(f"summary: {sweep_dir / 'summary.md'}, report: {sweep_dir / 'report.md'}")
     if summary["figures"]:
         print(f"figures: {', '.join(map(str, summary['figures']))}")
-    print(f"tensorboard --logdir {sweep_dir}", flush=True)
+    print(f"tensorboard --logdir {sweep_dir / 'tensorboard'}", flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
     if summary["failed"]:

@@ -11,7 +11,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from simfreeze.data.datamodule import TaskDataModule
 from simfreeze.errors import ConfigError, WeightsError
@@ -19,6 +18,7 @@ from simfreeze.method.plan import FreezeSpec
 from simfreeze.method.similarity import SimilarityTask
 from simfreeze.networks.build import build_network
 from simfreeze.networks.layers import family, layer_map
+from simfreeze.runs.loggers import build_loggers
 from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
@@ -39,7 +39,7 @@ class Run:
     transfer: TransferSetup
     clock: FitClock
     best: ModelCheckpoint
-    logger: TensorBoardLogger
+    loggers: list          # the logger group's (simfreeze.runs.loggers)
     network: dict          # what build_network loaded (arch, weights, head, dropped head keys)
     source: dict | None    # the source stage's results, for a transfer from a source task
     fp32_convs: list[str]  # convolutions kept in fp32 under bf16 (simfreeze.speed.precision)
@@ -94,10 +94,10 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
     last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])
-    logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    loggers = build_loggers(cfg, run_dir)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
-    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"]}, default_root_dir=run_dir, logger=logger, use_distributed_sampler=False,
+    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"]}, default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
                         callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
                                    progress_bar(cfg["progress"])])
 
@@ -119,7 +119,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
                      len(fp32_convs), ", ".join(fp32_convs))
     if cfg["model"]["compile"]:
         net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
-    return Run(datamodule, module, trainer, transfer, clock, best, logger, network, source, fp32_convs)
+    return Run(datamodule, module, trainer, transfer, clock, best, loggers, network, source, fp32_convs)
 
 
 def similarity_task(cfg: dict, target: TaskDataModule, head: str,

@@ -8,6 +8,7 @@ from typing import Any
 
 from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
+from simfreeze.runs.loggers import log_hparams
 from simfreeze.runs.results import finish, metric, run_results, source_record
 from simfreeze.runs.sources import source_weights
 from simfreeze.speed.precision import with_resolved_precision
@@ -33,7 +34,7 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         run.clock.summary(), {"images": run.datamodule.total_sizes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
         {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
-    log_hparams(run, cfg, results)
+    record_hparams(run, cfg, results)
     return finish(run_dir, results, write=trainer.is_global_zero)
 
 
@@ -45,14 +46,14 @@ def precision_phases(run: Run) -> dict:
             "training": ran, "fp32_convs": run.fp32_convs}
 
 
-def log_hparams(run: Run, cfg: dict, results: dict) -> None:
-    """TensorBoard's hparams with the final metrics (fit wrote an hparams.yaml before S was known)."""
-    run.logger.log_hyperparams(
-        {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"] if results["S"] is not None else -1.0,
-         "L_freeze": results["l_freeze"], "seed": cfg["seed"], "task": results["name"]},
-        {"hp/best_val_acc": results["best_val_acc"] or 0.0, "hp/fit_seconds": results["fit_seconds"]})
-    (Path(run.logger.log_dir) / "hparams.yaml").unlink(missing_ok=True)
-    run.logger.save()
+def record_hparams(run: Run, cfg: dict, results: dict) -> None:
+    """The loggers' hparams with the final metrics (S is known only once the fit set up)."""
+    if run.trainer.is_global_zero:
+        hparams = {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"], "L_freeze": results["l_freeze"],
+                   "seed": str(cfg["seed"]), "task": results["name"], "run": (cfg.get("logs") or {}).get("name")}
+        metrics = {"hp/best_val_acc": results["best_val_acc"], "hp/test_acc": results["test_acc"],
+                   "hp/fit_seconds": results["fit_seconds"]}
+        log_hparams(run.loggers, hparams, metrics)
 
 
 def report_source(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
 
 
 # What a run writes before its training starts: a refusal found by then leaves nothing behind.
-BEFORE_TRAINING = {".hydra", "train.log", "split.json", "plan.json", "similarity.json", "checkpoints", "tensorboard"}
+BEFORE_TRAINING = {".hydra", "train.log", "split.json", "plan.json", "similarity.json", "checkpoints", "tensorboard", "csv"}
 
 
 def discard_refused_run(run_dir: Path, ckpt_path: str | None) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from simfreeze.data.splits import shared_images
 from simfreeze.errors import ConfigError
+from simfreeze.runs.loggers import stage_logs
 from simfreeze.runs.results import run_name
 from simfreeze.speed.precision import with_resolved_precision
 
@@ -35,7 +36,7 @@ log = logging.getLogger("simfreeze")
 
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
-NOT_IN_KEY = {"name", "progress", "verbose", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
+NOT_IN_KEY = {"name", "progress", "verbose", "logger", "logs", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
               "transfer", "source_only", "transfer_from"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
 # when it has one: which one does not change the weights.
@@ -64,6 +65,8 @@ def source_config(cfg: dict) -> dict:
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
+    # Logged beside the job that trains it (source:cat/seed=0 in the sweep's TensorBoard)
+    source["logs"] = stage_logs(cfg.get("logs") or {"dir": None}, run_name(source), source["seed"])
     # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
     source["checkpoint"].update(keep_frozen=True)
     source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, **(inner or {}),

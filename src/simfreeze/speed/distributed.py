@@ -94,8 +94,10 @@ def own_process_tree_command(run_dir: Path, trainer: dict) -> list[str]:
             f"trainer.devices={json.dumps(trainer['devices'])}", f"trainer.accelerator={trainer['accelerator']}"]
 
 
-def run_in_own_process_tree(run_dir: Path, job: int, overrides: list[str], trainer: dict) -> subprocess.CompletedProcess:
+def run_in_own_process_tree(run_dir: Path, job: int, overrides: list[str], trainer: dict, logs: dict
+                            ) -> subprocess.CompletedProcess:
     """Run a sweep job in a process tree of its own (see the module's docstring); its output goes
-    to this process's console, and it writes the job's ``results.json``."""
-    env = {**os.environ, SWEEP_JOB_ENV: json.dumps({"num": job, "overrides": list(overrides)})}
+    to this process's console, and it writes the job's ``results.json``; its loggers write where
+    the job's would (``logs``)."""
+    env = {**os.environ, SWEEP_JOB_ENV: json.dumps({"num": job, "overrides": list(overrides), "logs": logs})}
     return subprocess.run(own_process_tree_command(run_dir, trainer), env=env, check=False)

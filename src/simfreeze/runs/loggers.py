@@ -1,0 +1,111 @@
+"""The run's loggers (the ``logger`` config group: Lightning's TensorBoard, CSV, W&B and MLflow
+loggers) and where they write.
+
+``logs.dir`` is the folder the shared stores live in: in a sweep the sweep directory, so one
+TensorBoard (``<sweep dir>/tensorboard``) and one MLflow store (``mlflow.db``) hold every job and
+their HParams compare them; alone, the run directory. ``logs.name`` names the run there: what the sweep varies and
+the seed (``arm=dynamic/seed=0``), a source stage trained by the job ``source:cat/seed=0``. The CSV
+logger writes into the run's own directory (``csv/metrics.csv``). A key given in a logger's config
+wins over these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from simfreeze.errors import ConfigError
+
+
+def swept_keys(sweep_params: dict[str, Any] | None, task_overrides: list[str]) -> list[str]:
+    """The keys a sweep varies: its sweeper's ``params`` and the command line's sweep overrides
+    (``seed=0,1,2``, ``range(…)``, ``choice(…)``, ``interval(…)``), in that order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (sweep_params or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *task_overrides])
+    return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
+
+
+def run_label(job_overrides: list[str], swept: list[str], arm: str) -> str:
+    """A job's name among its sweep's: the values of the swept keys but the seed (``arm=dynamic``,
+    ``arm=dynamic,model.arch=vgg16``); ``arm=<arm>`` where only the seed varies or alone.
+    ``/`` inside a value would nest folders in TensorBoard, so it becomes ``_``."""
+    values = dict(override.split("=", 1) for override in job_overrides if "=" in override)
+    shown = [f"{key.lstrip('+~')}={values[key].replace('/', '_')}" for key in values
+             if key.lstrip("+~") in swept and key.lstrip("+~") != "seed"]
+    return ",".join(shown) or f"arm={arm}"
+
+
+def job_logs(logs: dict[str, Any], run_dir: Path, seed: int, arm: str, sweep: tuple[Path, list[str], list[str]] | None
+             ) -> dict[str, Any]:
+    """``logs`` with its nulls filled for this job. ``sweep``: the sweep directory, the swept keys
+    and the job's overrides (None alone)."""
+    label = run_label(sweep[2], sweep[1], arm) if sweep else f"arm={arm}"
+    return {"dir": logs["dir"] or str(sweep[0] if sweep else run_dir), "name": logs["name"] or f"{label}/seed={seed}"}
+
+
+def stage_logs(logs: dict[str, Any], stage_name: str, seed: int) -> dict[str, Any]:
+    """Where a source stage that a job trains logs: beside the job's runs, named by the stage."""
+    return {**logs, "name": f"{stage_name}/seed={seed}"}
+
+
+def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | None) -> dict[str, Any]:
+    """Where a logger of class ``target`` writes (its keyword arguments), from ``logs`` (filled)."""
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    root = Path(logs["dir"])
+    if issubclass(target, TensorBoardLogger):
+        return {"save_dir": str(root / "tensorboard"), "name": logs["name"], "version": ""}
+    if issubclass(target, CSVLogger):
+        return {"save_dir": str(run_dir), "name": "csv", "version": ""}
+    if issubclass(target, WandbLogger):
+        root.mkdir(parents=True, exist_ok=True)  # wandb refuses a save_dir that does not exist
+        return {"save_dir": str(root), "name": logs["name"], **({"group": group} if group else {})}
+    if issubclass(target, MLFlowLogger):  # a local store MLflow still develops: SQLite, not ./mlruns
+        root.mkdir(parents=True, exist_ok=True)
+        return {"tracking_uri": f"sqlite:///{root.resolve() / 'mlflow.db'}", "run_name": logs["name"],
+                "artifact_location": (root / "mlartifacts").resolve().as_uri()}
+    return {}
+
+
+def build_loggers(cfg: dict, run_dir: Path) -> list:
+    """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``job_logs``)."""
+    from hydra.utils import get_class
+
+    # A run that python -m train did not start (the bench, a test) logs into its own directory.
+    logs = {**job_logs({"dir": None, "name": None}, run_dir, cfg["seed"], cfg["arm"], None),
+            **{key: value for key, value in (cfg.get("logs") or {}).items() if value is not None}}
+    group = Path(logs["dir"]).name if Path(logs["dir"]) != run_dir else None  # a sweep's jobs, for W&B
+    loggers = []
+    for kind, node in (cfg.get("logger") or {}).items():
+        node = dict(node)
+        target = get_class(node.pop("_target_"))
+        kwargs = {**placement(target, logs, run_dir, group), **{k: v for k, v in node.items() if v is not None}}
+        try:
+            loggers.append(target(**kwargs))
+        except ModuleNotFoundError as err:  # Lightning's message names the package: `pip install wandb`
+            raise ConfigError(f"logger={kind} needs a package this environment lacks: {err}") from None
+    return loggers
+
+
+def log_hparams(loggers: list, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The run's hyperparameters with its final metrics, after the fit (S is known then). Values
+    that are None are left out, not given a stand-in (-1 would read as a cosine). TensorBoard gets
+    no experiment summary of its own: its HParams tab then takes the columns from every run of the
+    folder, where one run's summary (a scratch run without S) would hide the others' S."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    hparams = {key: value for key, value in hparams.items() if value is not None}
+    metrics = {key: value for key, value in metrics.items() if value is not None}
+    for logger in loggers:
+        logger.log_hyperparams(hparams)  # TensorBoard: kept for its hparams.yaml, no summary without metrics
+        logger.log_metrics(metrics)
+        if isinstance(logger, TensorBoardLogger):
+            _, start, end = hparams_summaries(hparams, metrics)
+            writer = logger.experiment._get_file_writer()
+            writer.add_summary(start)
+            writer.add_summary(end)
+            (Path(logger.log_dir) / "hparams.yaml").unlink(missing_ok=True)  # written empty when the fit began
+        logger.save()
