@@ -368,9 +368,8 @@ def report(sweep_dir: Path, command: str) -> int:
         if summary[section]:
             print(summary[section].replace("**", "").strip())
     # where to read on: the two documents, the figures, and TensorBoard (the summary's and every job's logs)
-    print(f"summary: {sweep_dir / 'summary.md'}, report: {sweep_dir / 'report.md'}")
-    if summary["figures"]:
-        print(f"figures: {', '.join(map(str, summary['figures']))}")
+    written = ["summary.md", "report.md", *(figure.name for figure in summary["figures"])]
+    print(f"in {sweep_dir}: {', '.join(written)}")
     print(f"tensorboard --logdir {sweep_dir / 'tensorboard'}", flush=True)
     for run in summary["failed"]:
         print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
