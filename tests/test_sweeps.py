@@ -373,19 +373,18 @@ def test_a_failing_job_does_not_stop_the_sweep_and_the_sweep_exits_non_zero(imag
     assert "FAILED job 1" in result.stderr and "data.classes=[ant,zebra]" in (sweep / "summary.md").read_text()
 
 
-def test_two_seeds_by_four_arms_in_parallel_jobs(cat_dog_folder, tmp_path):
+def test_two_seeds_by_two_arms_in_parallel_jobs(cat_dog_folder, tmp_path):
     sweep, sources = tmp_path / "sweep", tmp_path / "sources"
-    run_train("+experiment=cat_to_dog", "hydra/launcher=parallel", "arm=scratch,dynamic,static45,head_only", "seed=0,1",
+    run_train("+experiment=cat_to_dog", "hydra/launcher=parallel", "arm=scratch,dynamic", "seed=0,1",
               *SMALL, f"data.root={cat_dog_folder}", f"hydra.sweep.dir={sweep}", f"source.cache_dir={sources}", cwd=tmp_path)
     runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
-    assert len(runs) == 8 and all(r["status"] == "ok" for r in runs)
+    assert len(runs) == 4 and all(r["status"] == "ok" for r in runs)
     threads = max(1, joblib.cpu_count() // 2)  # joblib gives each of its 2 workers its share of the cores
     assert all(f"{threads} threads" in r["device"] for r in runs)
     assert sum(not r["source"]["cached"] for r in runs if r["source"]) <= 2
     assert len(list(sources.glob("source-cat-*"))) == 2  # one cat model per seed, each trained once
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [(r["setting"], r["n"]) for r in rows] == [
-        ("arm=scratch", "2"), ("arm=dynamic", "2"), ("arm=static45", "2"), ("arm=head_only", "2")]
+    assert [(r["setting"], r["n"]) for r in rows] == [("arm=scratch", "2"), ("arm=dynamic", "2")]
 
 
 def test_runs_that_recorded_the_configs_policy_are_read_with_the_policy_that_ran(tmp_path):
@@ -433,7 +432,7 @@ def test_the_readmes_scale_out_commands_compose():
 def test_optuna_searches_the_depth_and_the_summary_lists_its_trials(cat_dog_folder, tmp_path):
     """hparams_search=depth: Optuna's trials are sweep jobs like any other (run dirs, TensorBoard runs,
     the summary), and python -m train's return value (best val acc) is what it maximises."""
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the optuna extra: pip install -e '.[optuna]'")
     sweep, sources = tmp_path / "sweep", tmp_path / "sources"
     result = run_train("hparams_search=depth", "task=cat_to_dog", *SMALL, "hydra.sweeper.n_trials=2",
                        'hydra.sweeper.params={freeze.l_freeze:"int(interval(0,13))"}', f"data.root={cat_dog_folder}",
