@@ -48,6 +48,7 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
 def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from simfreeze.runs.loggers import logs_for_job
     from simfreeze.runs.progress import quiet_lightning
     from simfreeze.speed.distributed import process_rank, relaunches_command, several_processes, sweep_job
     from simfreeze.speed.placement import job_devices
@@ -64,7 +65,7 @@ def main(cfg: DictConfig) -> float | None:
         validate_config(cfg)
         quiet_lightning(cfg.verbose)
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
-        run_cfg["logs"] = (tree or {}).get("logs") or job_logs(run_cfg, run_dir, overrides, multirun and not tree)
+        run_cfg["logs"] = (tree or {}).get("logs") or logs_for_job(run_cfg, run_dir, overrides, multirun and not tree)
         with job_devices(run_cfg["trainer"], job_num, multirun):
             if multirun and not tree and relaunches_command(run_cfg["trainer"]):
                 results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg)
@@ -98,23 +99,6 @@ def main(cfg: DictConfig) -> float | None:
             raise  # the launcher then ends the job's other processes, which would wait for this one
         return None
     return results.get("best_val_acc")  # the objective for Hydra sweepers
-
-
-def job_logs(cfg: dict, run_dir: Path, overrides: list[str], multirun: bool) -> dict[str, Any]:
-    """Where this job's loggers write and its name there (``simfreeze.runs.loggers``): in a sweep,
-    named by the keys the sweep varies, which its ``multirun.yaml`` (or the sweeper's params) tell."""
-    from simfreeze.runs.loggers import job_logs as fill, swept_keys
-
-    if not multirun:
-        return fill(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], None)
-    hydra_cfg = HydraConfig.get()
-    sweep_dir = Path(hydra_cfg.sweep.dir)
-    try:  # the command line's sweep overrides (seed=0,1,2) are in the sweep's saved config only
-        task = list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
-    except Exception:  # another launcher's layout: the sweeper's params alone
-        task = []
-    swept = swept_keys(OmegaConf.to_container(hydra_cfg.sweeper).get("params"), task)
-    return fill(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], (sweep_dir, swept, overrides))
 
 
 def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str], cfg: dict) -> dict[str, Any]:

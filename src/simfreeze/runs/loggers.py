@@ -3,10 +3,10 @@ loggers) and where they write.
 
 ``logs.dir`` is the folder the shared stores live in: in a sweep the sweep directory, so one
 TensorBoard (``<sweep dir>/tensorboard``) and one MLflow store (``mlflow.db``) hold every job and
-their HParams compare them; alone, the run directory. ``logs.name`` names the run there: what the sweep varies and
-the seed (``arm=dynamic/seed=0``), a source stage trained by the job ``source:cat/seed=0``. The CSV
-logger writes into the run's own directory (``csv/metrics.csv``). A key given in a logger's config
-wins over these.
+their HParams compare them; alone, the run directory. ``logs.name`` names the run there: what the
+sweep varies and the seed (``arm=dynamic/seed=0``), a source stage trained by the job
+``source:cat/seed=0``. The CSV logger writes into the run's own directory (``csv/metrics.csv``). A
+key given in a logger's config wins over these.
 """
 
 from __future__ import annotations
@@ -45,13 +45,33 @@ def job_logs(logs: dict[str, Any], run_dir: Path, seed: int, arm: str, sweep: tu
     return {"dir": logs["dir"] or str(sweep[0] if sweep else run_dir), "name": logs["name"] or f"{label}/seed={seed}"}
 
 
+def logs_for_job(cfg: dict, run_dir: Path, overrides: list[str], multirun: bool) -> dict[str, Any]:
+    """``logs`` filled for the job ``python -m train`` runs (``multirun``: a sweep job, whose sweep
+    Hydra's config names): in a sweep, named by the keys the sweep varies, which its
+    ``multirun.yaml`` (the command line's sweeps) and the sweeper's params tell."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not multirun:
+        return job_logs(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], None)
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    try:  # the command line's sweep overrides (seed=0,1,2) are in the sweep's saved config only
+        task = list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+    except Exception:  # another launcher's layout: the sweeper's params alone
+        task = []
+    swept = swept_keys(OmegaConf.to_container(hydra_cfg.sweeper).get("params"), task)
+    return job_logs(cfg["logs"], run_dir, cfg["seed"], cfg["arm"], (sweep_dir, swept, overrides))
+
+
 def stage_logs(logs: dict[str, Any], stage_name: str, seed: int) -> dict[str, Any]:
     """Where a source stage that a job trains logs: beside the job's runs, named by the stage."""
     return {**logs, "name": f"{stage_name}/seed={seed}"}
 
 
 def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | None) -> dict[str, Any]:
-    """Where a logger of class ``target`` writes (its keyword arguments), from ``logs`` (filled)."""
+    """Where a logger of class ``target`` writes (its keyword arguments), from ``logs`` (filled);
+    makes the folder that W&B and SQLite need to exist."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     root = Path(logs["dir"])
