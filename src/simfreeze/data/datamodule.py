@@ -208,6 +208,8 @@ class TaskDataModule(L.LightningDataModule):
                           batch_size=self.batch_size if stage == "train" else self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:  # mean and std onto the device now, not in the first training step
+            self.constants(self.trainer.strategy.root_device)
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -90,7 +90,7 @@ def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | No
 
 
 def build_loggers(cfg: dict, run_dir: Path) -> list:
-    """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``job_logs``)."""
+    """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``logs_for_job``)."""
     from hydra.utils import get_class
 
     # A run that python -m train did not start (the bench, a test) logs into its own directory.
