@@ -446,3 +446,13 @@ def test_optuna_searches_the_depth_and_the_summary_lists_its_trials(cat_dog_fold
     assert len(rows) == 2 and all(r["setting"].startswith("freeze.l_freeze=") for r in rows)
     names = sorted(p.parent.name for p in (sweep / "tensorboard").glob("freeze.l_freeze=*/seed=0"))
     assert len(names) == 2 and all(",optimizer.lr=" in n for n in names)
+
+
+def test_a_search_whose_sweeper_is_not_installed_names_the_extra():
+    from hydra.errors import MissingConfigException
+
+    from simfreeze.runs.preflight import hydra_error_line
+
+    err = MissingConfigException("Could not find 'hydra/sweeper/optuna'", "hydra/sweeper/optuna", ["basic"])
+    assert hydra_error_line(err) == ("hydra/sweeper=optuna: no such option; hydra/sweeper is one of basic "
+                                     "(the Optuna sweeper: .venv/bin/pip install -e '.[optuna]')")

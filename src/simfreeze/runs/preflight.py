@@ -154,12 +154,17 @@ class Preflight(Callback):
             exit_with(hydra_error_line(err))
 
 
+# Hydra plugins the project's extras install: a config that needs one names the extra.
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": " (the Optuna sweeper: .venv/bin/pip install -e '.[optuna]')"}
+
+
 def hydra_error_line(err: Exception) -> str:
     """One line for an error Hydra raises while composing the config."""
     cause = err.__cause__
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
-        return f"{group}={option}: no such option; {group} is one of {', '.join(err.options)}"
+        hint = PLUGIN_EXTRAS.get(err.missing_cfg_file, "")
+        return f"{group}={option}: no such option; {group} is one of {', '.join(err.options)}{hint}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
         return (f"unknown key {getattr(cause, 'full_key', None) or '?'}: the config has no such key "
                 f"(python -m train --cfg job prints every key)")
