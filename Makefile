@@ -8,12 +8,21 @@ ARGS ?=
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist); each runs torch with one thread. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
-# CPU_ISA=avx2 runs any target as on a CPU without native bf16: oneDNN, ATen and MKL keep to AVX2,
-# so precision=auto picks fp32 there too (README, Tests). SIMFREEZE_NATIVE_BF16=0/1 forces only that answer.
+# CPU_ISA caps the instruction sets oneDNN, ATen and MKL may use, to run any target as on another
+# CPU kind (README, Tests). A cap only lowers: on a machine without the named set nothing changes.
+#   avx512_bf16  as an AVX512-BF16 CPU without AMX (AMD EPYC Zen 4): bf16 native, no AMX tiles
+#   avx2         as a CPU without native bf16: precision=auto picks fp32 there too
+# SIMFREEZE_NATIVE_BF16=0/1 forces only precision=auto's answer.
 ifeq ($(CPU_ISA),avx2)
 export ONEDNN_MAX_CPU_ISA := AVX2
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_ENABLE_INSTRUCTIONS := AVX2
+else ifeq ($(CPU_ISA),avx512_bf16)
+export ONEDNN_MAX_CPU_ISA := AVX512_CORE_BF16
+export ATEN_CPU_CAPABILITY := avx512
+export MKL_ENABLE_INSTRUCTIONS := AVX512
+else ifneq ($(CPU_ISA),)
+$(error CPU_ISA=$(CPU_ISA) is not a lane: use avx512_bf16 or avx2, or leave it unset for this CPU's own)
 endif
 
 # Point the project at a local CIFAR-10 ImageFolder when one sits beside the repository
@@ -29,7 +38,7 @@ endif
 
 help:  ## this list
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 16
-	@echo "  ARGS=\"...\" passes Hydra overrides to train (or flags to bench); CPU_ISA=avx2 runs as on a CPU without native bf16"
+	@echo "  ARGS=\"...\" passes Hydra overrides to train (or flags to bench); CPU_ISA=avx512_bf16|avx2 runs as on another CPU kind (README, Tests)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +49,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed  ## create .venv and install the project with its test tools
 
-train: install  ## the paper's protocol: python -m train +experiment=cat_to_dog $(ARGS)
+train: install  ## the paper's protocol: python -m train +experiment=cat_to_dog (ARGS="..." adds overrides)
 	$(BIN)/python -m train +experiment=cat_to_dog $(ARGS)
 
 test: install  ## the test suite (two workers; PYTEST_ARGS=... for more)

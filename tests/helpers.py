@@ -13,6 +13,8 @@ import torch
 from torchvision.io import write_png
 
 REPO = Path(__file__).resolve().parents[1]
+# fp32's unit roundoff: tolerances between two different fp32 computations are counted in it.
+FP32_EPS = torch.finfo(torch.float32).eps
 # The paper's protocol scaled down: resnet18 at 32×32, 20 images per class, one epoch.
 SMALL = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=1", "freeze.k=15",
          "progress=lines"]
