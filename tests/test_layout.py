@@ -10,7 +10,7 @@ from tests.helpers import REPO
 
 SRC = REPO / "src"
 # Lower number = lower layer; a module may import its own layer's package or any layer below.
-LAYERS = {"simfreeze.errors": 0, "simfreeze.data": 1, "simfreeze.networks": 1, "simfreeze.method": 2,
+LAYERS = {"simfreeze.errors": 0, "simfreeze.paths": 0, "simfreeze.data": 1, "simfreeze.networks": 1, "simfreeze.method": 2,
           "simfreeze.speed": 2, "simfreeze.config": 3, "simfreeze.reports": 3, "simfreeze.runs": 4,
           "simfreeze.analysis": 5, "simfreeze.bench": 5, "train": 6}
 

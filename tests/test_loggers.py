@@ -116,3 +116,27 @@ def test_w_and_b_offline_and_mlflow_log_a_real_run(image_folder, tmp_path):
 def test_no_logger_gives_the_trainer_none(tmp_path):
     cfg = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
     assert build_loggers(cfg, tmp_path) == []  # the trainer gets logger=False: results.json and train.log only
+
+
+def test_a_run_name_that_climbs_folders_stays_inside_the_logs_folder(tmp_path):
+    # A group or class name of an experiment file reaches a source stage's run name (source:<name>/seed=0).
+    outside = tmp_path / "outside"
+    name = "source:" + "../" * 20 + str(outside).lstrip("/") + "/seed=0"
+    logs = tmp_path / "logs"
+    logger = TensorBoardLogger(**placement(TensorBoardLogger, {"dir": str(logs), "name": name}, tmp_path / "run", None))
+    logger.log_hyperparams({"seed": 0})
+    logger.log_metrics({"val/acc": 0.5}, step=0)
+    logger.save()
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and all(path.resolve().is_relative_to(logs / "tensorboard") for path in written)
+    assert not outside.exists()
+
+
+def test_names_become_safe_folder_names_within_the_file_systems_limit():
+    from simfreeze.paths import safe_name, safe_relative_path
+
+    assert safe_relative_path("arm=dynamic,model.arch=vgg16/seed=0") == "arm=dynamic,model.arch=vgg16/seed=0"  # as before
+    assert safe_relative_path("/../../etc/x/../seed=1") == "etc/x/seed=1"
+    assert safe_relative_path("../..") == "run" and safe_name("..") == "run" and safe_name(".hidden") == "hidden"
+    long_a, long_b = safe_name("a" * 300 + "1"), safe_name("a" * 300 + "2")
+    assert long_a != long_b and len(long_a.encode()) <= 120 and len(safe_name("é" * 300).encode()) <= 120

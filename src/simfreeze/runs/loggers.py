@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from simfreeze.errors import ConfigError
+from simfreeze.paths import safe_relative_path
 
 
 def swept_keys(sweep_params: dict[str, Any] | None, task_overrides: list[str]) -> list[str]:
@@ -76,7 +77,7 @@ def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | No
 
     root = Path(logs["dir"])
     if issubclass(target, TensorBoardLogger):
-        return {"save_dir": str(root / "tensorboard"), "name": logs["name"], "version": ""}
+        return {"save_dir": str(root / "tensorboard"), "name": safe_relative_path(logs["name"]), "version": ""}
     if issubclass(target, CSVLogger):
         return {"save_dir": str(run_dir), "name": "csv", "version": ""}
     if issubclass(target, WandbLogger):

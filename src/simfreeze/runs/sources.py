@@ -21,13 +21,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from simfreeze.data.splits import shared_images
 from simfreeze.errors import ConfigError
+from simfreeze.paths import safe_name
 from simfreeze.runs.loggers import stage_logs
 from simfreeze.runs.results import run_name
 from simfreeze.speed.precision import with_resolved_precision
@@ -157,10 +157,9 @@ def exclusive_lock(path: Path):
 
 
 def folder_name(name: str) -> str:
-    """``name`` as one safe folder name: class and group names are the user's and may hold ``/`` or
-    ``..``, which must never lead outside ``source.cache_dir``."""
-    safe = re.sub(r"[^A-Za-z0-9_.=+-]+|\.{2,}", "_", name).strip("._") or "source"
-    return safe[:80]
+    """``name`` as one safe folder name (``simfreeze.paths``): class and group names are the user's
+    and may hold ``/`` or ``..``, which must never lead outside ``source.cache_dir``."""
+    return safe_name(name, fallback="source", max_length=80)
 
 
 def read_cached(done: Path) -> dict | None:

@@ -23,12 +23,13 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import shlex
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
+
+from simfreeze.paths import safe_name
 
 log = logging.getLogger("simfreeze")
 
@@ -97,7 +98,8 @@ def gpu_lock_dir(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 def lock_file(lock_dir: Path, name: str) -> Path:
-    return lock_dir / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.lock"
+    return lock_dir / f"gpu-{safe_name(name, fallback='gpu')}.lock"  # a MIG id holds '/'
+
 
 
 def open_lock(path: Path) -> int:
