@@ -175,6 +175,52 @@ def test_classes_whose_images_differ_in_size_load_at_one_size(tmp_path):
     assert dm.prepare(dm.tensors["train"][0][:2]).shape == (2, 3, 32, 32)
 
 
+def test_one_large_image_first_does_not_make_every_image_that_large(tmp_path):
+    root = make_image_folder(tmp_path / "a", {"ant": 6, "bee": 6}, size=16)
+    make_image_folder(tmp_path / "big", {"ant": 1}, size=200)
+    (tmp_path / "big" / "train" / "ant" / "ant_0000.png").replace(root / "train" / "ant" / "ant_0000.png")
+    dm = TaskDataModule(root=str(root), classes=["ant", "bee"], per_class=6, val_fraction=0.5, image_size=32, seed=0)
+    dm.setup()
+    # held at the size the network sees (data.image_size), not 200×200; smaller first images keep their own size
+    assert dm.stored_size == (32, 32) and dm.tensors["train"][0].shape[1:] == (3, 32, 32)
+    assert TaskDataModule(root=str(root), classes=["ant", "bee"], per_class=6, val_fraction=0.5,
+                          image_size=None).plan_split() is not None
+
+
+def test_a_last_training_batch_of_one_joins_the_batch_before(image_folder):
+    import lightning as L
+    import torchvision
+
+    from tests.helpers import sgd_classifier
+
+    dm = TaskDataModule(root=str(image_folder), classes=["ant", "bee", "cow"], per_class=14, batch_size=32, image_size=32)
+    dm.setup()
+    assert len(dm.tensors["train"][1]) == 33
+    loader = dm.train_dataloader()
+    assert len(loader) == 1 and [len(batch[1]) for batch in loader] == [33]
+    # BatchNorm in training mode: a batch of one image would raise "Expected more than 1 value per channel"
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    dm.batch_size = 16  # 33 = 16 + 17
+    trainer.fit(sgd_classifier(torchvision.models.resnet18(num_classes=3), 3), datamodule=dm)
+    assert trainer.global_step == 2
+
+
+def test_batches_are_drawn_as_a_plain_shuffled_loader_draws_them():
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from simfreeze.data.images import NoBatchOfOne
+
+    data = list(range(70))
+    torch.manual_seed(3)
+    plain = [batch.tolist() for batch in DataLoader(data, batch_size=32, shuffle=True)]
+    torch.manual_seed(3)
+    ours = [batch.tolist() for batch in DataLoader(data, batch_sampler=NoBatchOfOne(RandomSampler(data), 32))]
+    assert ours == plain and [len(b) for b in ours] == [32, 32, 6]
+    assert [len(b) for b in NoBatchOfOne(range(65), 32)] == [32, 33] and len(NoBatchOfOne(range(65), 32)) == 2
+    assert [len(b) for b in NoBatchOfOne(range(1), 32)] == [1]  # nothing to join
+
+
 def test_a_folder_named_like_an_image_is_not_an_image(tmp_path):
     root = make_image_folder(tmp_path, {"a": 4, "b": 4})
     (root / "train" / "a" / "x.jpg").mkdir()

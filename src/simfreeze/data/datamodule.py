@@ -10,10 +10,10 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from simfreeze.data.images import (CIFAR10_MEAN, CIFAR10_STD, ImageFolderSource, ImageSource, TensorBatches,
-                                   keep_batch, open_source, pick_views, prepare_batch)
+from simfreeze.data.images import (CIFAR10_MEAN, CIFAR10_STD, ImageFolderSource, ImageSource, NoBatchOfOne,
+                                   TensorBatches, keep_batch, open_source, pick_views, prepare_batch)
 from simfreeze.data.splits import Split, balanced_split, group_quotas, shard, task_labels
 from simfreeze.errors import DataConfigError
 
@@ -132,7 +132,7 @@ class TaskDataModule(L.LightningDataModule):
             if not indices:
                 continue
             # Every image of the task at one stored size: the first image's (resized on the device later).
-            images.append(self.source.load(name, indices, folder, size=self.stored_size))
+            images.append(self.source.load(name, indices, folder, size=self.stored_size, max_side=self.image_size))
             self.stored_size = self.stored_size or tuple(images[-1].shape[-2:])
             labels.append(torch.full((len(indices),), self.label_of[name], dtype=torch.long))
         return torch.cat(images), torch.cat(labels)
@@ -203,9 +203,11 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         images, labels = self.tensors[stage]
-        images = self.features.get(stage, images)
-        return DataLoader(TensorBatches(images, labels), shuffle=shuffle, collate_fn=keep_batch,
-                          batch_size=self.batch_size if stage == "train" else self.eval_batch_size)
+        data = TensorBatches(self.features.get(stage, images), labels)
+        if stage == "train":  # trains in BatchNorm's training mode: never a batch of one
+            order = RandomSampler(data) if shuffle else SequentialSampler(data)
+            return DataLoader(data, batch_sampler=NoBatchOfOne(order, self.batch_size), collate_fn=keep_batch)
+        return DataLoader(data, shuffle=shuffle, collate_fn=keep_batch, batch_size=self.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:  # mean and std onto the device now, not in the first training step

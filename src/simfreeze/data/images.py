@@ -28,8 +28,9 @@ class ImageSource:
         raise NotImplementedError
 
     def load(self, name: str, indices: Sequence[int], stage: str = "train",
-             size: tuple[int, int] | None = None) -> torch.Tensor:
-        """uint8 NCHW images; ``size`` (H, W): the size every image is brought to (None: the first one's)."""
+             size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:
+        """uint8 NCHW images; ``size`` (H, W): the size every image is brought to (None: the first
+        one's, or ``max_side`` square when the first is larger: the network never sees more)."""
         raise NotImplementedError
 
 
@@ -59,12 +60,13 @@ class ImageFolderSource(ImageSource):
         return len(self.files(name, stage))
 
     def load(self, name: str, indices: Sequence[int], stage: str = "train",
-             size: tuple[int, int] | None = None) -> torch.Tensor:
+             size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import to_dtype
 
         files = self.files(name, stage)
         images = []
+        size = tuple(size) if size else None
         for i in indices:
             try:
                 image = decode_image(str(files[i]), mode=ImageReadMode.RGB)
@@ -72,12 +74,22 @@ class ImageFolderSource(ImageSource):
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise DataConfigError(f"cannot decode image {files[i]}: {reason}") from err
             # 16-bit PNGs decode to uint16: scale to uint8, the range every batch is normalised from.
-            images.append(image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True))
+            image = image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+            size = size or stored_size(tuple(image.shape[-2:]), max_side)
+            # Mixed sizes (the normal case for a user's own folder): each image to one size as it is
+            # decoded, so that one large image never holds its class's images at its size.
+            images.append(image if tuple(image.shape[-2:]) == size else resize_uint8(image, size))
         if not images:
             return torch.empty(0, 3, *(size or (32, 32)), dtype=torch.uint8)
-        # Mixed sizes (the normal case for a user's own folder): every image to one size so they stack.
-        size = tuple(size or images[0].shape[-2:])
-        return torch.stack([image if tuple(image.shape[-2:]) == size else resize_uint8(image, size) for image in images])
+        return torch.stack(images)
+
+
+def stored_size(first: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The size a task's images are held at: the first image's, or ``max_side`` square (the size the
+    network sees, ``data.image_size``) when the first is larger: holding more would only cost memory."""
+    if max_side and max(first) > max_side:
+        return max_side, max_side
+    return first
 
 
 def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -111,7 +123,7 @@ class TorchvisionCIFAR10Source(ImageSource):
         return len(self._by_class[(stage, name)])
 
     def load(self, name: str, indices: Sequence[int], stage: str = "train",
-             size: tuple[int, int] | None = None) -> torch.Tensor:  # every CIFAR-10 image is 32×32
+             size: tuple[int, int] | None = None, max_side: int | None = None) -> torch.Tensor:  # all 32×32
         rows = self._by_class[(stage, name)][list(indices)]
         return torch.from_numpy(self.sets[stage].data[rows.numpy()]).permute(0, 3, 1, 2).contiguous()
 
@@ -142,6 +154,27 @@ def open_source(dataset: str, root: str | None, download: bool, download_dir: st
             "to an ImageFolder root, or allow data.download=true"
         )
     return TorchvisionCIFAR10Source(Path(download_dir).expanduser(), download=True)
+
+
+class NoBatchOfOne(torch.utils.data.BatchSampler):
+    """Batches of ``batch_size`` indices in ``sampler``'s order, except that a last batch of one
+    joins the batch before it: BatchNorm in training mode needs two values per channel, and one
+    image would crash it (33 images in batches of 32). Otherwise the batches of a plain
+    ``DataLoader(shuffle=…, batch_size=…)``, drawn from the same random numbers."""
+
+    def __init__(self, sampler, batch_size: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+
+    def __iter__(self):  # a generator: the sampler draws its order at the first batch, as a plain loader's does
+        batches = list(super().__iter__())
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            last = batches.pop()
+            batches[-1] = [*batches[-1], *last]
+        yield from batches
+
+    def __len__(self) -> int:
+        batches = super().__len__()
+        return batches - 1 if batches > 1 and len(self.sampler) % self.batch_size == 1 else batches
 
 
 class TensorBatches(torch.utils.data.Dataset):
