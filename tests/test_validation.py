@@ -17,7 +17,7 @@ import train
 from simfreeze.config import validate_config
 from simfreeze.errors import ConfigError, RunDirInUse
 from simfreeze.runs.preflight import claim_run_dir
-from tests.helpers import REPO, run_train
+from tests.helpers import REPO, compose_config, run_train
 
 TINY = ["model.arch=resnet18", "data.image_size=null", "data.per_class=20", "trainer.max_epochs=1",
         "data.classes=[ant,bee]"]
@@ -157,6 +157,30 @@ def test_a_used_run_or_sweep_directory_is_refused_before_hydra_writes_to_it(tmp_
     assert line == f"error: hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new " \
                    "directory (the default is a new timestamp)"
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["multirun.yaml"]
+
+    # a sweep into a run's folder, a run into a sweep's: refused alike, nothing written
+    line = one_error_line(run_train("-m", "seed=0,1", f"hydra.sweep.dir={run_dir}", cwd=tmp_path, check=False))
+    assert line.startswith(f"error: hydra.sweep.dir='{run_dir}' already holds a run (results.json)")
+    line = one_error_line(run_train(f"hydra.run.dir={sweep_dir}", cwd=tmp_path, check=False))
+    assert line.startswith(f"error: hydra.run.dir='{sweep_dir}' already holds a sweep (multirun.yaml)")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["multirun.yaml"]
+
+
+def test_a_run_claims_its_directory_before_hydra_writes_there(tmp_path, capsys):
+    """Hydra writes .hydra/ and train.log after its on_run_start callbacks: a second run started on
+    the directory while the first imports must be refused there, not after rewriting the first's config."""
+    from simfreeze.runs.preflight import Preflight
+
+    run_dir = tmp_path / "run"
+    config = compose_config([f"hydra.run.dir={run_dir}", f"source.cache_dir={tmp_path / 'sources'}"], hydra=True)
+    Preflight().on_run_start(config)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # claimed, nothing else written yet
+    with pytest.raises(SystemExit) as stop:
+        Preflight().on_run_start(config)
+    assert stop.value.code == 2 and sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+    assert capsys.readouterr().err.startswith(f"error: hydra.run.dir='{run_dir}' already holds a run (checkpoints)")
+
 
 
 def test_of_runs_claiming_one_directory_together_exactly_one_wins(tmp_path):

@@ -20,7 +20,7 @@ from simfreeze.networks.build import build_network
 from simfreeze.networks.layers import family, layer_map
 from simfreeze.runs.loggers import build_loggers
 from simfreeze.runs.module import Classifier
-from simfreeze.runs.preflight import claim_run_dir
+from simfreeze.runs.preflight import claim_own_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
 from simfreeze.runs.resume import LastCheckpoint, RandomStateCallback, SameRunOnResume
@@ -105,7 +105,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         data.set_shard(trainer.global_rank, trainer.world_size)
     datamodule.setup("fit")  # the last check: class sizes, unreadable images
     if trainer.is_global_zero:  # with DDP every process builds this; one writes the files
-        claim_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
+        claim_own_run_dir(run_dir, cfg["ckpt_path"])  # of two runs started on one directory, the second stops here
         datamodule.save_split(run_dir / "split.json")
     log.info("task %s: %s", datamodule.labels, datamodule.total_sizes)
     if trainer.world_size > 1:

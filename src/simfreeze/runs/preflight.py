@@ -1,8 +1,9 @@
 """Checks before Hydra starts a run or a sweep, and Hydra's own errors as one line.
 
-- A run directory that already holds a run (``results.json`` or ``checkpoints/``), or a sweep
-  directory that already holds a sweep (``multirun.yaml``), is refused before Hydra writes into it:
-  nothing overwrites another run's outputs. A resume from the directory's own checkpoint
+- A run or sweep directory that already holds a run (``results.json`` or ``checkpoints/``) or a
+  sweep (``multirun.yaml``) is refused before Hydra writes into it, and a new one is claimed
+  atomically (``checkpoints/``, ``multirun.yaml``) before Hydra writes there: nothing overwrites
+  another run's outputs, also when two start together. A resume from the directory's own checkpoint
   (``ckpt_path=<run dir>/checkpoints/last.ckpt``) continues that run there. (The default directories are new timestamps, down to
   the microsecond; this catches an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` given twice.)
 - Every job of a sweep is composed and checked (``simfreeze.config.validate_config``) before the
@@ -29,10 +30,11 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def used_run_dir(run_dir: Path) -> str | None:
-    """What in ``run_dir`` shows that a run already lives there, or None."""
-    for name in ("results.json", "checkpoints"):
+    """What in ``run_dir`` shows that a run or a sweep already lives there (``a run (results.json)``),
+    or None."""
+    for name, what in (("results.json", "a run"), ("checkpoints", "a run"), ("multirun.yaml", "a sweep")):
         if (run_dir / name).exists():
-            return name
+            return f"{what} ({name})"
     return None
 
 
@@ -44,9 +46,13 @@ def resumes_in_place(run_dir: Path, ckpt_path: str | None) -> bool:
 def refuse_used_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     found = used_run_dir(run_dir)
     if found and not resumes_in_place(run_dir, ckpt_path):
-        raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds a run ({found}); give a new directory "
+        raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds {found}; give a new directory "
                           f"(the default is a new timestamp), or resume that run with "
                           f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+
+
+# Run directories this process claimed before Hydra wrote to them (Preflight): the fit finds its own claim.
+CLAIMED: set[Path] = set()
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
@@ -56,6 +62,13 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
         (run_dir / "checkpoints").mkdir()
     except FileExistsError:
         refuse_used_run_dir(run_dir, ckpt_path)
+
+
+def claim_own_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
+    """``claim_run_dir`` unless this process claimed ``run_dir`` already (``python -m train`` does,
+    before Hydra writes ``.hydra/`` and ``train.log`` there)."""
+    if run_dir.resolve() not in CLAIMED:
+        claim_run_dir(run_dir, ckpt_path)
 
 
 # What a run writes before its training starts: a refusal found by then leaves nothing behind.
@@ -79,9 +92,21 @@ def discard_refused_run(run_dir: Path, ckpt_path: str | None) -> bool:
 
 
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
-    if (sweep_dir / "multirun.yaml").exists():
-        raise ConfigError(f"hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new "
+    found = used_run_dir(sweep_dir)
+    if found:
+        raise RunDirInUse(f"hydra.sweep.dir='{sweep_dir}' already holds {found}; give a new "
                           f"directory (the default is a new timestamp)")
+
+
+def claim_sweep_dir(sweep_dir: Path) -> None:
+    """Atomically take ``sweep_dir``: its ``multirun.yaml`` made here, empty (Hydra's sweeper writes it
+    when it starts), so that of two sweeps started on one directory the second is refused."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (sweep_dir / "multirun.yaml").open("x").close()
+    except FileExistsError:
+        refuse_used_sweep_dir(sweep_dir)
+        raise
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
@@ -136,10 +161,15 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if is_launched_rank():
             return
+        run_dir = Path(config.hydra.run.dir)
         try:
-            refuse_used_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
+            refuse_used_run_dir(run_dir, config.get("ckpt_path"))
             check_writable_folder("hydra.run.dir", config.hydra.run.dir)
             validate_config(without_hydra(config))  # before Hydra makes the run directory: a refusal writes nothing
+            # Claimed before Hydra writes .hydra/ and train.log there: a second run on this directory,
+            # started while this one imports, is refused before it writes anything.
+            claim_run_dir(run_dir, config.get("ckpt_path"))
+            CLAIMED.add(run_dir.resolve())
         except ConfigError as err:
             exit_with(str(err))
 
@@ -148,6 +178,7 @@ class Preflight(Callback):
             refuse_used_sweep_dir(Path(config.hydra.sweep.dir))
             check_writable_folder("hydra.sweep.dir", config.hydra.sweep.dir)
             validate_sweep(config)
+            claim_sweep_dir(Path(config.hydra.sweep.dir))  # after the checks: a refused sweep writes nothing
         except ConfigError as err:
             exit_with(str(err))
         except CompactHydraException as err:  # a job's overrides do not compose
