@@ -116,3 +116,22 @@ def test_cfg_job_of_an_experiment_says_what_its_jobs_sweep(tmp_path):
     assert "arm: scratch" in result.stdout  # the composition before the sweep…
     assert "#   arm: source,scratch,dynamic,static45,head_only,finetune" in result.stdout  # …and what the jobs set
     assert "This is a sweep" not in run_train("--cfg", "job", cwd=tmp_path).stdout
+
+
+def test_a_reader_that_closes_the_console_stops_only_the_console(image_folder, tmp_path):
+    """``python -m train … | head -1``: the run goes on quietly (it printed a logging traceback per
+    line before), and train.log and results.json hold everything."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "train", "model=small_cnn", "data.image_size=32", "data.per_class=12",
+               "trainer.max_epochs=3", "progress=lines", "test=false", "data.classes=[ant,bee]",
+               f"data.root={image_folder}", f"hydra.run.dir={run_dir}"]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().startswith("epoch 1/3")
+    run.stdout.close()  # as head does after its line
+    stderr = run.stderr.read()
+    assert run.wait(timeout=300) == 0 and stderr == ""
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+    assert "epoch 3/3" in (run_dir / "train.log").read_text()

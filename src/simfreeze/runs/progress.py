@@ -9,6 +9,7 @@ unless ``verbose=true``."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -28,6 +29,24 @@ class ConsoleFilter(logging.Filter):
         if not getattr(record, "console", True):  # written for train.log only (e.g. a traceback printed as one line)
             return False
         return ConsoleFilter.verbose or record.levelno >= logging.WARNING or record.name == console.name
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Hydra's console handler (conf/train.yaml), quiet once the console is gone: a reader that
+    closed the pipe (``python -m train … | head``) would otherwise get a logging traceback for every
+    later line. The console is then pointed at the null device (so ``print`` and the interpreter's
+    last flush find it writable too) and the run goes on; ``train.log`` keeps every line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (BrokenPipeError, ConnectionResetError)) or (
+                isinstance(error, (OSError, ValueError)) and getattr(self.stream, "closed", False)):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):  # no file descriptor to redirect: drop the console alone
+                self.setStream(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the process)
+            return
+        super().handleError(record)
 
 
 class EpochLines(ProgressBar):
