@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -72,16 +73,20 @@ def main(cfg: DictConfig) -> float | None:
             else:
                 results = train(run_cfg, run_dir, overrides)
     except SIGTERMException:  # a scheduler's stop, which Lightning raises as SystemExit(None), i.e. status 0
+        if multirun and not tree and process_rank() == 0:
+            summarise_stopped_sweep(Path(hydra_cfg.sweep.dir), run_dir, cfg, overrides)
         sys.exit(128 + signal.SIGTERM)  # the fit wrote last.ckpt and logged how to resume
     except Exception as err:
         if not multirun:
-            if isinstance(err, ConfigError):
+            message = str(err) if isinstance(err, ConfigError) else disk_full_line(err)
+            if message:
                 # One clear line instead of a traceback: the message names the key and what is allowed.
                 from simfreeze.runs.preflight import discard_refused_run
 
+                log.error("%s", message, extra={"console": False})  # train.log says why the run stopped
                 if not isinstance(err, (RunDirInUse, TrainingDiverged)):  # another run's; a log worth reading
                     discard_refused_run(run_dir, cfg.get("ckpt_path"))
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {message}", file=sys.stderr)
                 sys.exit(2)
             raise
         # One failed job must not stop the sweep: record it where the summary finds it, go on.
@@ -99,6 +104,33 @@ def main(cfg: DictConfig) -> float | None:
             raise  # the launcher then ends the job's other processes, which would wait for this one
         return None
     return results.get("best_val_acc")  # the objective for Hydra sweepers
+
+
+def disk_full_line(err: BaseException) -> str | None:
+    """One line for a write that found the disk full (or over quota), else None."""
+    import errno
+
+    while err is not None and not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"no space left on the device{where}: free space, or give hydra.run.dir (and source.cache_dir) "
+            f"on another disk")
+
+
+def summarise_stopped_sweep(sweep_dir: Path, run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """A sweep stopped by SIGTERM (a scheduler's stop) in one of its jobs: that job recorded as
+    ``stopped``, and the sweep's summary written for the jobs that finished (the rest are listed)."""
+    from simfreeze.reports.sweep import main as summarise_sweep
+    from simfreeze.runs.results import failed_results, write_results
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    why = f"stopped by SIGTERM{f'; resume it with ckpt_path={last}' if last.is_file() else ''}"
+    record = failed_results(OmegaConf.to_container(cfg), run_dir, RuntimeError(why), overrides)
+    write_results(run_dir / "results.json", {**record, "status": "stopped", "error": why})
+    log.warning("sweep stopped by SIGTERM in job %s: summarising the jobs that finished", run_dir.name)
+    summarise_sweep([str(sweep_dir)])
 
 
 def train_in_own_process_tree(run_dir: Path, job_num: int, overrides: list[str], cfg: dict) -> dict[str, Any]:
@@ -141,8 +173,19 @@ def cli() -> None:
     except CompactHydraException as err:
         print(f"error: {hydra_error_line(err)}", file=sys.stderr)
         sys.exit(2)
+    except yaml.YAMLError as err:  # a config file that is not valid YAML (conf/, an experiment, --config-dir)
+        print(f"error: {yaml_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+
+
+def yaml_error_line(err: Exception) -> str:
+    """``conf/experiment/x.yaml, line 3, column 6: while parsing a flow sequence: expected ',' or ']'``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = ": ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    return f"{where}{what or ' '.join(str(err).split())} (not valid YAML)"
 
 
 def sweep_note(argv: list[str]) -> str | None:

@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -456,3 +459,26 @@ def test_a_search_whose_sweeper_is_not_installed_names_the_extra():
     err = MissingConfigException("Could not find 'hydra/sweeper/optuna'", "hydra/sweeper/optuna", ["basic"])
     assert hydra_error_line(err) == ("hydra/sweeper=optuna: no such option; hydra/sweeper is one of basic "
                                      "(the Optuna sweeper: .venv/bin/pip install -e '.[optuna]')")
+
+
+def test_a_sweep_stopped_by_sigterm_summarises_the_jobs_that_finished(image_folder, tmp_path):
+    import signal
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "train", "-m", "trainer.max_epochs=1,50,2", "model=small_cnn", "data.image_size=32",
+               "data.per_class=12", "progress=lines", "test=false", "data.classes=[ant,bee]",
+               f"data.root={image_folder}", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = []
+    for line in process.stdout:  # job 1's first epoch line: its fit (and Lightning's SIGTERM handler) is on
+        output.append(line)
+        if line.startswith("epoch 1/50"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output = "".join(output) + process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    runs = {row["job"]: row for row in csv.DictReader(open(sweep / "runs.csv"))}
+    assert runs["0"]["status"] == "ok" and runs["1"]["status"] == "stopped" and runs["2"]["status"] == "missing"
+    assert f"STOPPED job 1: stopped by SIGTERM; resume it with ckpt_path={sweep / '1'}" in output
+    assert "never started" in (sweep / "summary.md").read_text()

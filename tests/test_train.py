@@ -84,6 +84,7 @@ def test_a_diverged_run_fails_with_one_line_and_no_results(image_folder, tmp_pat
                        f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "error: training diverged" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (run_dir / "results.json").exists()
+    assert "training diverged" in (run_dir / "train.log").read_text()  # the log says why the run stopped
 
 
 def test_a_long_epoch_prints_progress_lines(caplog):

@@ -372,7 +372,8 @@ def report(sweep_dir: Path, command: str) -> int:
     print(f"in {sweep_dir}: {', '.join(written)}")
     print(f"tensorboard --logdir {sweep_dir / 'tensorboard'}", flush=True)
     for run in summary["failed"]:
-        print(f"FAILED job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
+        label = "STOPPED" if run["status"] == "stopped" else "FAILED"
+        print(f"{label} job {run['job']}: {run.get('error')} ({run['run_dir']})", file=sys.stderr)
     if summary["failed"]:
         print(f"{len(summary['failed'])} job(s) failed; the others are summarised above", file=sys.stderr)
     return 1 if summary["failed"] else 0
