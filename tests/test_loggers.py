@@ -89,6 +89,18 @@ def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, monkeypatch):
         build_loggers(cfg, tmp_path)
 
 
+def test_w_and_b_without_an_api_key_is_one_line_before_any_training(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = OmegaConf.to_container(compose_config(["logger=wandb"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"logger=wandb: W&B refused to start \(.*API key.*\); run `wandb login` "
+                                          r"or set WANDB_API_KEY, or log offline with logger.wandb.offline=true"):
+        build_loggers(cfg, tmp_path / "run")
+
+
 def test_w_and_b_offline_and_mlflow_log_a_real_run(image_folder, tmp_path):
     """The online loggers in their offline modes: W&B's offline run, MLflow's local SQLite store."""
     pytest.importorskip("wandb")

@@ -129,3 +129,34 @@ def test_every_source_stage_trains_on_the_sweep_jobs_own_gpu_and_keeps_its_cache
     assert [source_key(s) for s in pinned] == [source_key(s) for s in unpinned]  # one cache entry, any GPU
     ddp = source_chain({**pinned_cfg, "trainer": {**pinned_cfg["trainer"], "devices": [2, 3], "strategy": "ddp"}})
     assert ddp[0]["trainer"]["devices"] == [2] and ddp[0]["trainer"]["strategy"] == "auto"
+
+
+def test_a_read_only_cache_serves_what_it_holds_and_refuses_to_train_in_place(tmp_path, monkeypatch):
+    import os
+
+    from simfreeze.config import check_writable_folder
+    from simfreeze.errors import ConfigError
+
+    cached_source(tmp_path, "source-cat", CFG, fake_training([]))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder looks (root writes anyway)
+    check_writable_folder("source.cache_dir", str(tmp_path), writable=False)  # validation lets it through
+    calls = []
+    assert cached_source(tmp_path, "source-cat", CFG, fake_training(calls))[2] is False and calls == []
+    with pytest.raises(ConfigError, match=r"source.cache_dir='.*' is not writable and holds no trained source-dog"):
+        cached_source(tmp_path, "source-dog", {**CFG, "seed": 1}, fake_training(calls))
+    assert calls == []
+
+
+def test_folders_that_cannot_be_made_are_refused_in_one_line(tmp_path):
+    from simfreeze.config import check_writable_folder
+    from simfreeze.errors import ConfigError
+
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    with pytest.raises(ConfigError, match="hydra.run.dir='.*loop_a/run' cannot be followed"):
+        check_writable_folder("hydra.run.dir", str(tmp_path / "loop_a" / "run"))
+    with pytest.raises(ConfigError, match="the name 'xxx.*' is 300 bytes; a file system allows 255 per name"):
+        check_writable_folder("hydra.run.dir", str(tmp_path / ("x" * 300) / "run"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="a_file is a file, not a folder"):
+        check_writable_folder("source.cache_dir", str(tmp_path / "a_file" / "sources"))

@@ -40,6 +40,13 @@ CASES = {
     "threshold above 1": (["arm=threshold", *TRANSFER, "freeze.high=1.5"], "need 0 ≤ low ≤ high ≤ 1"),
     "bad freeze.l_freeze": (["arm=dynamic", *TRANSFER, "freeze.l_freeze=deep"], "freeze.l_freeze=deep must be a number"),
     "missing data root": (["data.root=/nonexistent/cifar"], "data.root='/nonexistent/cifar' does not exist"),
+    "a file as data root": (["data.root=" + str(REPO / "Makefile")], "data.root='" + str(REPO / "Makefile") + "' is a file"),
+    "a class twice": (["data.classes=[ant,bee,ant]"], "data.classes=['ant', 'bee', 'ant'] names ant more than once"),
+    "a transfer arm without a source": (["arm=dynamic"], "arm=dynamic starts from a source model (transfer_from=source), "
+                                        "and neither source.task nor source.weights is set"),
+    "the base's arm without a base": (["arm=base_finetune", "+source.task.positive=ant"],
+                                      "arm=base_finetune starts from a source model (transfer_from=source.source), "
+                                      "and neither source.source.task nor source.source.weights is set"),
     "no data, download off": (["data.root=null", "data.download=false"], "no CIFAR-10 data: set data.root=/path"),
     "missing weights file": (["model.weights=/nonexistent/w.pt"], "model.weights='/nonexistent/w.pt': no such"),
     "missing source weights": (["arm=head_only", "source.weights=/nonexistent/s.pt"], "source.weights='/nonexistent/s.pt'"),
@@ -119,6 +126,7 @@ HYDRA_CASES = {
     "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
     "unknown option in a sweep": (["-m", "arm=scratch,nope"], "error: arm=nope: no such option"),
     "bad key in one sweep job": (["-m", "seed=0,1", "+epochs=5"], "error: unknown key epochs; allowed: arm, cache"),
+    "a job twice in a sweep": (["-m", "seed=0,1,0"], "error: the sweep's jobs 0 and 2 are the same run (seed=0)"),
 }
 
 
@@ -127,6 +135,33 @@ def test_hydra_errors_are_one_line_before_any_work(overrides, message, tmp_path)
     line = one_error_line(run_train(*overrides, cwd=tmp_path, check=False))
     assert line.startswith(message)
     assert not (tmp_path / "outputs").exists()  # no run or sweep directory made
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path):
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "broken.yaml").write_text("# @package _global_\nseed: [1, 2\n")
+    result = run_train("--config-dir", str(tmp_path / "conf"), "+experiment=broken", cwd=tmp_path, check=False)
+    line = one_error_line(result)
+    assert line.startswith(f"error: {tmp_path / 'conf' / 'experiment' / 'broken.yaml'}, line 3, column 1: "
+                           "while parsing a flow sequence") and line.endswith("(not valid YAML)")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_full_disk_is_named_in_one_line():
+    import errno
+
+    from train import disk_full_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/results.json")
+    assert disk_full_line(full).startswith("no space left on the device writing /runs/x/results.json: free space")
+    try:  # as a library wraps it
+        try:
+            raise full
+        except OSError as err:
+            raise RuntimeError("could not save") from err
+    except RuntimeError as wrapped:
+        assert disk_full_line(wrapped) == disk_full_line(full)
+    assert disk_full_line(OSError(errno.EACCES, "Permission denied")) is None and disk_full_line(ValueError()) is None
 
 
 def test_concurrent_runs_refused_in_the_job_each_print_one_line_and_leave_nothing(image_folder, tmp_path):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.errors import ConfigError
 from simfreeze.method.plan import FreezeSpec
+from simfreeze.paths import NAME_MAX
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Passed by the run itself, so not settable from the config.
@@ -198,7 +199,8 @@ def check_values(cfg: dict) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
                               f"(trainer.accelerator=auto uses one where there is one)")
-    check_writable_folder("source.cache_dir", cfg["source"]["cache_dir"])
+    # A read-only cache may serve the sources it holds; one it lacks is refused when it is needed (runs/sources.py).
+    check_writable_folder("source.cache_dir", cfg["source"]["cache_dir"], writable=False)
     check_resume_path(cfg.get("ckpt_path"), cfg)
 
 
@@ -218,12 +220,24 @@ def check_factory(section: str, node: dict | None, given_by_the_run: set[str] = 
     reject_unknown(f"{section}.", [k for k in node if not k.startswith("_")], allowed)
 
 
-def check_writable_folder(key: str, folder: str) -> None:
+def check_writable_folder(key: str, folder: str, writable: bool = True) -> None:
+    """``folder`` is a folder, or can be made one (``writable``: and written in): no file in its place,
+    no name over the file system's limit, no symlink loop."""
     path = Path(folder).expanduser()
+    long = next((part for part in path.parts if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise ConfigError(f"{key}: the name '{long[:40]}…' is {len(long.encode())} bytes; a file system allows "
+                          f"{NAME_MAX} per name")
+    try:
+        path.resolve(strict=False)
+    except (RuntimeError, OSError) as err:  # RuntimeError: Python 3.11's "Symlink loop"
+        raise ConfigError(f"{key}='{folder}' cannot be followed: {err}") from None
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key}='{folder}' is a file, not a folder")
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
-    if not os.access(existing, os.W_OK):
+    if not existing.is_dir():
+        raise ConfigError(f"{key}='{folder}': {existing} is a file, not a folder")
+    if writable and not os.access(existing, os.W_OK):
         raise ConfigError(f"{key}='{folder}': {existing} is not writable")
 
 

@@ -48,8 +48,11 @@ class TaskDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.classes = list(classes)
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise DataConfigError(f"data.classes={self.classes} must name at least two distinct classes")
+        repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if repeated:
+            raise DataConfigError(f"data.classes={self.classes} names {', '.join(repeated)} more than once; name each class once")
+        if len(self.classes) < 2:
+            raise DataConfigError(f"data.classes={self.classes} must name at least two classes")
         self.labels = task_labels(self.classes, positive)
         self.num_classes = len(set(self.labels.values()))
         # A class made of other classes (the staged AlexNet paper's "noise"): its images come from its members.

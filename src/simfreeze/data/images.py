@@ -133,8 +133,10 @@ def open_source(dataset: str, root: str | None, download: bool, download_dir: st
     if root:
         path = Path(root).expanduser()
         if not path.is_dir():
+            what = "is a file, not a folder" if path.is_file() else (
+                "is a link to nothing (or a loop)" if path.is_symlink() else "does not exist")
             raise DataConfigError(
-                f"data.root='{root}' does not exist. Give an ImageFolder root (train/<class>/...), "
+                f"data.root='{root}' {what}. Give an ImageFolder root (train/<class>/...), "
                 f"set CIFAR10_ROOT, or leave data.root empty with data.download=true"
             )
         if (path / "cifar-10-batches-py").is_dir():

@@ -59,15 +59,16 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     if spec.policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
         layers = layer_map(probe, arch, spec.l_total)
         spec.check(len(layers))
+    # transfer_from=source.source: from the source's own source (the base), skipping the source task
+    start = chain_stage(cfg, cfg["transfer_from"], "transfer_from") if cfg["transfer"] else None  # checked first
     if cfg["transfer"]:
         check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
     similarity, similarity_data = None, []  # after the leakage check: an embedder of the chain (source.source) is trained here
     if spec.needs_similarity or cfg["similarity"]["enabled"]:
         similarity, similarity_data = similarity_task(cfg, datamodule, probe_record["head"], train_source)
     source = None
-    if cfg["transfer"]:
-        # transfer_from=source.source: from the source's own source (the base), skipping the source task
-        weights, source = source_weights(chain_stage(cfg, cfg["transfer_from"], "transfer_from"), train_source)
+    if start is not None:
+        weights, source = source_weights(start, train_source)
     else:
         weights = cfg["model"]["weights"]
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG

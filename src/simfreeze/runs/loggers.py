@@ -93,6 +93,7 @@ def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | No
 def build_loggers(cfg: dict, run_dir: Path) -> list:
     """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``logs_for_job``)."""
     from hydra.utils import get_class
+    from lightning.pytorch.loggers import WandbLogger
 
     # A run that python -m train did not start (the bench, a test) logs into its own directory.
     logs = {**job_logs({"dir": None, "name": None}, run_dir, cfg["seed"], cfg["arm"], None),
@@ -107,7 +108,21 @@ def build_loggers(cfg: dict, run_dir: Path) -> list:
             loggers.append(target(**kwargs))
         except ModuleNotFoundError as err:  # Lightning's message names the package: `pip install wandb`
             raise ConfigError(f"logger={kind} needs a package this environment lacks: {err}") from None
+        if issubclass(target, WandbLogger) and not kwargs.get("offline"):
+            start_wandb(loggers[-1], kind)
     return loggers
+
+
+def start_wandb(logger, kind: str) -> None:
+    """Start the W&B run now, before any training: without an API key (or with a wrong one) W&B
+    refuses, which would otherwise end the fit with a traceback from deep inside Lightning."""
+    import wandb
+
+    try:
+        logger.experiment  # noqa: B018 (a property: wandb.init on rank 0)
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as err:
+        raise ConfigError(f"logger={kind}: W&B refused to start ({' '.join(str(err).split())}); run `wandb login` "
+                          f"or set WANDB_API_KEY, or log offline with logger.{kind}.offline=true") from None
 
 
 def log_hparams(loggers: list, hparams: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -72,7 +72,8 @@ def claim_own_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
 
 
 # What a run writes before its training starts: a refusal found by then leaves nothing behind.
-BEFORE_TRAINING = {".hydra", "train.log", "split.json", "plan.json", "similarity.json", "checkpoints", "tensorboard", "csv"}
+BEFORE_TRAINING = {".hydra", "train.log", "split.json", "plan.json", "similarity.json", "checkpoints", "tensorboard", "csv",
+                   "wandb"}
 
 
 def discard_refused_run(run_dir: Path, ckpt_path: str | None) -> bool:
@@ -128,12 +129,26 @@ def validate_sweep(config: DictConfig) -> None:
     if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
         return  # other sweepers (Optuna, Ax) choose their values while they run
     loader = GlobalHydra.instance().config_loader()
-    composed = [(job, loader.load_sweep_config(config, list(job))) for job in sweep_jobs(config)]
+    jobs = sweep_jobs(config)
+    refuse_repeated_jobs(jobs)
+    composed = [(job, loader.load_sweep_config(config, list(job))) for job in jobs]
     for job, job_cfg in composed:
         try:
             validate_config(without_hydra(job_cfg))
         except ConfigError as err:
             raise ConfigError(f"{err} (in the sweep's job {' '.join(job)})") from err
+
+
+def refuse_repeated_jobs(jobs: list[list[str]]) -> None:
+    """Two jobs with the same overrides are one run twice (``seed=0,0``): the summary would count
+    them as two seeds that agree."""
+    first: dict[tuple[str, ...], int] = {}
+    for number, job in enumerate(jobs):
+        key = tuple(sorted(job))
+        if key in first:
+            raise ConfigError(f"the sweep's jobs {first[key]} and {number} are the same run ({' '.join(job)}); "
+                              f"give each value once (e.g. seed=0,1)")
+        first[key] = number
 
 
 def without_hydra(config: DictConfig) -> DictConfig:

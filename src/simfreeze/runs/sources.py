@@ -103,12 +103,14 @@ def chain_stage(cfg: dict, path: str, key: str) -> dict:
     if path != ".".join(["source"] * depth) or depth == 0:
         raise ConfigError(f"{key}={path} must be source, source.source, source.source.source, …")
     stage = cfg
-    for level in range(depth - 1):
-        if not stage["source"]["task"]:
-            raise ConfigError(f"{key}={path}: the chain has no {'source.' * (level + 1)}source stage")
-        stage = source_config(stage)
-    if not (stage["source"]["task"] or stage["source"]["weights"]):
-        raise ConfigError(f"{key}={path}: the chain has no such stage")
+    for level in range(depth):
+        if not (stage["source"]["task"] or (level == depth - 1 and stage["source"]["weights"])):
+            missing = "source." * (level + 1)
+            raise ConfigError(f"arm={cfg['arm']} starts from a source model ({key}={path}), and neither "
+                              f"{missing}task nor {missing}weights is set: give one (e.g. +{missing}task.positive=cat, "
+                              f"or {missing}weights=IMAGENET1K_V2 or a checkpoint)")
+        if level < depth - 1:
+            stage = source_config(stage)
     return stage
 
 
@@ -188,6 +190,10 @@ def cached_source(cache_dir: Path, name: str, run_cfg: dict[str, Any], train: Tr
     done = final / "results.json"
     if done.is_file() and (results := read_cached(done)) is not None:
         return final, results, False
+    writable = next(parent for parent in (cache_dir, *cache_dir.parents) if parent.exists())
+    if not os.access(writable, os.W_OK):
+        raise ConfigError(f"source.cache_dir='{cache_dir}' is not writable and holds no trained {name} "
+                          f"({stem}); give a writable source.cache_dir, or train it once where one is")
     with exclusive_lock(cache_dir / f".{stem}.lock"):
         if done.is_file() and (results := read_cached(done)) is not None:  # another job finished it while we waited
             return final, results, False
