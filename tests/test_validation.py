@@ -35,6 +35,8 @@ CASES = {
     "negative L_total": (["arm=dynamic", *TRANSFER, "freeze.l_total=-1"], "freeze.l_total=-1 must be an integer ≥ 0"),
     "L_total reaching the head": (["arm=dynamic", *TRANSFER, "freeze.l_total=18"], "freeze.l_total=18 must lie in"),
     "static k freezing the head": (["arm=static45", *TRANSFER, "freeze.k=18"], "the head (layer 18) always trains"),
+    "the shorthand past the head": (["arm=dynamic", *TRANSFER, "freeze.l_freeze=100"],
+                                    "freeze.l_freeze=100 must lie in [0, 17]: the head (layer 18) always trains"),
     "thresholds out of order": (["arm=threshold", *TRANSFER, "freeze.low=0.9", "freeze.high=0.8"],
                                 "freeze.low=0.9, freeze.high=0.8: need 0 ≤ low ≤ high ≤ 1"),
     "threshold above 1": (["arm=threshold", *TRANSFER, "freeze.high=1.5"], "need 0 ≤ low ≤ high ≤ 1"),

@@ -18,7 +18,7 @@ The number of frozen layers is called ``l_freeze`` everywhere (the papers' ``L_f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from simfreeze.errors import ConfigError
 
@@ -52,6 +52,8 @@ class FreezeSpec:
     high: float = 0.8
     fallback: str = "none"
     l_total: int | None = None
+    # The key that set ``k``, for messages: freeze.k, or the freeze.l_freeze shorthand the user gave.
+    k_key: str = field(default="freeze.k", compare=False, repr=False)
 
     @classmethod
     def from_config(cls, freeze: dict) -> FreezeSpec:
@@ -66,7 +68,7 @@ class FreezeSpec:
         elif depth is not None:
             if isinstance(depth, bool) or not isinstance(depth, int):
                 raise ConfigError(f"{key}={depth} must be a number of frozen layers or 'dynamic'")
-            fields.update(policy="static", k=depth)
+            fields.update(policy="static", k=depth, k_key=key)
         return cls(**fields)
 
     @property
@@ -78,7 +80,7 @@ class FreezeSpec:
         if self.policy not in POLICIES:
             raise ConfigError(f"freeze.policy={self.policy} must be one of {', '.join(POLICIES)}")
         if self.policy == "static" and (self.k is None or not 0 <= self.k < n_layers):
-            raise ConfigError(f"freeze.k={self.k} must lie in [0, {n_layers - 1}]: the head (layer {n_layers}) "
+            raise ConfigError(f"{self.k_key}={self.k} must lie in [0, {n_layers - 1}]: the head (layer {n_layers}) "
                               f"always trains")
         if self.policy == "threshold":
             if not 0.0 <= self.low <= self.high <= 1.0:
