@@ -107,7 +107,7 @@ class Classifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler_kwargs = {}
-        if _wants_total_steps(self.scheduler_factory):
+        if wants_total_steps(self.scheduler_factory):
             # OneCycleLR divides by its phase lengths: tiny runs (< 10 steps) get a stretched schedule.
             scheduler_kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
         scheduler = self.scheduler_factory(optimizer, **scheduler_kwargs)
@@ -115,7 +115,7 @@ class Classifier(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _wants_total_steps(factory) -> bool:
+def wants_total_steps(factory) -> bool:
     """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
     import inspect
 
