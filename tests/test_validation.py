@@ -66,6 +66,9 @@ CASES = {
     "a bad value in a source task": (["arm=dynamic", "data.positive=bee", "+source.task.positive=ant",
                                       "+source.task.per_class=1"], "source.task.per_class=1 must be an integer ≥ 2"),
     "Lightning's special resume names": (["ckpt_path=last"], "ckpt_path='last': no such checkpoint file"),
+    "a model.kwargs the constructor refuses": (["+model.kwargs.foo=1"], "model.kwargs={'zero_init_residual': True, "
+                                               "'foo': 1}: resnet18 refuses them: ResNet.__init__() got an unexpected "
+                                               "keyword argument 'foo'"),
     "an earlier stage of a chain leaks": (
         ["arm=staged", "freeze.k=3", "source.task={classes:[ant,bee,cow]}", "source.freeze={policy:static,k:2}",
          "source.source={task:{classes:[ant,bee,cow],val_fraction:0.1}}"],
@@ -284,3 +287,17 @@ def test_a_value_out_of_range_is_refused_in_one_line_naming_its_key(overrides, m
 ], ids=str)
 def test_values_in_range_pass(overrides):
     validate_config(compose_config([*SMALL_CNN, *overrides]))
+
+
+@pytest.mark.parametrize("arch, kwargs, message", [
+    ("small_cnn", {"foo": 1}, "model.kwargs={'foo': 1}: small_cnn refuses them: SmallCNN.__init__() got an unexpected "
+                              "keyword argument 'foo'"),
+    ("resnet18", {"replace_stride_with_dilation": [True]}, "model.kwargs={'replace_stride_with_dilation': [True]}: "
+                                                           "resnet18 refuses them: replace_stride_with_dilation should be"),
+])
+def test_model_kwargs_the_constructor_refuses_are_one_line(arch, kwargs, message):
+    from simfreeze.networks.build import build_network
+
+    with pytest.raises(ConfigError) as caught:
+        build_network(arch, 2, **kwargs)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
