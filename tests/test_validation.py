@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import train
 from simfreeze.config import validate_config
-from simfreeze.errors import ConfigError, RunDirInUse
+from simfreeze.errors import ConfigError, RunDirInUse, RunWithoutResult, TrainingDiverged
 from simfreeze.runs.preflight import claim_run_dir
 from tests.helpers import REPO, compose_config, run_train
 
@@ -301,3 +301,44 @@ def test_model_kwargs_the_constructor_refuses_are_one_line(arch, kwargs, message
     with pytest.raises(ConfigError) as caught:
         build_network(arch, 2, **kwargs)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+# Runs that pass the checks but end without a result: each fails (never status ok) and leaves no
+# checkpoint of NaN weights.
+RESULTLESS = {
+    "a last step that makes the weights NaN": (["optimizer.lr=1e38", "scheduler=none"], TrainingDiverged,
+                                               "training diverged: the weights became NaN or infinite after the last "
+                                               "step of epoch 1, whose loss was finite"),
+    "weights whose validation loss is NaN": (["optimizer=sgd", "optimizer.lr=1e38", "scheduler=none"], TrainingDiverged,
+                                             "training diverged: the validation loss became NaN or infinite after epoch 1"),
+    "a validation interval the run never reaches": (["+trainer.check_val_every_n_epoch=null",
+                                                     "+trainer.val_check_interval=5"], RunWithoutResult,
+                                                    "the run never validated"),
+    "a fraction of the training batches that is none": (["+trainer.limit_train_batches=0.01"], ConfigError,
+                                                        "trainer.limit_train_batches: You requested to check 0.01"),
+}
+
+
+@pytest.mark.parametrize("overrides, error, message", RESULTLESS.values(), ids=RESULTLESS.keys())
+def test_a_run_without_a_result_fails_and_keeps_no_nan_checkpoint(overrides, error, message, image_folder, tmp_path):
+    cfg = compose_config([*SMALL_CNN, "data.classes=[ant,bee]", f"data.root={image_folder}", "trainer.accelerator=cpu",
+                          "logger=none", "progress=lines", *overrides])
+    validate_config(cfg)  # only the run can tell
+    run_dir = tmp_path / "run"
+    with pytest.raises(error) as caught:
+        train.train(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert not (run_dir / "results.json").exists() and not (run_dir / "checkpoints" / "best.ckpt").exists()
+    if error is TrainingDiverged:  # nothing saved after the step that made them NaN
+        assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_a_fit_that_trained_no_step_has_no_result():
+    from types import SimpleNamespace
+
+    from simfreeze.runs.fit import check_fit_result
+
+    run = SimpleNamespace(trainer=SimpleNamespace(global_step=0), best=SimpleNamespace(best_model_score=None),
+                          module=SimpleNamespace(validated=False))
+    with pytest.raises(RunWithoutResult, match="the run trained no step"):
+        check_fit_result(run)
