@@ -87,6 +87,20 @@ def test_a_diverged_run_fails_with_one_line_and_no_results(image_folder, tmp_pat
     assert "training diverged" in (run_dir / "train.log").read_text()  # the log says why the run stopped
 
 
+def test_a_sweep_job_whose_last_step_made_the_weights_nan_is_failed(image_folder, tmp_path):
+    """One step per epoch: its loss is finite, its update (AdamW at lr 1e38) makes the weights NaN.
+    This job reported ok, with NaN in 18 of 24 tensors of best.ckpt and last.ckpt."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_train("-m", "model=small_cnn", "data.per_class=20", "data.image_size=32", "trainer.max_epochs=1",
+                       "data.classes=[ant,bee]", "optimizer.lr=1e38", "scheduler=none", "seed=0", "progress=lines",
+                       f"data.root={image_folder}", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False)
+    results = json.loads((sweep_dir / "0" / "results.json").read_text())
+    message = "training diverged: the weights became NaN or infinite after the last step of epoch 1"
+    assert results["status"] == "failed" and message in results["error"], results
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not list((sweep_dir / "0").rglob("*.ckpt"))  # no best.ckpt or last.ckpt of NaN weights
+
+
 def test_a_long_epoch_prints_progress_lines(caplog):
     from types import SimpleNamespace
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 import train
 from simfreeze.config import validate_config
-from simfreeze.errors import ConfigError, RunDirInUse
+from simfreeze.errors import ConfigError, RunDirInUse, RunWithoutResult, TrainingDiverged
 from simfreeze.runs.preflight import claim_run_dir
 from tests.helpers import REPO, compose_config, run_train
 
@@ -75,6 +75,9 @@ CASES = {
     "a bad value in a source task": (["arm=dynamic", "data.positive=bee", "+source.task.positive=ant",
                                       "+source.task.per_class=1"], "source.task.per_class=1 must be an integer ≥ 2"),
     "Lightning's special resume names": (["ckpt_path=last"], "ckpt_path='last': no such checkpoint file"),
+    "a model.kwargs the constructor refuses": (["+model.kwargs.foo=1"], "model.kwargs={'zero_init_residual': True, "
+                                               "'foo': 1}: resnet18 refuses them: ResNet.__init__() got an unexpected "
+                                               "keyword argument 'foo'"),
     "an earlier stage of a chain leaks": (
         ["arm=staged", "freeze.k=3", "source.task={classes:[ant,bee,cow]}", "source.freeze={policy:static,k:2}",
          "source.source={task:{classes:[ant,bee,cow],val_fraction:0.1}}"],
@@ -254,6 +257,10 @@ def test_asking_for_a_gpu_that_is_not_there_is_refused():
     (["seed=1.5"], "error: seed=1.5 must be an integer"),
     (["ckpt_path=/nonexistent/last.ckpt"], "error: ckpt_path='/nonexistent/last.ckpt': no such checkpoint file"),
     (["-m", "seed=0,1", "data.batch_size=0"], "error: data.batch_size=0 must be an integer ≥ 1 (in the sweep's job"),
+    (["optimizer.lr=inf"], "error: optimizer.lr=inf must be a finite number"),
+    (["-m", "seed=0,1", "scheduler.pct_start=1.5"],
+     "error: scheduler: torch.optim.lr_scheduler.OneCycleLR refuses these values: Expected float between 0 and 1 "
+     "pct_start, but got 1.5 (in the sweep's job"),
 ])
 def test_a_value_refused_before_the_run_writes_nothing(overrides, message, tmp_path):
     line = one_error_line(run_train(*overrides, cwd=tmp_path, check=False))
@@ -271,3 +278,128 @@ def test_folders_the_run_writes_must_be_folders_and_writable(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder looks (root writes anyway)
     with pytest.raises(ConfigError, match=r"hydra.run.dir='.*/new/run': .* is not writable"):
         check_writable_folder("hydra.run.dir", str(tmp_path / "new" / "run"))
+
+
+SMALL_CNN = ["model=small_cnn", "data.per_class=20", "data.image_size=32", "trainer.max_epochs=1"]
+# Values that trained NaN weights and reported ok, or failed late with a traceback.
+VALUE_CASES = {
+    "an infinite learning rate": (["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number"),
+    "a negative infinite one": (["optimizer.lr=-inf"], "optimizer.lr=-inf must be a finite number"),
+    "an infinite weight decay": (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf must be a finite number"),
+    "a NaN pct_start": (["scheduler.pct_start=nan"], "scheduler.pct_start=nan must be a finite number"),
+    "a NaN momentum": (["optimizer=sgd", "optimizer.momentum=nan"], "optimizer.momentum=nan must be a finite number"),
+    "a NaN in data.mean": (["data.mean=[0.5,nan,0.5]"], "data.mean[1]=nan must be a finite number"),
+    "a NaN in a source task": (["+source.task.val_fraction=nan"],
+                               "source.task.val_fraction=nan must be a finite number"),
+    "a NaN model argument": (["+model.kwargs.dropout=nan"], "model.kwargs.dropout=nan must be a finite number"),
+    "an infinite cache budget": (["cache.budget_gb=inf"], "cache.budget_gb=inf must be a finite number"),
+    "an infinite threshold": (["freeze.high=inf"], "freeze.high=inf must be a finite number"),
+    "a std of 0": (["data.std=[0,0,0]"], "data.std=[0, 0, 0] must be a list of 3 numbers > 0"),
+    "a std of two channels": (["data.std=[0.2,0.2]"], "data.std=[0.2, 0.2] must be a list of 3 numbers > 0"),
+    "a source task's std of 0": (["+source.task.std=[0.2,0,0.2]"], "source.task.std=[0.2, 0, 0.2] must be a list of 3"),
+    "a negative seed": (["seed=-1"], "seed=-1 must be an integer in [0, 2**32-1]"),
+    "a seed above 2**32-1": (["seed=4294967296"], "seed=4294967296 must be an integer in [0, 2**32-1]"),
+    "a negative split seed": (["data.seed=-3"], "data.seed=-3 must be an integer in [0, 2**32-1]"),
+    "a source seed above 2**32-1": (["source.seed=4294967296"],
+                                    "source.seed=4294967296 must be an integer in [0, 2**32-1] or null"),
+    "a source task's negative split seed": (["+source.task.seed=-1"],
+                                            "source.task.seed=-1 must be an integer in [0, 2**32-1]"),
+    # Range checks by construction: the optimizer and the scheduler refuse these themselves.
+    "pct_start above 1": (["scheduler.pct_start=1.5"], "scheduler: torch.optim.lr_scheduler.OneCycleLR refuses these "
+                                                       "values: Expected float between 0 and 1 pct_start, but got 1.5"),
+    "a negative momentum": (["optimizer=sgd", "optimizer.momentum=-1"],
+                            "optimizer: torch.optim.SGD refuses these values: Invalid momentum value: -1"),
+    "Nesterov without momentum": (["optimizer=sgd", "optimizer.momentum=0"],
+                                  "optimizer: torch.optim.SGD refuses these values: Nesterov momentum requires a momentum"),
+    "a beta of 1.5": (["+optimizer.betas=[0.9,1.5]"], "optimizer: torch.optim.AdamW refuses these values: Invalid beta "
+                                                      "parameter at index 1: 1.5"),
+    # Trainer arguments that train or validate nothing, or that Lightning refuses with a traceback.
+    "no training batches": (["+trainer.limit_train_batches=0"],
+                            "trainer.limit_train_batches=0 must be an integer ≥ 1, a fraction in (0, 1] or null "
+                            "(0 would train nothing)"),
+    "no validation batches": (["+trainer.limit_val_batches=0.0"], "trainer.limit_val_batches=0.0 must be an integer ≥ 1, "
+                                                                  "a fraction in (0, 1] or null (0 would never validate"),
+    "no test batches": (["+trainer.limit_test_batches=0"], "trainer.limit_test_batches=0 must be an integer ≥ 1"),
+    "a negative limit": (["+trainer.limit_train_batches=-1"], "trainer.limit_train_batches=-1 must be an integer ≥ 1"),
+    "a limit as text": (["+trainer.limit_val_batches=all"], 'trainer.limit_val_batches="all" must be an integer ≥ 1'),
+    "a validation after the last epoch": (["+trainer.check_val_every_n_epoch=3"],
+                                          "trainer.check_val_every_n_epoch=3 is more than trainer.max_epochs=1: the run "
+                                          "would never validate"),
+    "no validation cadence": (["+trainer.check_val_every_n_epoch=null"],
+                              "trainer.check_val_every_n_epoch=null validates every trainer.val_check_interval batches"),
+    "no steps": (["+trainer.max_steps=0"], "trainer.max_steps=0 must be -1 (no limit) or an integer ≥ 1"),
+    "a model.kwargs the run sets": (["+model.kwargs.num_classes=5"], "model.kwargs may not set num_classes: the run sets"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", VALUE_CASES.values(), ids=VALUE_CASES.keys())
+def test_a_value_out_of_range_is_refused_in_one_line_naming_its_key(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(compose_config([*SMALL_CNN, *overrides]))
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert not torch.cuda.is_initialized()  # the optimizer and scheduler are made on the CPU (the sweep preflight)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["scheduler.pct_start=0.1"],  # 0/0 in OneCycleLR's phases at the 10 steps it is made with: not a range
+    ["scheduler=none"], ["optimizer=sgd"], ["optimizer=sgd", "optimizer.nesterov=false", "optimizer.momentum=0"],
+    ["data.mean=[0.5]", "data.std=[0.25]"], ["+trainer.limit_train_batches=0.5", "+trainer.limit_val_batches=3"],
+    ["+trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=5"], ["+model.kwargs.dropout=0.5"],
+], ids=str)
+def test_values_in_range_pass(overrides):
+    validate_config(compose_config([*SMALL_CNN, *overrides]))
+
+
+@pytest.mark.parametrize("arch, kwargs, message", [
+    ("small_cnn", {"foo": 1}, "model.kwargs={'foo': 1}: small_cnn refuses them: SmallCNN.__init__() got an unexpected "
+                              "keyword argument 'foo'"),
+    ("resnet18", {"replace_stride_with_dilation": [True]}, "model.kwargs={'replace_stride_with_dilation': [True]}: "
+                                                           "resnet18 refuses them: replace_stride_with_dilation should be"),
+])
+def test_model_kwargs_the_constructor_refuses_are_one_line(arch, kwargs, message):
+    from simfreeze.networks.build import build_network
+
+    with pytest.raises(ConfigError) as caught:
+        build_network(arch, 2, **kwargs)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+# Runs that pass the checks but end without a result: each fails (never status ok) and leaves no
+# checkpoint of NaN weights.
+RESULTLESS = {
+    "a last step that makes the weights NaN": (["optimizer.lr=1e38", "scheduler=none"], TrainingDiverged,
+                                               "training diverged: the weights became NaN or infinite after the last "
+                                               "step of epoch 1, whose loss was finite"),
+    "weights whose validation loss is NaN": (["optimizer=sgd", "optimizer.lr=1e38", "scheduler=none"], TrainingDiverged,
+                                             "training diverged: the validation loss became NaN or infinite after epoch 1"),
+    "a validation interval the run never reaches": (["+trainer.check_val_every_n_epoch=null",
+                                                     "+trainer.val_check_interval=5"], RunWithoutResult,
+                                                    "the run never validated"),
+    "a fraction of the training batches that is none": (["+trainer.limit_train_batches=0.01"], ConfigError,
+                                                        "trainer.limit_train_batches: You requested to check 0.01"),
+}
+
+
+@pytest.mark.parametrize("overrides, error, message", RESULTLESS.values(), ids=RESULTLESS.keys())
+def test_a_run_without_a_result_fails_and_keeps_no_nan_checkpoint(overrides, error, message, image_folder, tmp_path):
+    cfg = compose_config([*SMALL_CNN, "data.classes=[ant,bee]", f"data.root={image_folder}", "trainer.accelerator=cpu",
+                          "logger=none", "progress=lines", *overrides])
+    validate_config(cfg)  # only the run can tell
+    run_dir = tmp_path / "run"
+    with pytest.raises(error) as caught:
+        train.train(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert not (run_dir / "results.json").exists() and not (run_dir / "checkpoints" / "best.ckpt").exists()
+    if error is TrainingDiverged:  # nothing saved after the step that made them NaN
+        assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_a_fit_that_trained_no_step_has_no_result():
+    from types import SimpleNamespace
+
+    from simfreeze.runs.fit import check_fit_result
+
+    run = SimpleNamespace(trainer=SimpleNamespace(global_step=0), best=SimpleNamespace(best_model_score=None),
+                          module=SimpleNamespace(validated=False))
+    with pytest.raises(RunWithoutResult, match="the run trained no step"):
+        check_fit_result(run)

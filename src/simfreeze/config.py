@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -118,10 +119,27 @@ def rule(test: Callable[[object], bool], allowed: str, optional: bool = False):
     return (lambda value: (optional and value is None) or test(value)), allowed + (" or null" if optional else "")
 
 
+def is_seed(value) -> bool:
+    # What L.seed_everything and NumPy take; outside it a run fails late with a traceback.
+    return is_int(value) and 0 <= value <= 2**32 - 1
+
+
+def is_channels(value, positive: bool = False) -> bool:
+    """One number per RGB channel (or one for all three): images are decoded as RGB."""
+    return (isinstance(value, list) and len(value) in (1, 3) and all(is_number(v) for v in value)
+            and (not positive or all(v > 0 for v in value)))
+
+
+def is_batch_limit(value) -> bool:
+    """A Trainer ``limit_*_batches`` that runs something: a count ≥ 1 or a fraction in (0, 1]."""
+    return (is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+
+
 # The types and ranges of the values, checked before any work (the keys come from the YAML). A
 # value outside them would train wrongly, forever, or fail late with a traceback.
+SEED = "an integer in [0, 2**32-1]"
 DATA_RULES = {
-    "seed": rule(is_int, "an integer"),
+    "seed": rule(is_seed, SEED),
     "per_class": rule(lambda v: is_int(v) and v >= 2, "an integer ≥ 2"),
     "val_fraction": rule(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     "batch_size": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
@@ -132,13 +150,37 @@ DATA_RULES = {
     "use_test": rule(lambda v: isinstance(v, bool), "true or false"),
     "holdout_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
     "skip_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
+    "mean": rule(is_channels, "a list of 3 numbers (one per RGB channel) or of 1"),
+    # A std of 0 divides by zero: every input NaN or infinite.
+    "std": rule(lambda v: is_channels(v, positive=True), "a list of 3 numbers > 0 (one per RGB channel) or of 1"),
 }
 RULES = {
-    "seed": rule(is_int, "an integer"),
+    "seed": rule(is_seed, SEED),
     "test": rule(lambda v: isinstance(v, bool), "true or false"),
     "transfer_from": rule(lambda v: isinstance(v, str) and re.fullmatch(r"source(\.source)*", v) is not None,
                           "source, source.source, source.source.source, …"),
     "trainer.max_epochs": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
+    # Lightning's own checks of these come late (a traceback) or not at all: 0 batches trains or
+    # validates nothing and the run would report ok without a result. Stated here, not found by
+    # making a Trainer: that looks for accelerators and clusters (not in the sweep preflight).
+    "trainer.limit_train_batches": rule(lambda v: v is None or is_batch_limit(v), "an integer ≥ 1, a fraction in "
+                                        "(0, 1] or null (0 would train nothing)"),
+    "trainer.limit_val_batches": rule(lambda v: v is None or is_batch_limit(v), "an integer ≥ 1, a fraction in "
+                                      "(0, 1] or null (0 would never validate: no val/acc, no best.ckpt)"),
+    "trainer.limit_test_batches": rule(lambda v: v is None or is_batch_limit(v), "an integer ≥ 1, a fraction in "
+                                       "(0, 1] or null (to skip the test: test=false)"),
+    "trainer.check_val_every_n_epoch": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1", optional=True),
+    "trainer.val_check_interval": rule(lambda v: is_batch_limit(v) or isinstance(v, (str, dict)),
+                                       "an integer ≥ 1 (batches), a fraction in (0, 1] of an epoch or a duration",
+                                       optional=True),
+    "trainer.max_steps": rule(lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer ≥ 1"),
+    "trainer.min_steps": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
+    "trainer.min_epochs": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
+    "trainer.accumulate_grad_batches": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
+    "trainer.gradient_clip_val": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0", optional=True),
+    "trainer.num_sanity_val_steps": rule(lambda v: is_int(v) and v >= -1, "an integer ≥ -1 (-1: all)", optional=True),
+    "trainer.log_every_n_steps": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
+    "trainer.num_nodes": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
     "optimizer.lr": rule(lambda v: is_number(v) and v > 0, "a number > 0"),
     "optimizer.weight_decay": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "model.label_smoothing": rule(lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -169,13 +211,16 @@ def check_values(cfg: dict) -> None:
             node = node[part]
         return node
 
+    check_finite(cfg)  # first: NaN passes every comparison of the rules below as false, inf most as true
     for key, (ok, allowed) in RULES.items():
         value = get(key)
         if value is not KeyError and not ok(value):
             raise ConfigError(f"{key}={json.dumps(value)} must be {allowed}")
+    check_validation_cadence(cfg["trainer"])
+    check_model_kwargs(cfg["model"].get("kwargs"))
     stage, prefix = cfg["source"], "source."
     while stage:
-        if stage.get("seed") is not None and not is_int(stage["seed"]):
+        if stage.get("seed") is not None and not is_seed(stage["seed"]):
             raise ConfigError(f"{prefix}seed={json.dumps(stage['seed'])} must be {RULES['seed'][1]} or null")
         for key, value in (stage.get("task") or {}).items():
             if key in DATA_RULES and not DATA_RULES[key][0](value):
@@ -183,6 +228,7 @@ def check_values(cfg: dict) -> None:
         stage, prefix = stage.get("source"), f"{prefix}source."
     check_factory("optimizer", cfg.get("optimizer"))
     check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})
+    check_by_construction(cfg.get("optimizer"), cfg.get("scheduler"))
     for kind, node in (cfg.get("logger") or {}).items():
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(f"logger.{kind} must name a Lightning logger class in _target_ (conf/logger/)")
@@ -218,6 +264,98 @@ def check_factory(section: str, node: dict | None, given_by_the_run: set[str] = 
         return  # it hands other keys on (W&B's to wandb.init): theirs to check
     allowed = parameter_names(target.__init__) - given_by_the_run
     reject_unknown(f"{section}.", [k for k in node if not k.startswith("_")], allowed)
+
+
+def non_finite(node, key: str = "") -> tuple[str, float] | None:
+    """The first NaN or ±inf anywhere in ``node`` (a resolved config) and its key, e.g.
+    ``("data.std[1]", nan)``; None when every float is finite."""
+    if isinstance(node, dict):
+        children = [(value, f"{key}.{k}" if key else str(k)) for k, value in node.items()]
+    elif isinstance(node, (list, tuple)):
+        children = [(value, f"{key}[{i}]") for i, value in enumerate(node)]
+    else:
+        return (key, node) if isinstance(node, float) and not math.isfinite(node) else None
+    for value, child_key in children:
+        found = non_finite(value, child_key)
+        if found:
+            return found
+    return None
+
+
+def check_finite(cfg: dict) -> None:
+    """No setting anywhere may be NaN or infinite: ``optimizer.lr=inf`` passes "> 0" and trains NaN
+    weights, a NaN passes no comparison and so slips past every range a check states as a refusal."""
+    found = non_finite(cfg)
+    if found:
+        raise ConfigError(f"{found[0]}={found[1]} must be a finite number")
+
+
+def check_model_kwargs(kwargs) -> None:
+    """``model.kwargs`` go to the network's constructor through ``build_network``, which sets the
+    head's size and the weights itself: the same names again would fail there with a traceback. The
+    constructor's own refusals (an unknown argument) come as one line when the network is built."""
+    from simfreeze.networks.build import build_network
+
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.kwargs={json.dumps(kwargs)} must be a mapping of the network's arguments, e.g. {{}}")
+    taken = sorted(set(kwargs) & (parameter_names(build_network) - {"kwargs"}))
+    if taken:
+        raise ConfigError(f"model.kwargs may not set {', '.join(taken)}: the run sets them (num_classes from the "
+                          f"task's classes, weights from model.weights, head_init from model.head_init)")
+
+
+def check_validation_cadence(trainer: dict) -> None:
+    """A run that never validates has no val/acc and no best.ckpt, and would report ok without a result."""
+    every, epochs = trainer.get("check_val_every_n_epoch", 1), trainer.get("max_epochs")
+    if every is not None and is_int(epochs) and every > epochs:
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={epochs}: the run "
+                          f"would never validate; use a value ≤ {epochs}")
+    interval = trainer.get("val_check_interval")
+    if every is None and not ((is_int(interval) and interval >= 1) or isinstance(interval, (str, dict))):
+        raise ConfigError(f"trainer.check_val_every_n_epoch=null validates every trainer.val_check_interval batches, "
+                          f"which must then be an integer ≥ 1 (or a duration), not {json.dumps(interval)}")
+
+
+# Stands in for the run's step count when a scheduler needs one (OneCycleLR): the fewest the run gives.
+PROBE_TOTAL_STEPS = 10
+
+
+def check_by_construction(optimizer: dict | None, scheduler: dict | None) -> None:
+    """The optimizer and the scheduler made as the run makes them, on one CPU parameter: their own
+    range checks (torch's "Invalid learning rate", OneCycleLR's pct_start, a negative momentum, …)
+    become one line naming the section instead of a traceback once the run has started. Takes a
+    millisecond and never touches a GPU (the sweep preflight runs it on the launching machine)."""
+    if not optimizer or "_target_" not in optimizer:
+        return
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from simfreeze.runs.module import wants_total_steps
+
+    def refused(section: str, node: dict, err: Exception) -> ConfigError:
+        text = " ".join(str(err).split()) or type(err).__name__
+        return ConfigError(f"{section}: {node['_target_']} refuses these values: {text[:300]}")
+
+    try:
+        with warnings.catch_warnings():  # e.g. a scheduler made before any optimizer step
+            warnings.simplefilter("ignore")
+            made = instantiate(optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise refused("optimizer", optimizer, err) from None
+    if not scheduler or "_target_" not in scheduler:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            factory = instantiate(scheduler)
+            factory(made, **({"total_steps": PROBE_TOTAL_STEPS} if wants_total_steps(factory) else {}))
+    except (ValueError, TypeError, InstantiationException) as err:
+        raise refused("scheduler", scheduler, err) from None
+    except ArithmeticError:  # OneCycleLR's phases at this step count (pct_start=0.1: 0/0): not a range,
+        pass  # and the run's count is another
 
 
 def check_writable_folder(key: str, folder: str, writable: bool = True) -> None:

@@ -26,3 +26,8 @@ class RunDirInUse(ConfigError):
 class TrainingDiverged(ConfigError):
     """The loss became NaN or infinite: the run is failed, never reported ``ok`` (a setting, most
     often the learning rate, is the usual cause)."""
+
+
+class RunWithoutResult(ConfigError):
+    """The fit trained no step or never validated (a trainer limit below one batch, say): there is
+    no result to report, so the run is failed, never ``ok``."""

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from simfreeze.errors import WeightsError
+from simfreeze.errors import ConfigError, WeightsError
 
 
 def classifier_head_name(net: nn.Module) -> str:
@@ -179,16 +179,21 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
                                f"{arch}'s torchvision weights {names}") from None
         try:
             net = models.get_model(arch, weights=enum, **kwargs)
+        except (TypeError, ValueError) as err:  # the constructor's refusal, not the download's
+            raise model_kwargs_error(arch, kwargs, err) from None
         except Exception as err:  # offline: URLError and friends
             raise WeightsError(f"could not fetch torchvision weights {arch}.{weights}: {err}. "
                                f"Offline, pass a local file as {key}=/path/to/state_dict.pt") from err
         record["head"] = replace_head(net, num_classes)
         init_head(net, record["head"], head_init)
         return net, record
-    if arch in OWN_ARCHS:
-        net = OWN_ARCHS[arch](num_classes=num_classes, **kwargs)
-    else:
-        net = models.get_model(arch, num_classes=num_classes, **kwargs)
+    try:
+        if arch in OWN_ARCHS:
+            net = OWN_ARCHS[arch](num_classes=num_classes, **kwargs)
+        else:
+            net = models.get_model(arch, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise model_kwargs_error(arch, kwargs, err) from None
     head = classifier_head_name(net)
     if net.get_submodule(head).out_features != num_classes:  # archs that ignore num_classes
         replace_head(net, num_classes)
@@ -201,6 +206,13 @@ def build_network(arch: str, num_classes: int, weights: str | None = None, key: 
             raise WeightsError(f"{key}='{weights}': {err} ({arch})") from None
     init_head(net, head, head_init)  # after loading: the head is new whatever the weights held
     return net, record
+
+
+def model_kwargs_error(arch: str, kwargs: dict, err: Exception) -> ConfigError:
+    """A ``model.kwargs`` the constructor refuses (an unknown argument, a value out of its range),
+    as one line with torch's or torchvision's reason instead of a traceback."""
+    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    return ConfigError(f"model.kwargs={kwargs}: {arch} refuses them: {reason}")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -53,8 +53,10 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     datamodule = TaskDataModule(**cfg["data"])
     spec = FreezeSpec.from_config(cfg["freeze"])
     arch = cfg["model"]["arch"]
-    # Names only (layers, head) from a throw-away network: checked before any source is trained.
-    probe, probe_record = build_network(arch, datamodule.num_classes, head_init=cfg["model"]["head_init"])
+    # Names only (layers, head) from a throw-away network: checked before any source is trained, with
+    # the run's model.kwargs, so one the constructor refuses fails here too.
+    probe, probe_record = build_network(arch, datamodule.num_classes, head_init=cfg["model"]["head_init"],
+                                        **cfg["model"]["kwargs"])
     layers = None
     if spec.policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
         layers = layer_map(probe, arch, spec.l_total)

@@ -3,12 +3,17 @@ reuse the source task, report it). ``python -m train`` chooses one; the benchmar
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from simfreeze.errors import ConfigError, RunWithoutResult, TrainingDiverged
 from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
 from simfreeze.runs.loggers import log_hparams
+from simfreeze.runs.module import finite_state
 from simfreeze.runs.results import finish, metric, run_results, source_record
 from simfreeze.runs.sources import source_weights
 from simfreeze.speed.precision import with_resolved_precision
@@ -20,7 +25,14 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     run = build_run(cfg, run_dir, train_source=fit)
     trainer = run.trainer
     # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
-    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg["ckpt_path"], weights_only=True)
+    try:
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg["ckpt_path"], weights_only=True)
+    except Exception as err:
+        refusal = lightning_refusal(err, cfg["trainer"])
+        if refusal is None:
+            raise
+        raise refusal from err
+    check_fit_result(run)  # before anything reports the run ok
     final = trainer.callback_metrics.get("val/acc")  # read before testing replaces the metrics
     test_acc = None
     if cfg["test"] and "test" in run.datamodule.tensors:
@@ -36,6 +48,44 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
     record_hparams(run, cfg, results)
     return finish(run_dir, results, write=trainer.is_global_zero)
+
+
+def lightning_refusal(err: BaseException, trainer_cfg: dict) -> ConfigError | None:
+    """Lightning's refusal of a trainer setting that only the data decides (``limit_train_batches=0.01``
+    of 10 batches is none; ``val_check_interval`` above the epoch's batches), as one line, or None.
+    Its refusals are ``MisconfigurationException``s or ``ValueError``s that name the argument in backticks."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, ConfigError):
+        return None  # ours: already one line
+    text = " ".join(str(err).split())
+    named = set(re.findall(r"`(\w+)`", text)) & set(trainer_cfg)
+    if isinstance(err, MisconfigurationException) or (isinstance(err, ValueError) and named):
+        return ConfigError(f"trainer{'.' + sorted(named)[0] if named else ''}: {text[:400]}")
+    return None
+
+
+def check_fit_result(run: Run) -> None:
+    """A fit that trained no step, never validated, or ended with NaN or infinite weights or
+    validation loss has no result: it fails (``RunWithoutResult``, ``TrainingDiverged``) rather than
+    reporting ``ok``. The module checks the weights every epoch before its checkpoints are saved;
+    this holds at the end whatever the trainer's cadence (a stop by max_steps mid-epoch, say)."""
+    trainer, module = run.trainer, run.module
+    if trainer.global_step == 0:
+        raise RunWithoutResult("the run trained no step (a trainer limit below one batch? trainer.limit_train_batches, "
+                               "trainer.max_steps): it has no result; the run is failed, not reported")
+    if run.best.best_model_score is None and not module.validated:
+        raise RunWithoutResult("the run never validated (trainer.limit_val_batches, trainer.check_val_every_n_epoch, "
+                               "trainer.val_check_interval): no val/acc and no best.ckpt; the run is failed, "
+                               "not reported")
+    if not bool(finite_state(module.net)):
+        raise TrainingDiverged(f"training diverged: the weights are NaN or infinite at the end of the fit (epoch "
+                               f"{trainer.current_epoch}, step {trainer.global_step}; a learning rate too high? "
+                               f"optimizer.lr); the run is failed, not reported")
+    val_loss = trainer.callback_metrics.get("val/loss")
+    if val_loss is not None and not bool(torch.isfinite(torch.as_tensor(val_loss)).all()):
+        raise TrainingDiverged("training diverged: the last validation loss is NaN or infinite (a learning rate too "
+                               "high? optimizer.lr); the run is failed, not reported")
 
 
 def precision_phases(run: Run) -> dict:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from simfreeze.errors import TrainingDiverged
@@ -44,7 +45,9 @@ class Classifier(L.LightningModule):
         # Set when batches are cached prefix outputs: the net's remaining units, run in order.
         # A plain list, so the modules stay registered once (under net) in the state dict.
         self.suffix: list[Unit] | None = None
-        self._finite: torch.Tensor | None = None  # every training loss of this epoch finite (on the device)
+        self._finite: torch.Tensor | None = None  # every training loss since the last check finite (on the device)
+        self._val_finite: torch.Tensor | None = None  # every validation loss of this validation finite
+        self.validated = False  # a validation in this fit ran to its end (simfreeze.runs.fit.check_fit_result)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -63,24 +66,60 @@ class Classifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    def _fit_validation(self) -> bool:
+        # A validation of the fit, not its sanity check; Lightning's stage is VALIDATING in both
+        # (trainer.training is False then: a check on it never ran).
+        return self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
+
     def on_validation_epoch_start(self):
-        if self.trainer.training:  # the epoch-end validation: before it, so no checkpoint keeps diverged weights
+        self._val_finite = None  # not a sanity check's
+        if self._fit_validation():  # before it, so no checkpoint keeps diverged weights
             self._stop_if_diverged()
+
+    def on_validation_epoch_end(self):
+        # Before ModelCheckpoint saves best.ckpt (on_validation_end or on_train_epoch_end): not of
+        # weights that give a NaN loss.
+        if self._fit_validation() and self._val_finite is not None:
+            finite, self._val_finite = self._agreed(self._val_finite), None
+            if not finite:
+                raise TrainingDiverged(f"training diverged: the validation loss became NaN or infinite after epoch "
+                                       f"{self.current_epoch + 1} (a learning rate too high? optimizer.lr); the run "
+                                       f"is failed, not reported")
+            self.validated = True
 
     def on_train_epoch_end(self):
         self._stop_if_diverged()
 
     def _stop_if_diverged(self):
-        if self._finite is not None and not bool(self._finite):
-            raise TrainingDiverged(f"training diverged: the loss became NaN or infinite in epoch {self.current_epoch + 1} "
+        """Every training loss since the last check finite, and the weights after the last step too: a
+        step whose loss was finite can still make them NaN (its update overflowed). One read of the
+        device per check, i.e. per epoch, never per step."""
+        if self._finite is None:
+            return  # no step since the last check: nothing changed
+        losses, self._finite = self._finite, None
+        if self._agreed(losses & finite_state(self.net)):
+            return
+        epoch = self.current_epoch + 1
+        if not self._agreed(losses):
+            raise TrainingDiverged(f"training diverged: the loss became NaN or infinite in epoch {epoch} "
                                    f"(a learning rate too high? optimizer.lr); the run is failed, not reported")
-        self._finite = None
+        raise TrainingDiverged(f"training diverged: the weights became NaN or infinite after the last step of epoch "
+                               f"{epoch}, whose loss was finite (a learning rate too high? optimizer.lr); the run is "
+                               f"failed, not reported")
+
+    def _agreed(self, flag: torch.Tensor) -> bool:
+        # With DDP every process decides alike, or the others would wait for this one's collectives.
+        return self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True)
 
     def _evaluate(self, batch, stage: str, metric):
         x, y = batch
         logits = self(x)
         metric.update(logits, y)
-        self.log(f"{stage}/loss", self.loss(logits, y), prog_bar=True, sync_dist=True)  # mean over DDP processes
+        loss = self.loss(logits, y)
+        if stage == "val":  # on the device, read once per validation (on_validation_epoch_end)
+            finite = loss.detach().isfinite()
+            self._val_finite = finite if self._val_finite is None else self._val_finite & finite
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)  # mean over DDP processes
         self.log(f"{stage}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
@@ -107,7 +146,7 @@ class Classifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler_kwargs = {}
-        if _wants_total_steps(self.scheduler_factory):
+        if wants_total_steps(self.scheduler_factory):
             # OneCycleLR divides by its phase lengths: tiny runs (< 10 steps) get a stretched schedule.
             scheduler_kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
         scheduler = self.scheduler_factory(optimizer, **scheduler_kwargs)
@@ -115,7 +154,18 @@ class Classifier(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _wants_total_steps(factory) -> bool:
+def finite_state(net: nn.Module) -> torch.Tensor:
+    """Whether every weight a step can change is finite: the trainable parameters and the BatchNorm
+    statistics. A 0-d bool tensor on their device (no wait for it here)."""
+    tensors = [p for p in net.parameters() if p.requires_grad]
+    tensors += [b for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in (m.running_mean, m.running_var) if b is not None]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack([t.detach().isfinite().all() for t in tensors]).all()
+
+
+def wants_total_steps(factory) -> bool:
     """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
     import inspect
 
