@@ -113,7 +113,7 @@ def test_a_stage_seed_must_be_an_integer():
 
     cfg, _ = base_of("similarity_study", "freeze.l_freeze=dynamic")
     cfg["source"]["source"]["seed"] = "zero"
-    with pytest.raises(ConfigError, match=r"source.source.seed=\"zero\" must be an integer or null"):
+    with pytest.raises(ConfigError, match=r"source.source.seed=\"zero\" must be an integer in \[0, 2\*\*32-1\] or null"):
         check_values(cfg)
 
 
