@@ -26,3 +26,9 @@ class RunDirInUse(ConfigError):
 class TrainingDiverged(ConfigError):
     """The loss became NaN or infinite: the run is failed, never reported ``ok`` (a setting, most
     often the learning rate, is the usual cause)."""
+
+
+class DiskFull(ConfigError):
+    """No space left on the device a checkpoint is written to: not a setting, but the user's to fix
+    (free space, or another folder), so it ends in one ``error:`` line too. The previous checkpoint
+    is kept (``simfreeze.runs.resume.AtomicCheckpointIO``)."""

@@ -23,7 +23,7 @@ from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import LastCheckpoint, RandomStateCallback, SameRunOnResume
+from simfreeze.runs.resume import AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -97,7 +97,9 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     loggers = build_loggers(cfg, run_dir)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
-    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"]}, default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
+    plugins = [*listed(cfg["trainer"].get("plugins")), AtomicCheckpointIO()]
+    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
+                        default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
                         callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
                                    progress_bar(cfg["progress"])])
 
@@ -120,6 +122,11 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     if cfg["model"]["compile"]:
         net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
     return Run(datamodule, module, trainer, transfer, clock, best, loggers, network, source, fp32_convs)
+
+
+def listed(value) -> list:
+    """``trainer.plugins`` (none, one or a list) as a list, to add the run's own to."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def similarity_task(cfg: dict, target: TaskDataModule, head: str,

@@ -7,22 +7,29 @@ the RNGs that draw the batch order and the flips, so a resumed run would see oth
 uninterrupted one. This callback stores torch's (CPU and CUDA), Python's and NumPy's states in the
 checkpoint and puts them back on restore: on CPU a resumed run ends bit for bit where the
 uninterrupted run ends (tests/test_reproducibility.py).
+
+Every checkpoint is written under a temporary name and renamed into place (``AtomicCheckpointIO``),
+so a failed write (a full disk) leaves the previous ``last.ckpt`` as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from simfreeze.config import resume_differences, run_settings
-from simfreeze.errors import ConfigError
+from simfreeze.errors import ConfigError, DiskFull
 
 log = logging.getLogger("simfreeze")
 
@@ -92,3 +99,28 @@ class SameRunOnResume(L.Callback):
         differences = resume_differences(state_dict.get("settings", {}), self.cfg)
         if differences:
             raise ConfigError(differences)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to ``.<name>.tmp-<pid>`` beside their place and renamed into it: a write
+    that fails (a full disk, a kill) leaves the previous file whole and no temporary behind.
+    Lightning's own writes through a temporary file in the system's temp folder, which, on another
+    file system, is copied into place: a full disk there left a truncated ``last.ckpt``. No fsync:
+    this is about failed writes, not power loss. A full disk ends as ``DiskFull`` (one line)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+            os.replace(temporary, path)
+        except BaseException as err:
+            temporary.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                kept = "; the previous one is kept" if path.is_file() else ""
+                raise DiskFull(f"no space left on device writing {path}{kept}") from err
+            raise
