@@ -1,17 +1,53 @@
 """A resume continues its run or changes nothing (README, "What a run leaves"): a failed checkpoint
-write keeps the previous one."""
+write keeps the previous one, and a swapped data root is refused."""
 
 import errno
 import os
+import shutil
 
 import pytest
 import torch
 
 from simfreeze.errors import ConfigError
+from tests.helpers import make_image_folder
 from tests.test_checkpoints import fit, load
 
 # 2 classes × 16 training images, batches of 8: 4 steps an epoch, 2 epochs, last.ckpt after each.
 TWO_EPOCHS = ["trainer.max_epochs=2", "checkpoint.last_every_n_epochs=1", "trainer.log_every_n_steps=1"]
+
+
+def snapshot(run_dir, skip=()) -> dict[str, bytes]:
+    """Every file under ``run_dir`` (but those whose first path part is in ``skip``) with its bytes."""
+    return {str(path.relative_to(run_dir)): path.read_bytes() for path in sorted(run_dir.rglob("*"))
+            if path.is_file() and path.relative_to(run_dir).parts[0] not in skip}
+
+
+def numbered_folder(root):
+    """Two classes whose files have the same names in each folder (0000.png, …), as CIFAR-10's."""
+    make_image_folder(root, {"ant": 20, "bee": 20})
+    for folder in (root / "train").iterdir():
+        for i, path in enumerate(sorted(folder.iterdir())):
+            path.rename(folder / f"{i:04d}.png")
+    return root
+
+
+def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_resumes(tmp_path):
+    original = numbered_folder(tmp_path / "original")
+    run_dir = tmp_path / "run"
+    one_epoch = ["data.classes=[ant,bee]", "trainer.max_epochs=1"]
+    fit(original, run_dir, *one_epoch)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = snapshot(run_dir)
+    swapped = shutil.copytree(original, tmp_path / "swapped")
+    (swapped / "train" / "ant").rename(swapped / "train" / "tmp")
+    (swapped / "train" / "bee").rename(swapped / "train" / "ant")
+    (swapped / "train" / "tmp").rename(swapped / "train" / "bee")
+    with pytest.raises(ConfigError, match=f"^ckpt_path: data.root='{swapped}' holds other images") as caught:
+        fit(swapped, run_dir, *one_epoch, f"ckpt_path={last}")
+    assert "\n" not in str(caught.value)
+    assert snapshot(run_dir) == before
+    moved = shutil.move(original, tmp_path / "moved")  # the same images elsewhere: the same run
+    assert fit(moved, tmp_path / "resumed", *one_epoch, f"ckpt_path={last}")["status"] == "ok"
 
 
 def failing_save(monkeypatch, when) -> None:

@@ -23,7 +23,7 @@ from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume
+from simfreeze.runs.resume import AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -85,6 +85,13 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
                         label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"],
                         keep_frozen=cfg["checkpoint"]["keep_frozen"])
+    files = datamodule.files_digest()
+    if cfg["ckpt_path"]:  # every refusal before the loggers, split.json or checkpoints/ are touched
+        from simfreeze.networks.build import load_checkpoint
+
+        checkpoint = load_checkpoint(cfg["ckpt_path"], "ckpt_path", mmap=True)
+        check_resume(checkpoint, cfg, module.state_dict(), files, cfg["ckpt_path"])
+        del checkpoint
     cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
     transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
     clock = FitClock()
@@ -100,7 +107,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     plugins = [*listed(cfg["trainer"].get("plugins")), AtomicCheckpointIO()]
     trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
                         default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
-                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
+                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg, files),
                                    progress_bar(cfg["progress"])])
 
     for data in (datamodule, *similarity_data):  # known from the trainer before DDP starts its processes

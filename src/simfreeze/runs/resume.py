@@ -8,8 +8,10 @@ uninterrupted one. This callback stores torch's (CPU and CUDA), Python's and Num
 checkpoint and puts them back on restore: on CPU a resumed run ends bit for bit where the
 uninterrupted run ends (tests/test_reproducibility.py).
 
-Every checkpoint is written under a temporary name and renamed into place (``AtomicCheckpointIO``),
-so a failed write (a full disk) leaves the previous ``last.ckpt`` as it was.
+A resume that is refused changes nothing: ``check_resume`` makes every check that can refuse it
+(settings, the data's files, the frozen prefix) before the run touches its directory, and every
+checkpoint is written under a temporary name and renamed into place (``AtomicCheckpointIO``), so a
+failed write (a full disk) leaves the previous ``last.ckpt`` as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import numpy as np
@@ -30,6 +32,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from simfreeze.config import resume_differences, run_settings
 from simfreeze.errors import ConfigError, DiskFull
+from simfreeze.method.freeze import frozen_state_from
+from simfreeze.networks.build import FROZEN_STATE
 
 log = logging.getLogger("simfreeze")
 
@@ -84,21 +88,58 @@ class RandomStateCallback(L.Callback):
 
 class SameRunOnResume(L.Callback):
     """A resume continues the run its checkpoint came from: the checkpoint keeps the run's settings
-    (``simfreeze.config.run_settings``), and a resume whose config differs in any of them (other
-    classes, seed, learning rate, plan, …) is refused, naming the keys, instead of continuing the old
-    network under the new labels. ``validate_config`` makes the same check before any work; this
-    one holds for runs started without it."""
+    (``simfreeze.config.run_settings``) and the digest of its split's files (``files``:
+    ``TaskDataModule.files_digest``), and a resume whose config differs in any of them (other
+    classes, seed, learning rate, plan, …) or whose ``data.root`` holds other images is refused
+    (``resume_refusal``) instead of continuing the old network under the new labels.
+    ``validate_config`` checks the settings before any work and ``check_resume`` all of it before
+    the run touches its directory; this one holds for runs started without them."""
 
-    def __init__(self, cfg: dict):
-        self.cfg, self.settings = cfg, run_settings(cfg)
+    def __init__(self, cfg: dict, files: str | None = None):
+        self.cfg, self.settings, self.files = cfg, run_settings(cfg), files
 
     def state_dict(self) -> dict:
-        return {"settings": self.settings}
+        return {"settings": self.settings, "files": self.files}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        differences = resume_differences(state_dict.get("settings", {}), self.cfg)
-        if differences:
-            raise ConfigError(differences)
+        refusal = resume_refusal(state_dict, self.cfg, self.files)
+        if refusal:
+            raise ConfigError(refusal)
+
+
+def resume_refusal(stored: Mapping[str, Any], cfg: dict, files: str | None) -> str | None:
+    """Why a checkpoint whose ``SameRunOnResume`` state is ``stored`` is not this run's (``cfg``,
+    its split's files' digest ``files``), or None. A checkpoint written before the digest existed,
+    or data that is no folder of files, is not compared."""
+    differences = resume_differences(stored.get("settings", {}), cfg)
+    if differences:
+        return differences
+    if stored.get("files") and files and stored["files"] != files:
+        return (f"ckpt_path: data.root='{cfg['data']['root']}' holds other images for this run's split than the "
+                f"checkpoint's run trained on (the files of split.json or their contents differ); resume with the "
+                f"data it was trained on, or start a new run without ckpt_path")
+    return None
+
+
+def same_run_state(checkpoint: Mapping[str, Any]) -> dict | None:
+    """The ``SameRunOnResume`` state a checkpoint holds, or None."""
+    return next((state for name, state in (checkpoint.get("callbacks") or {}).items()
+                 if name.startswith("SameRunOnResume")), None)
+
+
+def check_resume(checkpoint: Mapping[str, Any], cfg: dict, module_state: Mapping[str, torch.Tensor],
+                 files: str | None, path: str) -> None:
+    """Every check that can refuse resuming ``checkpoint`` (read from ``path``) as the run ``cfg``
+    builds: its settings and files (``resume_refusal``) and its frozen prefix against the rebuilt
+    network's (``module_state``). Made before the run touches its directory (loggers, split.json,
+    checkpoints), so a refused resume changes nothing there; Lightning's restore checks again."""
+    stored = same_run_state(checkpoint)
+    refusal = resume_refusal(stored, cfg, files) if stored is not None else None
+    if refusal:
+        raise ConfigError(refusal)
+    record = checkpoint.get(FROZEN_STATE)
+    if record:
+        frozen_state_from(record, module_state, f"the checkpoint '{path}'")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
