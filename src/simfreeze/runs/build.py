@@ -23,7 +23,8 @@ from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume
+from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume,
+                                   checkpoint_step)
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -86,11 +87,13 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
                         label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"],
                         keep_frozen=cfg["checkpoint"]["keep_frozen"])
     files = datamodule.files_digest()
+    resume_step = None
     if cfg["ckpt_path"]:  # every refusal before the loggers, split.json or checkpoints/ are touched
         from simfreeze.networks.build import load_checkpoint
 
         checkpoint = load_checkpoint(cfg["ckpt_path"], "ckpt_path", mmap=True)
         check_resume(checkpoint, cfg, module.state_dict(), files, cfg["ckpt_path"])
+        resume_step = checkpoint_step(checkpoint)
         del checkpoint
     cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
     transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
@@ -101,7 +104,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
     last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, resume_step)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
     plugins = [*listed(cfg["trainer"].get("plugins")), AtomicCheckpointIO()]

@@ -142,6 +142,12 @@ def check_resume(checkpoint: Mapping[str, Any], cfg: dict, module_state: Mapping
         frozen_state_from(record, module_state, f"the checkpoint '{path}'")
 
 
+def checkpoint_step(checkpoint: Mapping[str, Any]) -> int:
+    """The step a resume of ``checkpoint`` logs first: what the run logged from it on is logged again."""
+    epoch_loop = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(epoch_loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to ``.<name>.tmp-<pid>`` beside their place and renamed into it: a write
     that fails (a full disk, a kill) leaves the previous file whole and no temporary behind.
