@@ -1,6 +1,6 @@
 """A resume continues its run and its files, or changes nothing (README, "What a run leaves"): the
 metrics file and the clock go on over both parts, a failed checkpoint write keeps the previous one,
-and a swapped data root is refused."""
+a swapped data root is refused, and the stop hints point where the run can go on."""
 
 import csv
 import errno
@@ -14,7 +14,7 @@ import torch
 from simfreeze.errors import ConfigError
 from simfreeze.runs.module import Classifier
 from tests.helpers import make_image_folder
-from tests.test_checkpoints import fit, load
+from tests.test_checkpoints import TRANSFER, fit, load
 
 # 2 classes × 16 training images, batches of 8: 4 steps an epoch, 2 epochs, last.ckpt after each.
 TWO_EPOCHS = ["trainer.max_epochs=2", "checkpoint.last_every_n_epochs=1", "trainer.log_every_n_steps=1"]
@@ -188,6 +188,20 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_leaves_no_temp
     with pytest.raises(ConfigError, match=r"^no space left on device writing \S+/new.ckpt$"):
         AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(4)}, tmp_path / "new" / "new.ckpt")
     assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_source_stage_stopped_says_it_is_trained_again_not_where_to_resume(image_folder, tmp_path, monkeypatch,
+                                                                             caplog):
+    def crash(trainer):
+        raise RuntimeError("a crash")
+    stop_at_step_6(monkeypatch, crash)
+    caplog.set_level("WARNING", logger="simfreeze")
+    with pytest.raises(RuntimeError, match="a crash"):  # in the source stage, the first fit
+        fit(image_folder, tmp_path / "run", *TRANSFER, f"source.cache_dir={tmp_path / 'sources'}")
+    stops = [m for m in caplog.messages if m.startswith("stopped (RuntimeError)")]
+    assert stops == ["stopped (RuntimeError) in epoch 2 at step 6 of a source stage: its staging folder is discarded, "
+                     "and the stage is trained again when the run is started again"]
+    assert not list((tmp_path / "sources").glob("*/checkpoints"))  # no staging folder, no cached stage
 
 
 def test_rows_before_keeps_the_rows_before_a_step_as_they_were():

@@ -22,7 +22,7 @@ from simfreeze.runs.loggers import build_loggers
 from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_run_dir
 from simfreeze.runs.progress import progress_bar
-from simfreeze.runs.results import FitClock
+from simfreeze.runs.results import FitClock, final_dir
 from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume,
                                    checkpoint_step)
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
@@ -103,7 +103,8 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     # frozen prefix unless checkpoint.keep_frozen (the module's hooks).
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
-    last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])
+    last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"],
+                          staged=final_dir(run_dir) != run_dir)
     loggers = build_loggers(cfg, run_dir, resume_step)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.

@@ -44,9 +44,11 @@ def resumes_in_place(run_dir: Path, ckpt_path: str | None) -> bool:
 def refuse_used_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     found = used_run_dir(run_dir)
     if found and not resumes_in_place(run_dir, ckpt_path):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = (f"or resume that run with ckpt_path={last}" if last.is_file() else
+                "that run left no checkpoint to resume from")
         raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds a run ({found}); give a new directory "
-                          f"(the default is a new timestamp), or resume that run with "
-                          f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+                          f"(the default is a new timestamp); {hint}")
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:

@@ -46,11 +46,14 @@ class LastCheckpoint(ModelCheckpoint):
     multiple of N); none for a ``ConfigError`` (a diverged run's weights are NaN, a refused restore
     has nothing of its own) or while testing (the module then holds the best weights); a stop in
     ``on_train_epoch_start`` saved as the end of the epoch before, which it is (Lightning 2.6 would
-    resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume."""
+    resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume,
+    or, in a source stage (``staged``), that the stage is trained again: its staging folder, this
+    checkpoint with it, is discarded after a failure (``simfreeze.runs.sources.cached_source``)."""
 
-    def __init__(self, dirpath: Path, every_n_epochs: int):
+    def __init__(self, dirpath: Path, every_n_epochs: int, staged: bool = False):
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=every_n_epochs,
                          save_on_exception=True, enable_version_counter=False)
+        self.staged = staged
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is saved already
@@ -69,9 +72,12 @@ class LastCheckpoint(ModelCheckpoint):
             if between:
                 epochs.total.ready, epochs.current.ready = epochs.total.ready + 1, epochs.current.ready + 1
         path = self.format_checkpoint_name({})
-        if trainer.is_global_zero and Path(path).is_file():
-            log.warning("stopped (%s) in epoch %d at step %d: resume with ckpt_path=%s", type(exception).__name__,
-                        trainer.current_epoch + 1, trainer.global_step, path)
+        where = f"stopped ({type(exception).__name__}) in epoch {trainer.current_epoch + 1} at step {trainer.global_step}"
+        if trainer.is_global_zero and self.staged:
+            log.warning("%s of a source stage: its staging folder is discarded, and the stage is trained again "
+                        "when the run is started again", where)
+        elif trainer.is_global_zero and Path(path).is_file():
+            log.warning("%s: resume with ckpt_path=%s", where, path)
 
 
 class RandomStateCallback(L.Callback):
