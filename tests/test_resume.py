@@ -1,6 +1,7 @@
 """A resume continues its run and its files, or changes nothing (README, "What a run leaves"): the
-metrics file and the clock go on over both parts, a failed checkpoint write keeps the previous one,
-a swapped data root is refused, and the stop hints point where the run can go on."""
+metrics file and the clock go on over both parts, a refused resume or one of a finished run leaves
+the directory as it was, a failed checkpoint write keeps the previous one, a swapped data root is
+refused, and the stop hints point where the run can go on."""
 
 import csv
 import errno
@@ -13,8 +14,8 @@ import torch
 
 from simfreeze.errors import ConfigError
 from simfreeze.runs.module import Classifier
-from tests.helpers import make_image_folder
-from tests.test_checkpoints import TRANSFER, fit, load
+from tests.helpers import make_image_folder, run_train
+from tests.test_checkpoints import TINY, TRANSFER, fit, load
 
 # 2 classes × 16 training images, batches of 8: 4 steps an epoch, 2 epochs, last.ckpt after each.
 TWO_EPOCHS = ["trainer.max_epochs=2", "checkpoint.last_every_n_epochs=1", "trainer.log_every_n_steps=1"]
@@ -147,6 +148,19 @@ def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_
     assert snapshot(run_dir) == before
     moved = shutil.move(original, tmp_path / "moved")  # the same images elsewhere: the same run
     assert fit(moved, tmp_path / "resumed", *one_epoch, f"ckpt_path={last}")["status"] == "ok"
+
+
+def test_resuming_a_finished_run_says_so_exits_0_and_writes_nothing(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    fit(image_folder, run_dir, "trainer.max_epochs=1")
+    before = snapshot(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    result = run_train(*TINY, f"data.root={image_folder}", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+                       f"ckpt_path={last}", cwd=tmp_path, check=False)  # a requeued job
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"simfreeze: {run_dir} already finished (results.json); nothing to do — start a "
+                                     f"new run without ckpt_path to train again")
+    assert snapshot(run_dir) == before  # no .hydra/, no train.log either
 
 
 def failing_save(monkeypatch, when) -> None:

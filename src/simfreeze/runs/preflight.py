@@ -5,6 +5,8 @@
   nothing overwrites another run's outputs. A resume from the directory's own checkpoint
   (``ckpt_path=<run dir>/checkpoints/last.ckpt``) continues that run there. (The default directories are new timestamps, down to
   the microsecond; this catches an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` given twice.)
+- A resume of a run that finished (``finished_run``: a requeued job) says so and exits with status
+  0 before Hydra writes anything.
 - Every job of a sweep is composed and checked (``simfreeze.config.validate_config``) before the
   first job starts, so a bad key in job 30 does not fail it after 29 jobs of training.
 - ``hydra_error_line`` turns Hydra's multi-line composition errors (unknown group option, unknown
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -49,6 +52,34 @@ def refuse_used_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
                 "that run left no checkpoint to resume from")
         raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds a run ({found}); give a new directory "
                           f"(the default is a new timestamp); {hint}")
+
+
+def epochs_done(checkpoint: dict) -> int:
+    """The epochs a checkpoint's fit has finished (Lightning counts one as processed before the
+    checkpoint written at its end)."""
+    progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", 0))
+
+
+def finished_run(ckpt_path: str | None, max_epochs: int) -> Path | None:
+    """The run directory of ``ckpt_path`` (``<run dir>/checkpoints/<file>``) when that run has
+    finished: its ``results.json`` says ``ok`` and the checkpoint is its last epoch's end. Resuming
+    it would train nothing and overwrite its results."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    run_dir = path.parent.parent
+    if path.parent.name != "checkpoints":
+        return None
+    try:
+        status = json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if status != "ok":
+        return None
+    from simfreeze.networks.build import load_checkpoint
+
+    return run_dir if epochs_done(load_checkpoint(path, "ckpt_path", mmap=True)) >= max_epochs else None
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
@@ -142,8 +173,13 @@ class Preflight(Callback):
             refuse_used_run_dir(Path(config.hydra.run.dir), config.get("ckpt_path"))
             check_writable_folder("hydra.run.dir", config.hydra.run.dir)
             validate_config(without_hydra(config))  # before Hydra makes the run directory: a refusal writes nothing
+            finished = finished_run(config.get("ckpt_path"), config.trainer.max_epochs)
         except ConfigError as err:
             exit_with(str(err))
+        if finished:  # a requeued job: nothing to do, and no failure for its scheduler
+            print(f"simfreeze: {finished} already finished (results.json); nothing to do — start a new run "
+                  f"without ckpt_path to train again")
+            sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
