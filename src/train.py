@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import register_resolvers, validate_config
-from simfreeze.errors import ConfigError, RunDirInUse, TrainingDiverged
+from simfreeze.errors import ConfigError, DiskFull, RunDirInUse, TrainingDiverged
 
 log = logging.getLogger("simfreeze")
 register_resolvers()  # before Hydra composes; submitit's job processes import this module too
@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> float | None:
                 from simfreeze.runs.preflight import discard_refused_run
 
                 log.error("%s", message, extra={"console": False})  # train.log says why the run stopped
-                if not isinstance(err, (RunDirInUse, TrainingDiverged)):  # another run's; a log worth reading
+                if not isinstance(err, (RunDirInUse, TrainingDiverged, DiskFull)):  # another run's; a log worth reading
                     discard_refused_run(run_dir, cfg.get("ckpt_path"))
                 print(f"error: {message}", file=sys.stderr)
                 sys.exit(2)

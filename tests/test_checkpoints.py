@@ -161,6 +161,40 @@ def test_a_rebuilt_prefix_that_differs_is_refused_in_one_line(transfer_run, imag
     assert not (tmp_path / "resumed" / "checkpoints" / "last.ckpt").exists()  # a refused restore writes nothing
 
 
+def test_a_resume_refused_in_place_changes_nothing_in_the_run_directory(transfer_run, image_folder_with_test, tmp_path):
+    import shutil
+
+    from tests.helpers import run_train
+
+    root, overrides, _ = transfer_run
+    run_dir = shutil.copytree(root / "whole", tmp_path / "run")
+    # a sweep job recorded as failed (one that finished is not resumed at all)
+    (run_dir / "results.json").write_text('{"status": "failed", "error": "RuntimeError: a crash"}\n')
+    sources = shutil.copytree(root / "sources", tmp_path / "sources")  # as if the source had been trained again
+    cached = next(sources.glob("*/checkpoints/last.ckpt"))
+    checkpoint = load(cached)
+    checkpoint["state_dict"]["net.conv1.weight"][0, 0, 0, 0] += 1e-3
+    torch.save(checkpoint, cached)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = [*overrides, f"source.cache_dir={sources}", f"ckpt_path={last}"]
+
+    def files(skip=()):
+        return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+                if p.is_file() and p.relative_to(run_dir).parts[0] not in skip}
+    before = files()
+    assert {"results.json", "csv/metrics.csv", "split.json", "plan.json", "checkpoints/last.ckpt"} <= set(before)
+    assert any(name.startswith("tensorboard/") for name in before)
+    with pytest.raises(ConfigError, match="digest mismatch"):
+        fit(image_folder_with_test, run_dir, *resume)
+    assert files() == before
+    # the command line: one error line, exit status 2; Hydra writes .hydra/ and train.log for every run it starts
+    result = run_train(*TINY, f"data.root={image_folder_with_test}", *resume, f"hydra.run.dir={run_dir}",
+                       cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the checkpoint") and "Traceback" not in result.stderr
+    assert files(skip={".hydra", "train.log"}) == before
+
+
 def test_sigterm_ends_python_m_train_with_143_and_a_resume_line(image_folder, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -240,8 +240,12 @@ def test_of_runs_claiming_one_directory_together_exactly_one_wins(tmp_path):
         thread.join()
     assert sorted(outcomes) == ["claimed"] + ["refused"] * 7
     # resuming from the directory's own checkpoint continues that run in place; another one may not
-    claim_run_dir(run_dir, str(run_dir / "checkpoints" / "last.ckpt"))
-    with pytest.raises(RunDirInUse, match="resume that run with ckpt_path="):
+    last = run_dir / "checkpoints" / "last.ckpt"
+    claim_run_dir(run_dir, str(last))
+    with pytest.raises(RunDirInUse, match="; that run left no checkpoint to resume from$"):  # killed before its first
+        claim_run_dir(run_dir, str(tmp_path / "other" / "checkpoints" / "last.ckpt"))
+    last.write_bytes(b"")
+    with pytest.raises(RunDirInUse, match=f"; or resume that run with ckpt_path={last}$"):
         claim_run_dir(run_dir, str(tmp_path / "other" / "checkpoints" / "last.ckpt"))
 
 

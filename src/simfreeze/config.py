@@ -402,7 +402,8 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
 
 
 # Keys that may differ between a run and its resume: where things are and how the run is shown or
-# spread, not what it computes.
+# spread, not what it computes. The images under data.root are compared by a digest instead
+# (simfreeze.runs.resume.SameRunOnResume).
 FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "logger", "logs", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
                   "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
                   "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",

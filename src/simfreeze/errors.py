@@ -31,3 +31,9 @@ class TrainingDiverged(ConfigError):
 class RunWithoutResult(ConfigError):
     """The fit trained no step or never validated (a trainer limit below one batch, say): there is
     no result to report, so the run is failed, never ``ok``."""
+
+
+class DiskFull(ConfigError):
+    """No space left on the device a checkpoint is written to: not a setting, but the user's to fix
+    (free space, or another folder), so it ends in one ``error:`` line too. The previous checkpoint
+    is kept (``simfreeze.runs.resume.AtomicCheckpointIO``)."""

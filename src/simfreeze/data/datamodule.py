@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from simfreeze.data.images import (CIFAR10_MEAN, CIFAR10_STD, ImageFolderSource, ImageSource, NoBatchOfOne,
-                                   TensorBatches, keep_batch, open_source, pick_views, prepare_batch)
+                                   TensorBatches, files_digest, keep_batch, open_source, pick_views, prepare_batch)
 from simfreeze.data.splits import Split, balanced_split, group_quotas, shard, task_labels
 from simfreeze.errors import DataConfigError
 
@@ -190,6 +190,13 @@ class TaskDataModule(L.LightningDataModule):
                                               for i in idx] for name, idx in chosen.items()}
                                for stage, chosen in self.split.to_json().items()}
         return record
+
+    def files_digest(self) -> str | None:
+        """A digest of the split's files, names and bytes (``simfreeze.data.images.files_digest``),
+        which a resume compares; None for data that is not a folder of image files."""
+        self.plan_split()
+        return files_digest(self.source.root, self.split_record()["files"]) if isinstance(
+            self.source, ImageFolderSource) else None
 
     def save_split(self, path: Path) -> None:
         path.write_text(json.dumps(self.split_record(), indent=1))

@@ -92,6 +92,21 @@ def stored_size(first: tuple[int, int], max_side: int | None) -> tuple[int, int]
     return first
 
 
+def files_digest(root: Path, files: dict[str, dict[str, list[str]]]) -> str:
+    """SHA-256 of ``files`` (stage → class → paths relative to ``root``, as ``split.json`` lists
+    them): each path with its file's bytes. The same names may hold other images (CIFAR-10's class
+    folders each number theirs 0000.jpg, …), so the names alone would not tell a swapped folder."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for stage, classes in sorted(files.items()):
+        for name, paths in sorted(classes.items()):
+            for path in paths:
+                digest.update(f"{stage}|{name}|{path}|".encode())
+                digest.update(hashlib.sha256((root / path).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True).round().clamp(0, 255).byte()[0]
 

@@ -22,8 +22,9 @@ from simfreeze.runs.loggers import build_loggers
 from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_own_run_dir
 from simfreeze.runs.progress import progress_bar
-from simfreeze.runs.results import FitClock
-from simfreeze.runs.resume import LastCheckpoint, RandomStateCallback, SameRunOnResume
+from simfreeze.runs.results import FitClock, final_dir
+from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume,
+                                   checkpoint_step)
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
@@ -88,6 +89,15 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
                         scheduler=hydra.utils.instantiate(cfg["scheduler"]) if cfg["scheduler"] else None,
                         label_smoothing=cfg["model"]["label_smoothing"], channels_last=cfg["model"]["channels_last"],
                         keep_frozen=cfg["checkpoint"]["keep_frozen"])
+    files = datamodule.files_digest()
+    resume_step = None
+    if cfg["ckpt_path"]:  # every refusal before the loggers, split.json or checkpoints/ are touched
+        from simfreeze.networks.build import load_checkpoint
+
+        checkpoint = load_checkpoint(cfg["ckpt_path"], "ckpt_path", mmap=True)
+        check_resume(checkpoint, cfg, module.state_dict(), files, cfg["ckpt_path"])
+        resume_step = checkpoint_step(checkpoint)
+        del checkpoint
     cache_budget = cfg["cache"]["budget_gb"] if cfg["cache"]["enabled"] and layers is not None else None
     transfer = TransferSetup(datamodule, spec, layers, similarity, cache_budget, out_dir=run_dir)
     clock = FitClock()
@@ -96,12 +106,15 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     # frozen prefix unless checkpoint.keep_frozen (the module's hooks).
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_weights_only=True)
-    last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"])
-    loggers = build_loggers(cfg, run_dir)
+    last = LastCheckpoint(run_dir / "checkpoints", every_n_epochs=cfg["checkpoint"]["last_every_n_epochs"],
+                          staged=final_dir(run_dir) != run_dir)
+    loggers = build_loggers(cfg, run_dir, resume_step)
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
-    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"]}, default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
-                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg),
+    plugins = [*listed(cfg["trainer"].get("plugins")), AtomicCheckpointIO()]
+    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
+                        default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
+                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg, files),
                                    progress_bar(cfg["progress"])])
 
     for data in (datamodule, *similarity_data):  # known from the trainer before DDP starts its processes
@@ -123,6 +136,11 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     if cfg["model"]["compile"]:
         net.compile()  # in place: state-dict keys stay as they are (the cached suffix path runs eager)
     return Run(datamodule, module, trainer, transfer, clock, best, loggers, network, source, fp32_convs)
+
+
+def listed(value) -> list:
+    """``trainer.plugins`` (none, one or a list) as a list, to add the run's own to."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def similarity_task(cfg: dict, target: TaskDataModule, head: str,

@@ -7,12 +7,23 @@ their HParams compare them; alone, the run directory. ``logs.name`` names the ru
 sweep varies and the seed (``arm=dynamic/seed=0``), a source stage trained by the job
 ``source:cat/seed=0``. The CSV logger writes into the run's own directory (``csv/metrics.csv``). A
 key given in a logger's config wins over these.
+
+A resume continues the run's logs: ``csv/metrics.csv`` keeps the rows of the steps before the
+checkpoint's (``CSVLogger``; Lightning's would delete the file) and TensorBoard hides its events
+from that step on (``purge_step``); the resumed part logs those steps again, so none is doubled.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 from pathlib import Path
 from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from simfreeze.errors import ConfigError
 from simfreeze.paths import safe_relative_path
@@ -70,14 +81,70 @@ def stage_logs(logs: dict[str, Any], stage_name: str, seed: int) -> dict[str, An
     return {**logs, "name": f"{stage_name}/seed={seed}"}
 
 
-def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | None) -> dict[str, Any]:
+def rows_before(text: str, step: int) -> str:
+    """``metrics.csv``'s text less the rows of ``step`` and later, each kept row as it was; a row
+    cut short (a kill while it was written) is dropped too."""
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return text
+    header = next(csv.reader([lines[0]]))
+    column = header.index("step")
+
+    def before(line: str) -> bool:
+        fields = next(csv.reader([line]), [])
+        return (line.endswith("\n") and len(fields) == len(header) and fields[column].isdigit()
+                and int(fields[column]) < step)
+    return lines[0] + "".join(line for line in lines[1:] if before(line))
+
+
+class ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, which, given ``continue_before`` (a resume's first step), keeps the
+    rows of the steps before it in an existing ``metrics.csv`` and appends after them."""
+
+    def __init__(self, log_dir: str, continue_before: int | None):
+        self.continue_before = continue_before
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if self.continue_before is None or not path.is_file():
+            super()._check_log_dir_exists()  # a new run: Lightning's (deletes an old file)
+            return
+        text = path.read_text()
+        kept = rows_before(text, self.continue_before)
+        if kept != text:  # replaced whole: a failure leaves the old file
+            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            temporary.write_text(kept)
+            os.replace(temporary, path)
+        self.metrics_keys = next(csv.reader(io.StringIO(kept)), [])  # the header: rows are appended under it
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's ``CSVLogger`` (conf/logger/csv.yaml), which continues ``metrics.csv`` on a resume
+    (``continue_before``, set by ``build_loggers``) instead of deleting it."""
+
+    continue_before: int | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuedWriter(self.log_dir, self.continue_before)
+        return self._experiment
+
+
+def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | None,
+              resume_step: int | None = None) -> dict[str, Any]:
     """Where a logger of class ``target`` writes (its keyword arguments), from ``logs`` (filled);
-    makes the folder that W&B and SQLite need to exist."""
+    makes the folder that W&B and SQLite need to exist. ``resume_step``: a resume's first step."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     root = Path(logs["dir"])
     if issubclass(target, TensorBoardLogger):
-        return {"save_dir": str(root / "tensorboard"), "name": safe_relative_path(logs["name"]), "version": ""}
+        # Events of that step on, from the stopped part, are hidden: the resumed part logs them again.
+        purge = {} if resume_step is None else {"purge_step": resume_step}
+        return {"save_dir": str(root / "tensorboard"), "name": safe_relative_path(logs["name"]), "version": "", **purge}
     if issubclass(target, CSVLogger):
         return {"save_dir": str(run_dir), "name": "csv", "version": ""}
     if issubclass(target, WandbLogger):
@@ -90,8 +157,9 @@ def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | No
     return {}
 
 
-def build_loggers(cfg: dict, run_dir: Path) -> list:
-    """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``logs_for_job``)."""
+def build_loggers(cfg: dict, run_dir: Path, resume_step: int | None = None) -> list:
+    """The loggers ``cfg["logger"]`` selects, placed by ``cfg["logs"]`` (filled by ``logs_for_job``).
+    ``resume_step``: the step a resume starts at (``simfreeze.runs.resume.checkpoint_step``)."""
     from hydra.utils import get_class
     from lightning.pytorch.loggers import WandbLogger
 
@@ -103,13 +171,16 @@ def build_loggers(cfg: dict, run_dir: Path) -> list:
     for kind, node in (cfg.get("logger") or {}).items():
         node = dict(node)
         target = get_class(node.pop("_target_"))
-        kwargs = {**placement(target, logs, run_dir, group), **{k: v for k, v in node.items() if v is not None}}
+        kwargs = {**placement(target, logs, run_dir, group, resume_step), **{k: v for k, v in node.items() if v is not None}}
         try:
-            loggers.append(target(**kwargs))
+            logger = target(**kwargs)
         except ModuleNotFoundError as err:  # Lightning's message names the package: `pip install wandb`
             raise ConfigError(f"logger={kind} needs a package this environment lacks: {err}") from None
+        if isinstance(logger, CSVLogger):
+            logger.continue_before = resume_step
+        loggers.append(logger)
         if issubclass(target, WandbLogger) and not kwargs.get("offline"):
-            start_wandb(loggers[-1], kind)
+            start_wandb(logger, kind)
     return loggers
 
 

@@ -6,6 +6,8 @@
   another run's outputs, also when two start together. A resume from the directory's own checkpoint
   (``ckpt_path=<run dir>/checkpoints/last.ckpt``) continues that run there. (The default directories are new timestamps, down to
   the microsecond; this catches an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` given twice.)
+- A resume of a run that finished (``finished_run``: a requeued job) says so and exits with status
+  0 before Hydra writes anything.
 - Every job of a sweep is composed and checked (``simfreeze.config.validate_config``) before the
   first job starts, so a bad key in job 30 does not fail it after 29 jobs of training.
 - ``hydra_error_line`` turns Hydra's multi-line composition errors (unknown group option, unknown
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -46,9 +49,39 @@ def resumes_in_place(run_dir: Path, ckpt_path: str | None) -> bool:
 def refuse_used_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     found = used_run_dir(run_dir)
     if found and not resumes_in_place(run_dir, ckpt_path):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = (f"or resume that run with ckpt_path={last}" if last.is_file() else
+                "that run left no checkpoint to resume from")
         raise RunDirInUse(f"hydra.run.dir='{run_dir}' already holds {found}; give a new directory "
-                          f"(the default is a new timestamp), or resume that run with "
-                          f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+                          f"(the default is a new timestamp); {hint}")
+
+
+def epochs_done(checkpoint: dict) -> int:
+    """The epochs a checkpoint's fit has finished (Lightning counts one as processed before the
+    checkpoint written at its end)."""
+    progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    return int(progress.get("processed", 0))
+
+
+def finished_run(ckpt_path: str | None, max_epochs: int) -> Path | None:
+    """The run directory of ``ckpt_path`` (``<run dir>/checkpoints/<file>``) when that run has
+    finished: its ``results.json`` says ``ok`` and the checkpoint is its last epoch's end. Resuming
+    it would train nothing and overwrite its results."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    run_dir = path.parent.parent
+    if path.parent.name != "checkpoints":
+        return None
+    try:
+        status = json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if status != "ok":
+        return None
+    from simfreeze.networks.build import load_checkpoint
+
+    return run_dir if epochs_done(load_checkpoint(path, "ckpt_path", mmap=True)) >= max_epochs else None
 
 
 # Run directories this process claimed before Hydra wrote to them (Preflight): the fit finds its own claim.
@@ -181,12 +214,18 @@ class Preflight(Callback):
             refuse_used_run_dir(run_dir, config.get("ckpt_path"))
             check_writable_folder("hydra.run.dir", config.hydra.run.dir)
             validate_config(without_hydra(config))  # before Hydra makes the run directory: a refusal writes nothing
-            # Claimed before Hydra writes .hydra/ and train.log there: a second run on this directory,
-            # started while this one imports, is refused before it writes anything.
-            claim_run_dir(run_dir, config.get("ckpt_path"))
-            CLAIMED.add(run_dir.resolve())
+            finished = finished_run(config.get("ckpt_path"), config.trainer.max_epochs)
+            if not finished:
+                # Claimed before Hydra writes .hydra/ and train.log there: a second run on this directory,
+                # started while this one imports, is refused before it writes anything.
+                claim_run_dir(run_dir, config.get("ckpt_path"))
+                CLAIMED.add(run_dir.resolve())
         except ConfigError as err:
             exit_with(str(err))
+        if finished:  # a requeued job: nothing to do, and no failure for its scheduler
+            print(f"simfreeze: {finished} already finished (results.json); nothing to do — start a new run "
+                  f"without ckpt_path to train again")
+            sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:

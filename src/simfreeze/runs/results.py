@@ -22,7 +22,13 @@ progress = logging.getLogger("simfreeze.progress")  # the console and train.log 
 
 class FitClock(L.Callback):
     """Wall time of the fit (from setup, so including a similarity pass), of each epoch, and of the
-    training part of each epoch.
+    training part of each epoch, and the images trained.
+
+    A resumed run continues the clock of the checkpoint's run (``state_dict``): ``fit_seconds`` is
+    the sum of each part's fit time up to its checkpoint and the resumed part's; work a killed part
+    did after its last checkpoint is trained again and counted once. An epoch that a stop cut and a
+    resume finished counts as one epoch, its time the sum of both pieces, so ``mean_epoch_seconds``
+    and ``train_images_per_second`` are over the epochs as trained.
 
     CUDA work is asynchronous, so the clock synchronises the device before every reading.
     """
@@ -34,6 +40,9 @@ class FitClock(L.Callback):
         self.train_images = 0
         self._fit_start = self._epoch_start = 0.0
         self._train_end: float | None = None
+        self._before = 0.0                   # fit seconds of the parts before a resume
+        self._in_epoch = False
+        self._resumed_in_epoch: float | None = None  # seconds of the cut epoch the checkpoint's part trained
 
     @staticmethod
     def _now(pl_module) -> float:
@@ -46,12 +55,19 @@ class FitClock(L.Callback):
         if stage == "fit":
             self._fit_start = self._now(pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        # Resumed within an epoch, Lightning calls no on_train_epoch_start: the epoch goes on from here.
+        if self._resumed_in_epoch is not None:
+            self._epoch_start, self._train_end = self._now(pl_module) - self._resumed_in_epoch, None
+            self._in_epoch, self._resumed_in_epoch = True, None
+
     def on_fit_end(self, trainer, pl_module):
-        self.fit_seconds = self._now(pl_module) - self._fit_start
+        self.fit_seconds = self._before + self._now(pl_module) - self._fit_start
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._epoch_start = self._now(pl_module)
         self._train_end = None
+        self._in_epoch = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.train_images += len(batch[1]) * trainer.world_size  # every DDP process trains a batch as large
@@ -64,6 +80,18 @@ class FitClock(L.Callback):
         end = self._now(pl_module)
         self.epoch_seconds.append(end - self._epoch_start)
         self.train_seconds.append((self._train_end or end) - self._epoch_start)
+        self._in_epoch = False
+
+    def state_dict(self) -> dict:
+        now = time.perf_counter()  # a checkpoint is written after the device's work is done
+        return {"fit_seconds": self._before + now - self._fit_start, "epoch_seconds": list(self.epoch_seconds),
+                "train_seconds": list(self.train_seconds), "train_images": self.train_images,
+                "in_epoch_seconds": now - self._epoch_start if self._in_epoch else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = state_dict["fit_seconds"]
+        self.epoch_seconds, self.train_seconds = list(state_dict["epoch_seconds"]), list(state_dict["train_seconds"])
+        self.train_images, self._resumed_in_epoch = state_dict["train_images"], state_dict["in_epoch_seconds"]
 
     def summary(self) -> dict[str, float | None]:
         train_time = sum(self.train_seconds)

@@ -7,22 +7,33 @@ the RNGs that draw the batch order and the flips, so a resumed run would see oth
 uninterrupted one. This callback stores torch's (CPU and CUDA), Python's and NumPy's states in the
 checkpoint and puts them back on restore: on CPU a resumed run ends bit for bit where the
 uninterrupted run ends (tests/test_reproducibility.py).
+
+A resume that is refused changes nothing: ``check_resume`` makes every check that can refuse it
+(settings, the data's files, the frozen prefix) before the run touches its directory, and every
+checkpoint is written under a temporary name and renamed into place (``AtomicCheckpointIO``), so a
+failed write (a full disk) leaves the previous ``last.ckpt`` as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from simfreeze.config import resume_differences, run_settings
-from simfreeze.errors import ConfigError
+from simfreeze.errors import ConfigError, DiskFull
+from simfreeze.method.freeze import frozen_state_from
+from simfreeze.networks.build import FROZEN_STATE
 
 log = logging.getLogger("simfreeze")
 
@@ -35,11 +46,14 @@ class LastCheckpoint(ModelCheckpoint):
     multiple of N); none for a ``ConfigError`` (a diverged run's weights are NaN, a refused restore
     has nothing of its own) or while testing (the module then holds the best weights); a stop in
     ``on_train_epoch_start`` saved as the end of the epoch before, which it is (Lightning 2.6 would
-    resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume."""
+    resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume,
+    or, in a source stage (``staged``), that the stage is trained again: its staging folder, this
+    checkpoint with it, is discarded after a failure (``simfreeze.runs.sources.cached_source``)."""
 
-    def __init__(self, dirpath: Path, every_n_epochs: int):
+    def __init__(self, dirpath: Path, every_n_epochs: int, staged: bool = False):
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, every_n_epochs=every_n_epochs,
                          save_on_exception=True, enable_version_counter=False)
+        self.staged = staged
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skipped when this step is saved already
@@ -58,9 +72,12 @@ class LastCheckpoint(ModelCheckpoint):
             if between:
                 epochs.total.ready, epochs.current.ready = epochs.total.ready + 1, epochs.current.ready + 1
         path = self.format_checkpoint_name({})
-        if trainer.is_global_zero and Path(path).is_file():
-            log.warning("stopped (%s) in epoch %d at step %d: resume with ckpt_path=%s", type(exception).__name__,
-                        trainer.current_epoch + 1, trainer.global_step, path)
+        where = f"stopped ({type(exception).__name__}) in epoch {trainer.current_epoch + 1} at step {trainer.global_step}"
+        if trainer.is_global_zero and self.staged:
+            log.warning("%s of a source stage: its staging folder is discarded, and the stage is trained again "
+                        "when the run is started again", where)
+        elif trainer.is_global_zero and Path(path).is_file():
+            log.warning("%s: resume with ckpt_path=%s", where, path)
 
 
 class RandomStateCallback(L.Callback):
@@ -77,18 +94,86 @@ class RandomStateCallback(L.Callback):
 
 class SameRunOnResume(L.Callback):
     """A resume continues the run its checkpoint came from: the checkpoint keeps the run's settings
-    (``simfreeze.config.run_settings``), and a resume whose config differs in any of them (other
-    classes, seed, learning rate, plan, …) is refused, naming the keys, instead of continuing the old
-    network under the new labels. ``validate_config`` makes the same check before any work; this
-    one holds for runs started without it."""
+    (``simfreeze.config.run_settings``) and the digest of its split's files (``files``:
+    ``TaskDataModule.files_digest``), and a resume whose config differs in any of them (other
+    classes, seed, learning rate, plan, …) or whose ``data.root`` holds other images is refused
+    (``resume_refusal``) instead of continuing the old network under the new labels.
+    ``validate_config`` checks the settings before any work and ``check_resume`` all of it before
+    the run touches its directory; this one holds for runs started without them."""
 
-    def __init__(self, cfg: dict):
-        self.cfg, self.settings = cfg, run_settings(cfg)
+    def __init__(self, cfg: dict, files: str | None = None):
+        self.cfg, self.settings, self.files = cfg, run_settings(cfg), files
 
     def state_dict(self) -> dict:
-        return {"settings": self.settings}
+        return {"settings": self.settings, "files": self.files}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        differences = resume_differences(state_dict.get("settings", {}), self.cfg)
-        if differences:
-            raise ConfigError(differences)
+        refusal = resume_refusal(state_dict, self.cfg, self.files)
+        if refusal:
+            raise ConfigError(refusal)
+
+
+def resume_refusal(stored: Mapping[str, Any], cfg: dict, files: str | None) -> str | None:
+    """Why a checkpoint whose ``SameRunOnResume`` state is ``stored`` is not this run's (``cfg``,
+    its split's files' digest ``files``), or None. A checkpoint written before the digest existed,
+    or data that is no folder of files, is not compared."""
+    differences = resume_differences(stored.get("settings", {}), cfg)
+    if differences:
+        return differences
+    if stored.get("files") and files and stored["files"] != files:
+        return (f"ckpt_path: data.root='{cfg['data']['root']}' holds other images for this run's split than the "
+                f"checkpoint's run trained on (the files of split.json or their contents differ); resume with the "
+                f"data it was trained on, or start a new run without ckpt_path")
+    return None
+
+
+def same_run_state(checkpoint: Mapping[str, Any]) -> dict | None:
+    """The ``SameRunOnResume`` state a checkpoint holds, or None."""
+    return next((state for name, state in (checkpoint.get("callbacks") or {}).items()
+                 if name.startswith("SameRunOnResume")), None)
+
+
+def check_resume(checkpoint: Mapping[str, Any], cfg: dict, module_state: Mapping[str, torch.Tensor],
+                 files: str | None, path: str) -> None:
+    """Every check that can refuse resuming ``checkpoint`` (read from ``path``) as the run ``cfg``
+    builds: its settings and files (``resume_refusal``) and its frozen prefix against the rebuilt
+    network's (``module_state``). Made before the run touches its directory (loggers, split.json,
+    checkpoints), so a refused resume changes nothing there; Lightning's restore checks again."""
+    stored = same_run_state(checkpoint)
+    refusal = resume_refusal(stored, cfg, files) if stored is not None else None
+    if refusal:
+        raise ConfigError(refusal)
+    record = checkpoint.get(FROZEN_STATE)
+    if record:
+        frozen_state_from(record, module_state, f"the checkpoint '{path}'")
+
+
+def checkpoint_step(checkpoint: Mapping[str, Any]) -> int:
+    """The step a resume of ``checkpoint`` logs first: what the run logged from it on is logged again."""
+    epoch_loop = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(epoch_loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to ``.<name>.tmp-<pid>`` beside their place and renamed into it: a write
+    that fails (a full disk, a kill) leaves the previous file whole and no temporary behind.
+    Lightning's own writes through a temporary file in the system's temp folder, which, on another
+    file system, is copied into place: a full disk there left a truncated ``last.ckpt``. No fsync:
+    this is about failed writes, not power loss. A full disk ends as ``DiskFull`` (one line)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+            os.replace(temporary, path)
+        except BaseException as err:
+            temporary.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                kept = "; the previous one is kept" if path.is_file() else ""
+                raise DiskFull(f"no space left on device writing {path}{kept}") from err
+            raise
