@@ -131,11 +131,20 @@ def numbered_folder(root):
     return root
 
 
-def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_resumes(tmp_path):
+def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_resumes(tmp_path, monkeypatch):
+    from simfreeze.runs.resume import LastCheckpoint
+
     original = numbered_folder(tmp_path / "original")
     run_dir = tmp_path / "run"
-    one_epoch = ["data.classes=[ant,bee]", "trainer.max_epochs=1"]
-    fit(original, run_dir, *one_epoch)
+    settings = ["data.classes=[ant,bee]", *TWO_EPOCHS]  # stopped in epoch 2: last.ckpt holds epoch 1
+
+    def killed(trainer):
+        raise RuntimeError("killed")
+    stop_at_step_6(monkeypatch, killed)
+    monkeypatch.setattr(LastCheckpoint, "on_exception", lambda *args: None)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(original, run_dir, *settings)
+    monkeypatch.undo()
     last = run_dir / "checkpoints" / "last.ckpt"
     before = snapshot(run_dir)
     swapped = shutil.copytree(original, tmp_path / "swapped")
@@ -143,11 +152,11 @@ def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_
     (swapped / "train" / "bee").rename(swapped / "train" / "ant")
     (swapped / "train" / "tmp").rename(swapped / "train" / "bee")
     with pytest.raises(ConfigError, match=f"^ckpt_path: data.root='{swapped}' holds other images") as caught:
-        fit(swapped, run_dir, *one_epoch, f"ckpt_path={last}")
+        fit(swapped, run_dir, *settings, f"ckpt_path={last}")
     assert "\n" not in str(caught.value)
     assert snapshot(run_dir) == before
     moved = shutil.move(original, tmp_path / "moved")  # the same images elsewhere: the same run
-    assert fit(moved, tmp_path / "resumed", *one_epoch, f"ckpt_path={last}")["status"] == "ok"
+    assert fit(moved, tmp_path / "resumed", *settings, f"ckpt_path={last}")["status"] == "ok"
 
 
 def test_resuming_a_finished_run_says_so_exits_0_and_writes_nothing(image_folder, tmp_path):
@@ -225,3 +234,13 @@ def test_rows_before_keeps_the_rows_before_a_step_as_they_were():
     assert rows_before(text, 4) == "epoch,step,train/loss\r\n0,0,0.5\r\n0,3,0.25\r\n"
     assert rows_before(text, 9) == text and rows_before("", 4) == ""
     assert rows_before(text + "1,5,0.1", 9) == rows_before(text + "1,", 9) == text  # cut short by a kill
+
+
+def test_resuming_a_finished_checkpoint_elsewhere_says_nothing_was_left_to_train(image_folder, tmp_path):
+    from simfreeze.errors import RunWithoutResult
+
+    fit(image_folder, tmp_path / "run", "trainer.max_epochs=1")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RunWithoutResult, match="trained all trainer.max_epochs=1 epochs already, so nothing was left"):
+        fit(image_folder, tmp_path / "again", "trainer.max_epochs=1", f"ckpt_path={last}")
+

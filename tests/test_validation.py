@@ -43,6 +43,8 @@ CASES = {
     "bad freeze.l_freeze": (["arm=dynamic", *TRANSFER, "freeze.l_freeze=deep"], "freeze.l_freeze=deep must be a number"),
     "missing data root": (["data.root=/nonexistent/cifar"], "data.root='/nonexistent/cifar' does not exist"),
     "a file as data root": (["data.root=" + str(REPO / "Makefile")], "data.root='" + str(REPO / "Makefile") + "' is a file"),
+    "a Lightning refusal of the trainer": (["+trainer.max_time=abc"], "trainer: Lightning refuses these settings: "
+                                           "`Timer(duration='abc')` is not a valid duration"),
     "a class twice": (["data.classes=[ant,bee,ant]"], "data.classes=['ant', 'bee', 'ant'] names ant more than once"),
     "a transfer arm without a source": (["arm=dynamic"], "arm=dynamic starts from a source model (transfer_from=source), "
                                         "and neither source.task nor source.weights is set"),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from simfreeze.data.datamodule import TaskDataModule
@@ -112,10 +113,14 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     # The clock first: the fit time includes the transfer set-up (the similarity pass, the fill).
     # No DistributedSampler: with DDP the datamodule holds and serves each process's share itself.
     plugins = [*listed(cfg["trainer"].get("plugins")), AtomicCheckpointIO()]
-    trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
-                        default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
-                        callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg, files),
-                                   progress_bar(cfg["progress"])])
+    try:
+        trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
+                            default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
+                            callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg, files),
+                                       progress_bar(cfg["progress"])])
+    except (MisconfigurationException, ModuleNotFoundError, ValueError, TypeError) as err:
+        # Lightning's own refusal of a trainer setting (an accelerator this machine lacks, a max_time it cannot read)
+        raise ConfigError(f"trainer: Lightning refuses these settings: {' '.join(str(err).split())[:300]}") from None
 
     for data in (datamodule, *similarity_data):  # known from the trainer before DDP starts its processes
         data.set_shard(trainer.global_rank, trainer.world_size)
