@@ -294,6 +294,8 @@ VALUE_CASES = {
     "an infinite weight decay": (["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf must be a finite number"),
     "a NaN pct_start": (["scheduler.pct_start=nan"], "scheduler.pct_start=nan must be a finite number"),
     "a NaN momentum": (["optimizer=sgd", "optimizer.momentum=nan"], "optimizer.momentum=nan must be a finite number"),
+    "Adam's eps in fp16": (["trainer.precision=16-true"], "trainer.precision=16-true keeps the optimizer's state in fp16, "
+                           "where optimizer.eps=1e-08 is 0"),
     "a NaN in data.mean": (["data.mean=[0.5,nan,0.5]"], "data.mean[1]=nan must be a finite number"),
     "a NaN in a source task": (["+source.task.val_fraction=nan"],
                                "source.task.val_fraction=nan must be a finite number"),

@@ -229,6 +229,7 @@ def check_values(cfg: dict) -> None:
     check_factory("optimizer", cfg.get("optimizer"))
     check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})
     check_by_construction(cfg.get("optimizer"), cfg.get("scheduler"))
+    check_fp16_eps(str(cfg["trainer"].get("precision")), cfg.get("optimizer"))
     for kind, node in (cfg.get("logger") or {}).items():
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(f"logger.{kind} must name a Lightning logger class in _target_ (conf/logger/)")
@@ -318,6 +319,34 @@ def check_validation_cadence(trainer: dict) -> None:
                           f"which must then be an integer ≥ 1 (or a duration), not {json.dumps(interval)}")
 
 
+def wants_total_steps(factory) -> bool:
+    """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows (the module
+    gives it; the check by construction below gives a stand-in)."""
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {})
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "total_steps" in params and keywords.get("total_steps") is None
+
+
+def check_fp16_eps(precision: str, optimizer: dict | None) -> None:
+    """``16-true`` keeps the optimizer's state in fp16, where Adam's default ``eps`` (1e-8) is 0: a
+    second moment that underflows to 0 then divides by 0 and the weights become NaN in a few steps."""
+    if precision != "16-true" or not optimizer or "_target_" not in optimizer:
+        return
+    import torch
+    from hydra.utils import get_class
+
+    default = inspect.signature(get_class(optimizer["_target_"]).__init__).parameters.get("eps")
+    eps = optimizer.get("eps", default.default if default is not None else None)
+    if is_number(eps) and eps > 0 and float(torch.tensor(eps, dtype=torch.float16)) == 0:
+        raise ConfigError(f"trainer.precision=16-true keeps the optimizer's state in fp16, where optimizer.eps={eps} "
+                          f"is 0 (the weights become NaN where a gradient is 0): give +optimizer.eps=1e-4, or use "
+                          f"trainer.precision=16-mixed")
+
+
 # Stands in for the run's step count when a scheduler needs one (OneCycleLR): the fewest the run gives.
 PROBE_TOTAL_STEPS = 10
 
@@ -332,8 +361,6 @@ def check_by_construction(optimizer: dict | None, scheduler: dict | None) -> Non
     import torch
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
-
-    from simfreeze.runs.module import wants_total_steps
 
     def refused(section: str, node: dict, err: Exception) -> ConfigError:
         text = " ".join(str(err).split()) or type(err).__name__

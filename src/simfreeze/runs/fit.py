@@ -74,7 +74,8 @@ def check_fit_result(run: Run) -> None:
     if trainer.global_step == 0:
         raise RunWithoutResult("the run trained no step (a trainer limit below one batch? trainer.limit_train_batches, "
                                "trainer.max_steps): it has no result; the run is failed, not reported")
-    if trainer.ckpt_path and not module.validated and trainer.current_epoch >= (trainer.max_epochs or 0):
+    if run.best.best_model_score is None and not module.validated and trainer.ckpt_path and \
+            trainer.current_epoch >= (trainer.max_epochs or 0):  # a finished run's checkpoint, in another directory
         raise RunWithoutResult(f"ckpt_path: its run had trained all trainer.max_epochs={trainer.max_epochs} epochs "
                                f"already, so nothing was left to train; resume a stopped run, or start a new one "
                                f"without ckpt_path")

@@ -12,6 +12,7 @@ import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from simfreeze.config import wants_total_steps
 from simfreeze.errors import TrainingDiverged
 from simfreeze.method.freeze import frozen_state_from, frozen_state_keys, leave_out_frozen
 from simfreeze.networks.build import FROZEN_STATE
@@ -163,16 +164,3 @@ def finite_state(net: nn.Module) -> torch.Tensor:
     if not tensors:
         return torch.tensor(True)
     return torch.stack([t.detach().isfinite().all() for t in tensors]).all()
-
-
-def wants_total_steps(factory) -> bool:
-    """OneCycleLR-style schedulers need the run's step count, which only the Trainer knows."""
-    import inspect
-
-    func = getattr(factory, "func", factory)
-    keywords = getattr(factory, "keywords", {})
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return "total_steps" in params and keywords.get("total_steps") is None
