@@ -51,6 +51,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from simfreeze.runs.loggers import logs_for_job
     from simfreeze.runs.progress import quiet_lightning
+    from simfreeze.runs.resume import earlier_attempt
     from simfreeze.speed.distributed import process_rank, relaunches_command, several_processes, sweep_job
     from simfreeze.speed.placement import job_devices
 
@@ -67,8 +68,16 @@ def main(cfg: DictConfig) -> float | None:
         quiet_lightning(cfg.verbose)
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         run_cfg["logs"] = (tree or {}).get("logs") or logs_for_job(run_cfg, run_dir, overrides, multirun and not tree)
+        relaunch = multirun and not tree and relaunches_command(run_cfg["trainer"])
+        attempt, results = earlier_attempt(run_dir, run_cfg, not relaunch) if multirun and not tree else ("new", None)
+        if attempt == "done":  # a sweep run again with its command: this job finished the last time
+            log.info("job %s finished in an earlier run of this sweep: its results are kept", job_num)
+            return results.get("best_val_acc")
+        if attempt == "resume":
+            run_cfg["ckpt_path"] = str(run_dir / "checkpoints" / "last.ckpt")
+            log.info("job %s: resuming from %s, where the sweep stopped the last time", job_num, run_cfg["ckpt_path"])
         with job_devices(run_cfg["trainer"], job_num, multirun):
-            if multirun and not tree and relaunches_command(run_cfg["trainer"]):
+            if relaunch:
                 results = train_in_own_process_tree(run_dir, job_num, overrides, run_cfg)
             else:
                 results = train(run_cfg, run_dir, overrides)
@@ -126,7 +135,7 @@ def summarise_stopped_sweep(sweep_dir: Path, run_dir: Path, cfg: DictConfig, ove
     from simfreeze.runs.results import failed_results, write_results
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    why = f"stopped by SIGTERM{f'; resume it with ckpt_path={last}' if last.is_file() else ''}"
+    why = f"stopped by SIGTERM; the sweep's command run again {'resumes it from ' + str(last) if last.is_file() else 'runs it again'}"
     record = failed_results(OmegaConf.to_container(cfg), run_dir, RuntimeError(why), overrides)
     write_results(run_dir / "results.json", {**record, "status": "stopped", "error": why})
     log.warning("sweep stopped by SIGTERM in job %s: summarising the jobs that finished", run_dir.name)

@@ -244,3 +244,33 @@ def test_resuming_a_finished_checkpoint_elsewhere_says_nothing_was_left_to_train
     with pytest.raises(RunWithoutResult, match="trained all trainer.max_epochs=1 epochs already, so nothing was left"):
         fit(image_folder, tmp_path / "again", "trainer.max_epochs=1", f"ckpt_path={last}")
 
+
+
+def test_a_job_of_a_sweep_run_again_is_kept_resumed_or_run_afresh(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from simfreeze.config import settings_digest
+    from simfreeze.errors import RunDirInUse
+    from simfreeze.runs.resume import earlier_attempt
+    from tests.helpers import compose_config
+
+    cfg = OmegaConf.to_container(compose_config(["model=small_cnn"]), resolve=True)
+    job = tmp_path / "3"
+    (job / ".hydra").mkdir(parents=True)
+    assert earlier_attempt(job, cfg) == ("new", None)  # Hydra's own files only
+    (job / "checkpoints").mkdir()
+    (job / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert earlier_attempt(job, cfg) == ("resume", None)  # killed: no results.json, a last.ckpt
+    (job / "results.json").write_text(json.dumps({"status": "failed"}))
+    (job / "split.json").write_text("{}")
+    assert earlier_attempt(job, cfg) == ("fresh", None)  # failed: its files go, Hydra's stay
+    assert sorted(p.name for p in job.iterdir()) == [".hydra"]
+    done = {"status": "ok", "best_val_acc": 0.5, "settings_digest": settings_digest(cfg)}
+    (job / "results.json").write_text(json.dumps(done))
+    assert earlier_attempt(job, cfg) == ("done", done)
+    other = OmegaConf.to_container(compose_config(["model=small_cnn", "optimizer.lr=0.1"]), resolve=True)
+    with pytest.raises(RunDirInUse, match="holds a finished job of other settings"):
+        earlier_attempt(job, other)
+    assert json.loads((job / "results.json").read_text()) == done  # never overwritten

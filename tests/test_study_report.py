@@ -225,3 +225,19 @@ def test_when_every_pair_has_the_same_best_depth_the_scores_are_ranked_against_t
     verdict = study_verdict(study)
     assert "ρ(S, best depth) is undefined" in verdict
     assert "Points lost by freezing 49 layers" in verdict and "for S the interval lies below 0" in verdict
+
+
+def test_a_study_with_a_failed_deep_job_of_one_seed_is_still_summarised(tmp_path):
+    runs = two_pairs() + pair_runs("cat", "frog", {0: (0.52, 0.50), 20: (0.58, 0.56), 45: (0.57, 0.55), 49: (0.5, 0.5)},
+                                   (30, (0.55, 0.56)), 0.7)
+    failed = next(r for r in runs if r["source"]["name"] == "source:cat" and r["name"] == "depth:dog"
+                  and r["l_freeze"] == 45 and r["seed"] == 1)
+    failed.update(status="failed", error="RuntimeError: out of memory", test_acc=None, best_val_acc=None)
+    study = analyse_study(runs, draws=200)  # a bootstrap draw of seed 1 alone has no depth 45 for dog
+    assert study is not None and all(row["used"] <= row["draws"] for row in study["loss_correlations"])
+    for index, result in enumerate(runs):
+        (tmp_path / str(index)).mkdir()
+        (tmp_path / str(index) / "results.json").write_text(json.dumps(result))
+    summary = write_summary(tmp_path)
+    assert summary is not None and [r["status"] for r in summary["failed"]] == ["failed"]
+

@@ -461,11 +461,11 @@ def test_a_search_whose_sweeper_is_not_installed_names_the_extra():
                                      "(the Optuna sweeper: .venv/bin/pip install -e '.[optuna]')")
 
 
-def test_a_sweep_stopped_by_sigterm_summarises_the_jobs_that_finished(image_folder, tmp_path):
+def test_a_sweep_stopped_by_sigterm_summarises_what_finished_and_its_command_finishes_it(image_folder, tmp_path):
     import signal
 
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "train", "-m", "trainer.max_epochs=1,50,2", "model=small_cnn", "data.image_size=32",
+    command = [sys.executable, "-m", "train", "-m", "trainer.max_epochs=1,8,2", "model=small_cnn", "data.image_size=32",
                "data.per_class=12", "progress=lines", "test=false", "data.classes=[ant,bee]",
                f"data.root={image_folder}", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -473,12 +473,28 @@ def test_a_sweep_stopped_by_sigterm_summarises_the_jobs_that_finished(image_fold
     output = []
     for line in process.stdout:  # job 1's first epoch line: its fit (and Lightning's SIGTERM handler) is on
         output.append(line)
-        if line.startswith("epoch 1/50"):
+        if line.startswith("epoch 1/8"):
             break
     process.send_signal(signal.SIGTERM)
     output = "".join(output) + process.communicate(timeout=300)[0]
     assert process.returncode == 128 + signal.SIGTERM, output
     runs = {row["job"]: row for row in csv.DictReader(open(sweep / "runs.csv"))}
     assert runs["0"]["status"] == "ok" and runs["1"]["status"] == "stopped" and runs["2"]["status"] == "missing"
-    assert f"STOPPED job 1: stopped by SIGTERM; resume it with ckpt_path={sweep / '1'}" in output
+    last = sweep / "1" / "checkpoints" / "last.ckpt"
+    assert f"STOPPED job 1: stopped by SIGTERM; the sweep's command run again resumes it from {last}" in output
     assert "never started" in (sweep / "summary.md").read_text()
+    first_job = (sweep / "0" / "results.json").read_bytes()
+
+    # the same command again finishes the sweep in place: job 0 kept, job 1 resumed, job 2 run
+    again = subprocess.run(command, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.startswith(f"continuing the sweep in {sweep}")
+    assert (sweep / "0" / "results.json").read_bytes() == first_job
+    resumed = json.loads((sweep / "1" / "results.json").read_text())
+    assert resumed["status"] == "ok" and resumed["epochs"] == 8 and "epoch 2/8" in again.stdout
+    assert "epoch 1/1" not in again.stdout  # job 0 did not train again
+    runs = {row["job"]: row for row in csv.DictReader(open(sweep / "runs.csv"))}
+    assert [runs[job]["status"] for job in "012"] == ["ok", "ok", "ok"]
+    # another sweep on that directory is still refused, and says how to finish the one there
+    other = subprocess.run([*command, "seed=3"], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
+    assert other.returncode == 2 and other.stderr.strip().endswith("to finish that sweep, run its own command again")

@@ -5,6 +5,7 @@ listed here again; the trainer's come from Lightning's ``Trainer``."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -453,6 +454,12 @@ def run_settings(cfg: dict) -> dict[str, str]:
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME)
     return {key: repr(value) for key, value in flatten(cfg).items() if not free(key)}
+
+
+def settings_digest(cfg: dict) -> str:
+    """A short hash of the settings that decide what a run computes (``run_settings``): a job of a
+    sweep run again is the same job when it has the same digest. ``results.json`` records it."""
+    return hashlib.sha256(json.dumps(run_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resume_differences(stored: dict[str, str], cfg: dict) -> str | None:

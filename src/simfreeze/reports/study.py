@@ -310,7 +310,9 @@ def bootstrap_spearman(points: list[tuple[float, dict[str, Any]]], draws: int = 
     values = []
     for _ in range(draws):
         drawn = [points[rng.randrange(len(points))] for _ in points]
-        rho = spearman([score for score, _ in drawn], [resampled(pair, rng) for _, pair in drawn])
+        # a pair whose drawn seeds lack a depth (one seed's job failed there) has no value in this draw
+        ys = [resampled(pair, rng) for _, pair in drawn]
+        rho = None if None in ys else spearman([score for score, _ in drawn], ys)
         if rho is not None:
             values.append(rho)
     values.sort()
@@ -343,7 +345,8 @@ def loss_correlations(pairs: list[dict[str, Any]], draws: int = DRAWS) -> list[d
     for name in names:
         points = [(pair["scores"][name], pair) for pair in pairs if name in pair["scores"]]
         for depth in deep:
-            rho = spearman([score for score, _ in points], [freezing_loss(pair, depth) for _, pair in points])
+            losses = [freezing_loss(pair, depth) for _, pair in points]
+            rho = None if None in losses else spearman([score for score, _ in points], losses)
             interval = (bootstrap_spearman(points, draws, resampled_freezing_loss(depth)) if rho is not None
                         else {"low": None, "high": None, "used": 0, "draws": 0})
             rows.append({"score": name, "depth": depth, "rho": rho, "pairs": len(points), **interval})

@@ -6,6 +6,9 @@
   another run's outputs, also when two start together. A resume from the directory's own checkpoint
   (``ckpt_path=<run dir>/checkpoints/last.ckpt``) continues that run there. (The default directories are new timestamps, down to
   the microsecond; this catches an explicit ``hydra.run.dir`` / ``hydra.sweep.dir`` given twice.)
+- The same sweep command run again on its own ``hydra.sweep.dir`` continues that sweep: the jobs
+  that finished are kept, the others run (``simfreeze.runs.resume.earlier_attempt``); one process
+  at a time holds a sweep directory (a lock on its ``multirun.yaml``).
 - A resume of a run that finished (``finished_run``: a requeued job) says so and exits with status
   0 before Hydra writes anything.
 - Every job of a sweep is composed and checked (``simfreeze.config.validate_config``) before the
@@ -128,8 +131,55 @@ def discard_refused_run(run_dir: Path, ckpt_path: str | None) -> bool:
 def refuse_used_sweep_dir(sweep_dir: Path) -> None:
     found = used_run_dir(sweep_dir)
     if found:
+        again = ("; to finish that sweep, run its own command again" if found.startswith("a sweep") else "")
         raise RunDirInUse(f"hydra.sweep.dir='{sweep_dir}' already holds {found}; give a new "
-                          f"directory (the default is a new timestamp)")
+                          f"directory (the default is a new timestamp){again}")
+
+
+def recorded_sweep(sweep_dir: Path):
+    """The sweep ``sweep_dir/multirun.yaml`` records (Hydra's whole config), {} for the empty file a
+    claim left before Hydra wrote it, or None when there is no such file or it cannot be read."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    try:
+        if path.stat().st_size == 0:
+            return {}
+        return OmegaConf.load(path)
+    except Exception:  # absent, unreadable, not YAML: not a sweep this command can continue
+        return None
+
+
+def continues_sweep(sweep_dir: Path, config: DictConfig) -> bool:
+    """Whether this sweep is the one ``sweep_dir`` holds, run again with its own command (the same
+    overrides and sweeper params): it then continues there (``simfreeze.runs.resume.earlier_attempt``)."""
+    from omegaconf import OmegaConf
+
+    recorded = recorded_sweep(sweep_dir)
+    if recorded is None:
+        return False
+    if not recorded:  # claimed, never started: nothing of another sweep is there
+        return True
+    params = [OmegaConf.to_container(c.hydra.sweeper.get("params") or {}) for c in (recorded, config)]
+    return list(recorded.hydra.overrides.task) == list(config.hydra.overrides.task) and params[0] == params[1]
+
+
+# The sweep directory this process holds (an open, locked multirun.yaml): a second process that tries to
+# continue the same sweep while this one runs is refused.
+HELD_SWEEP: list = []
+
+
+def hold_sweep_dir(sweep_dir: Path) -> None:
+    import fcntl
+
+    handle = open(sweep_dir / "multirun.yaml", "a")  # noqa: SIM115 (held for the sweep's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunDirInUse(f"hydra.sweep.dir='{sweep_dir}': the sweep is running in another process; wait for it "
+                          f"to end, then run its command again to finish what it left") from None
+    HELD_SWEEP.append(handle)
 
 
 def claim_sweep_dir(sweep_dir: Path) -> None:
@@ -228,15 +278,25 @@ class Preflight(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            refuse_used_sweep_dir(Path(config.hydra.sweep.dir))
+            # The same command again on its sweep directory finishes the sweep: jobs that finished are kept
+            # (simfreeze.runs.resume.earlier_attempt); any other sweep or run there is refused.
+            again = (sweep_dir / "multirun.yaml").is_file() and continues_sweep(sweep_dir, config)
+            if not again:
+                refuse_used_sweep_dir(sweep_dir)
             check_writable_folder("hydra.sweep.dir", config.hydra.sweep.dir)
             validate_sweep(config)
-            claim_sweep_dir(Path(config.hydra.sweep.dir))  # after the checks: a refused sweep writes nothing
+            if not again:
+                claim_sweep_dir(sweep_dir)  # after the checks: a refused sweep writes nothing
+            hold_sweep_dir(sweep_dir)
         except ConfigError as err:
             exit_with(str(err))
         except CompactHydraException as err:  # a job's overrides do not compose
             exit_with(hydra_error_line(err))
+        if again:
+            print(f"continuing the sweep in {sweep_dir}: jobs that finished are kept, the rest run "
+                  f"(a stopped job resumes from its last.ckpt)", flush=True)
 
 
 # Hydra plugins the project's extras install: a config that needs one names the extra.

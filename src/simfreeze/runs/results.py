@@ -14,6 +14,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from simfreeze.config import settings_digest
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.speed.precision import native_cpu_bf16
 
@@ -173,6 +174,7 @@ def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, over
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
         "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
+        "settings_digest": settings_digest(cfg),  # what it computed: a sweep run again keeps it when the same
     }
     for part in parts:
         results.update(part)

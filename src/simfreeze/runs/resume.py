@@ -17,8 +17,10 @@ failed write (a full disk) leaves the previous ``last.ckpt`` as it was.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,8 +32,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from simfreeze.config import resume_differences, run_settings
-from simfreeze.errors import ConfigError, DiskFull
+from simfreeze.config import resume_differences, run_settings, settings_digest
+from simfreeze.errors import ConfigError, DiskFull, RunDirInUse
 from simfreeze.method.freeze import frozen_state_from
 from simfreeze.networks.build import FROZEN_STATE
 
@@ -177,3 +179,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 kept = "; the previous one is kept" if path.is_file() else ""
                 raise DiskFull(f"no space left on device writing {path}{kept}") from err
             raise
+
+
+# What a failed or interrupted attempt leaves in a job directory besides Hydra's .hydra/ and train.log.
+ATTEMPT_FILES = ("results.json", "checkpoints", "csv", "split.json", "plan.json", "similarity.json")
+
+
+def earlier_attempt(run_dir: Path, cfg: dict, can_resume: bool = True) -> tuple[str, dict | None]:
+    """What an earlier run of the same sweep left in a job's directory, and what to do with it:
+
+    - ``("done", results)``: a complete ``results.json`` (status ok) of the same settings: kept, not run again;
+    - ``("resume", None)``: stopped or killed with a ``last.ckpt``: resumed from it in place (when
+      ``can_resume``; a DDP job in its own process tree starts again);
+    - ``("fresh", None)``: failed, broken, or stopped before any checkpoint: its files removed, run again;
+    - ``("new", None)``: nothing there.
+
+    A complete result of other settings (the conf files changed since) is refused: it is not this job's."""
+    results_path, last = run_dir / "results.json", run_dir / "checkpoints" / "last.ckpt"
+    if not any((run_dir / name).exists() for name in ATTEMPT_FILES):
+        return "new", None
+    try:
+        results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    except (OSError, ValueError):
+        results = {"status": "broken"}
+    status = (results or {}).get("status", "ok") if isinstance(results, dict) else "broken"
+    if results is not None and status == "ok":
+        if results.get("settings_digest") == settings_digest(cfg):
+            return "done", results
+        raise RunDirInUse(f"{run_dir} holds a finished job of other settings than this sweep's job now (the conf "
+                          f"files changed?); move it away to run the job again")
+    if (status in ("stopped", "killed") or results is None) and last.is_file() and can_resume:
+        return "resume", None
+    for name in ATTEMPT_FILES:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return "fresh", None
+
