@@ -197,7 +197,7 @@ def test_a_used_run_or_sweep_directory_is_refused_before_hydra_writes_to_it(tmp_
     (sweep_dir / "multirun.yaml").write_text("{}")
     line = one_error_line(run_train("-m", "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, check=False))
     assert line == f"error: hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml); give a new " \
-                   "directory (the default is a new timestamp)"
+                   "directory (the default is a new timestamp); to finish that sweep, run its own command again"
     assert sorted(p.name for p in sweep_dir.iterdir()) == ["multirun.yaml"]
 
     # a sweep into a run's folder, a run into a sweep's: refused alike, nothing written

@@ -158,10 +158,15 @@ def continues_sweep(sweep_dir: Path, config: DictConfig) -> bool:
     recorded = recorded_sweep(sweep_dir)
     if recorded is None:
         return False
-    if not recorded:  # claimed, never started: nothing of another sweep is there
+    if isinstance(recorded, dict):  # an empty file: claimed, never started; nothing of another sweep is there
         return True
-    params = [OmegaConf.to_container(c.hydra.sweeper.get("params") or {}) for c in (recorded, config)]
-    return list(recorded.hydra.overrides.task) == list(config.hydra.overrides.task) and params[0] == params[1]
+    if OmegaConf.select(recorded, "hydra.overrides.task") is None:
+        return False  # not Hydra's record of a sweep
+
+    def params(config) -> dict:
+        node = config.hydra.sweeper.get("params")
+        return {} if node is None else OmegaConf.to_container(node)
+    return list(recorded.hydra.overrides.task) == list(config.hydra.overrides.task) and params(recorded) == params(config)
 
 
 # The sweep directory this process holds (an open, locked multirun.yaml): a second process that tries to
@@ -272,6 +277,8 @@ class Preflight(Callback):
                 CLAIMED.add(run_dir.resolve())
         except ConfigError as err:
             exit_with(str(err))
+        except Exception as err:  # Hydra would turn it into a warning and start the run unchecked
+            exit_with(f"the run's checks failed ({type(err).__name__}: {err}); nothing was run")
         if finished:  # a requeued job: nothing to do, and no failure for its scheduler
             print(f"simfreeze: {finished} already finished (results.json); nothing to do — start a new run "
                   f"without ckpt_path to train again")
@@ -294,6 +301,8 @@ class Preflight(Callback):
             exit_with(str(err))
         except CompactHydraException as err:  # a job's overrides do not compose
             exit_with(hydra_error_line(err))
+        except Exception as err:  # Hydra would turn it into a warning and start the sweep unchecked
+            exit_with(f"the sweep's checks failed ({type(err).__name__}: {err}); nothing was run")
         if again:
             print(f"continuing the sweep in {sweep_dir}: jobs that finished are kept, the rest run "
                   f"(a stopped job resumes from its last.ckpt)", flush=True)

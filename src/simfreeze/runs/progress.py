@@ -150,3 +150,5 @@ def quiet_lightning(verbose: bool = False) -> None:
     # Frozen BatchNorm is held in eval on purpose (simfreeze.runs.transfer).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resume in place writes into its own checkpoints/ on purpose (another run there is refused first).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
