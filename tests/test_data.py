@@ -242,7 +242,12 @@ def test_the_holdout_is_never_trained_or_validated_on_and_is_the_test_split(tmp_
     too_big = balanced_split({"a": 20, "b": 20}, 18, 0.2, 0)
     assert shared_images(too_big, split)  # a source that trains on it is caught by the leakage check
     dm.setup()
-    assert len(dm.tensors["test"][1]) == 12  # the holdout replaces the folder's test/ split
+    # the data's own test/ split comes first, named; the slice stays out of training all the same
+    assert len(dm.tensors["test"][1]) == 6 and dm.test_from == "the data's test split (test/)"
+    assert dm.split_record()["test_from"] == dm.test_from and dm.split_record()["test_images"] == 6
+    sliced = TaskDataModule(root=str(root), classes=["a", "b"], per_class=10, holdout_per_class=6, use_test=False)
+    sliced.setup()  # asked for the slice (or a root without test/): the held-out slice, named as such
+    assert len(sliced.tensors["test"][1]) == 12 and sliced.test_from.startswith("the training folder's held-out slice")
     with pytest.raises(DataConfigError, match=r"data.per_class=16 \+ data.holdout_per_class=6 exceed the 20 images"):
         TaskDataModule(root=str(root), classes=["a", "b"], per_class=16, holdout_per_class=6).plan_split()
 

@@ -20,6 +20,7 @@ def arm_run(arm, seed=0, *, acc=None, seconds=None, source="source:cat"):
             "policy": "linear" if arm == "dynamic" else "static" if depth else "none", "l_freeze": depth,
             "n_layers": 50, "S": 0.98 if arm == "dynamic" else None, "trainable_parameters": 1000 * (50 - depth) + 2,
             "best_val_acc": default_acc if acc is None else acc, "test_acc": None,
+            "images": {"train": 1280, "val": 320}, "classes": 2,
             "fit_seconds": default_seconds if seconds is None else seconds,
             "source": {"name": source, "fit_seconds": 45.7} if transfer else None,
             "overrides": ["+experiment=cat_to_dog", f"arm={arm}", f"seed={seed}"]}
@@ -51,7 +52,12 @@ def test_a_one_seed_sweep_says_one_seed_once_and_no_plus_minus_zero(tmp_path, ca
         assert "± 0.0" not in text
         assert text.count("One seed per setting") == 1
         assert "| arm=dynamic | dynamic | 1 | 0.9800 | 39 | 11,002 | 0.631 | 23.9 | 0.531 |" in text
-    assert "best val acc 0.641." in out and "(0.631)." in out  # the depth verdict, numbers alone too
+    assert "best val acc 0.641." in out and "(0.631);" in out  # the depth verdict, numbers alone too
+    # one seed: what the gap is against the validation set's sampling error and chance, not against seed noise
+    assert ("in best val acc (0.631); 1 seed, so no seed noise to judge it by; measured on 320 images, an accuracy "
+            "near 0.63 has a sampling error of 2.7 points (one binomial SE); the gap is 3 of 320 images; chance is "
+            "50 %.") in out
+    assert "0.3 points below it, in 0.53× its fit time; 1 seed, so no seed noise" in out and "is 1 of 320 images" in out
 
 
 def test_several_seeds_keep_mean_and_std(tmp_path):
@@ -106,7 +112,9 @@ def test_dynamic_is_compared_with_scratch_in_points_against_the_seed_noise(tmp_p
     one = write_sweep(tmp_path / "one", [arm_run(arm) for arm in ARMS])
     assert report(one, "python -m train +experiment=cat_to_dog") == 0
     sentence = ("Against scratch: arm=dynamic (similarity-driven) has best val acc 0.631 against scratch's 0.634, "
-                "**0.3 points below** it, in 0.53× its fit time; 1 seed: no estimate of seed noise to judge it against.")
+                "**0.3 points below** it, in 0.53× its fit time; 1 seed, so no seed noise to judge it by; measured on "
+                "320 images, an accuracy near 0.63 has a sampling error of 2.7 points (one binomial SE); the gap is 1 "
+                "of 320 images; chance is 50 %.")
     out = capsys.readouterr().out
     assert all(sentence in text for text in documents(one)) and sentence.replace("**", "") in out
     # three seeds: dynamic 0.62 ± 0.01, scratch 0.60 ± 0.02; SE = √(0.01²/3 + 0.02²/3) = 1.29 points

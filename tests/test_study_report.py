@@ -148,7 +148,7 @@ def test_one_seed_gives_no_noise_estimate_and_names_the_fallback_metric():
     verdict = study_verdict(study)
     assert "with one seed per setting there is no noise estimate" in verdict
     assert "within seed noise" not in verdict and "beyond seed noise" not in verdict
-    assert "Accuracy: best val accuracy (no run recorded a held-out test accuracy)." in verdict
+    assert "Accuracy: best val accuracy (no run recorded a held-out test accuracy), which both chooses" in verdict
 
 
 def test_a_study_needs_two_pairs_with_two_fixed_depths_each():
@@ -207,7 +207,7 @@ def test_an_ordinary_depth_sweep_has_no_study_section(tmp_path):
     summary_md, report_md = (tmp_path / "summary.md").read_text(), (tmp_path / "report.md").read_text()
     assert summary["study"] == "" and TITLE not in summary_md + report_md
     assert not (tmp_path / "study.png").exists() and not (tmp_path / "study.csv").exists()
-    assert "Best fixed depth: **20**" in summary_md and (tmp_path / "summary.png").exists()
+    assert "Best fixed depth (chosen on best val acc): **20**" in summary_md and (tmp_path / "summary.png").exists()
 
 
 def test_when_every_pair_has_the_same_best_depth_the_scores_are_ranked_against_the_loss_of_deep_freezing():
@@ -241,3 +241,19 @@ def test_a_study_with_a_failed_deep_job_of_one_seed_is_still_summarised(tmp_path
     summary = write_summary(tmp_path)
     assert summary is not None and [r["status"] for r in summary["failed"]] == ["failed"]
 
+
+
+def test_the_best_depth_is_chosen_on_validation_and_scored_on_the_held_out_images():
+    """Depth 20 wins on validation, depth 45 on test: the oracle is 20 (chosen on val), and the
+    regrets are test accuracy against depth 20's, so an arm can beat the chosen best (regret < 0)."""
+    runs = two_pairs()
+    for r in runs:
+        if r["name"] == "depth:dog" and r["policy"] == "static":
+            r["best_val_acc"] = {0: 0.60, 20: 0.75, 45: 0.70, 49: 0.55}[r["l_freeze"]]
+            r["test_acc"] = {0: 0.60, 20: 0.66, 45: 0.70, 49: 0.58}[r["l_freeze"]]
+    dog = by_label(analyse_study(runs, draws=50))["cat → dog"]
+    assert dog["best"]["depth"] == 20 and dog["best"]["per_seed"] == [20, 20]
+    assert dog["arms"]["static45"]["regret"] == pytest.approx(-4.0)  # 0.66 − 0.70 on test: beats the chosen depth
+    assert dog["arms"]["best"]["acc"][0] == pytest.approx(0.66)
+    study = analyse_study(runs, draws=50)
+    assert "chosen on best val accuracy and scored on held-out test accuracy" in study_verdict(study)

@@ -78,7 +78,7 @@ def test_failed_and_killed_jobs_are_listed_and_not_averaged(tmp_path):
     assert float(rows["freeze.l_freeze=45"]["best_val_acc_mean"]) == pytest.approx(0.66)
     text, report = (tmp_path / "summary.md").read_text(), (tmp_path / "report.md").read_text()
     assert "RuntimeError: out of memory" in text and "## Failed jobs" in text
-    assert "Best fixed depth: **45**" in summary["verdict"] and summary["verdict"] in text and summary["verdict"] in report
+    assert "Best fixed depth (chosen on best val acc): **45**" in summary["verdict"] and summary["verdict"] in text and summary["verdict"] in report
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # TensorBoard: the fixed depths' accuracy with the depth as step; dynamic at its mean depth 39.5
     events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()

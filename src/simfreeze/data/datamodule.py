@@ -78,6 +78,7 @@ class TaskDataModule(L.LightningDataModule):
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.features: dict[str, torch.Tensor] = {}  # cached prefix outputs (N, views, ...) per stage
         self.stored_size: tuple[int, int] | None = None
+        self.test_from: str | None = None  # where the test images come from (split.json, results.json, the summaries)
         # With DDP each process decodes, caches and serves only its share of every stage (set_shard).
         self.rank, self.world = 0, 1
         self.shares: dict[str, dict[str, tuple[int, int]]] = {}  # stage → class → (own images, held)
@@ -114,15 +115,21 @@ class TaskDataModule(L.LightningDataModule):
         self.plan_split()
         for stage_name, chosen in (("train", self.split.train), ("val", self.split.val)):
             self.tensors[stage_name] = self._load(chosen, "train", stage_name)
-        if self.split.holdout:  # the final evaluation: held-out images of the training folder
-            self.tensors["test"] = self._load(self.split.holdout, "train", "test")
-        elif self.use_test and self.source.has_test:
+        # The final evaluation: the data's own test split when it has one (and use_test), else the held-out
+        # slice of the training folder (holdout_per_class); the slice is never trained or validated on either way.
+        everything = {}
+        if self.use_test and self.source.has_test:
             everything = {name: list(range(self.source.class_size(name, "test"))) for name in self.label_of}
             # A group takes as many test images in all as one of its members has.
             quotas = group_quotas(self.groups, max(map(len, everything.values())))
             everything = {name: indices[:quotas.get(name, len(indices))] for name, indices in everything.items()}
-            if any(everything.values()):
-                self.tensors["test"] = self._load(everything, "test", "test")
+        if any(everything.values()):
+            self.tensors["test"] = self._load(everything, "test", "test")
+            self.test_from = "the data's test split" + (" (test/)" if isinstance(self.source, ImageFolderSource) else "")
+        elif self.split.holdout:
+            self.tensors["test"] = self._load(self.split.holdout, "train", "test")
+            self.test_from = (f"the training folder's held-out slice (the last {self.holdout_per_class} images of each "
+                              f"class's order, never trained or validated on)")
 
     def _load(self, chosen: dict[str, list[int]], folder: str, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's share of ``chosen`` (class → image indices in ``folder``) as ``stage``."""
@@ -184,6 +191,7 @@ class TaskDataModule(L.LightningDataModule):
         record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
                   "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
                   "holdout_per_class": self.holdout_per_class, "skip_per_class": self.skip_per_class,
+                  "test_from": self.test_from, "test_images": self.total_sizes.get("test", 0),
                   **self.split.to_json()}
         if isinstance(self.source, ImageFolderSource):
             record["files"] = {stage: {name: [str(self.source.files(name)[i].relative_to(self.source.root))

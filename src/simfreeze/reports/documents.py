@@ -67,9 +67,21 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def results_note(rows: list[dict[str, Any]]) -> str:
+def held_out_note(runs: list[dict[str, Any]]) -> str:
+    """Which images ``test acc`` was measured on, as the runs recorded it ("" when no run was tested)."""
+    tested = [r for r in runs if r.get("status") == "ok" and r.get("test_acc") is not None]
+    if not tested:
+        return ""
+    named = dict.fromkeys(f"{r['test_from']} ({(r.get('images') or {}).get('test', '?')} images)"
+                          for r in tested if r.get("test_from"))
+    if not named:  # runs made before results.json recorded it
+        return "`test acc`: the runs did not record which images they were tested on."
+    return f"`test acc` is on {'; '.join(named)}."
+
+
+def results_note(rows: list[dict[str, Any]], held_out: str = "") -> str:
     """What the results table's numbers are: mean ± std over seeds, or one seed's values (then said once
-    here rather than as "± 0.000" in every cell)."""
+    here rather than as "± 0.000" in every cell); ``held_out``: where the test images came from."""
     counts = [r["n"] for r in rows if r["n"]]
     if counts and max(counts) == 1:
         what = "One seed per setting: each cell is that job's value; there is no estimate of seed noise."
@@ -78,7 +90,8 @@ def results_note(rows: list[dict[str, Any]]) -> str:
                 "value alone.")
     else:
         what = "Mean ± std over seeds (sample std) of the jobs that finished."
-    return what + " `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's."
+    return what + " `time ÷ scratch`: mean fit seconds over the same architecture's scratch arm's." + \
+        (f" {held_out}" if held_out else "")
 
 
 def plans_table(rows: list[dict[str, Any]], first_trained: dict[str, str | None]) -> str:
@@ -138,7 +151,7 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
         if study else None,
         Section("jobs", None, jobs_line(runs)),
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
-        Section("results", "Results", f"{results_note(rows)}\n\n{results_table(rows)}"),
+        Section("results", "Results", f"{results_note(rows, held_out_note(runs))}\n\n{results_table(rows)}"),
         Section("depth_verdict", None, verdict) if verdict else None,
         Section("scratch", None, scratch) if scratch else None,
         Section("figure", None, "![accuracy and fit time vs frozen layers](summary.png)") if plot else None,

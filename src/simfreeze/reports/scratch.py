@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
-from simfreeze.reports.stats import plus_minus
+from simfreeze.reports.stats import plus_minus, sampling_phrase
 
 # A fit time this much above scratch's, for no more trained layers, is flagged: below it, timing noise.
 SLOWER = 1.10
@@ -36,7 +36,8 @@ def gap_sentence(row: dict[str, Any], scratch: dict[str, Any]) -> str:
     gap = 100 * (ours[0] - theirs[0])
     where = "the same as" if round(gap, 1) == 0 else f"{abs(gap):.1f} points {'above' if gap > 0 else 'below'}"
     if row["n"] < 2 or scratch["n"] < 2:
-        noise = "1 seed: no estimate of seed noise to judge it against"
+        images = (row.get("images") or {}).get("test" if key == "test_acc" else "val")
+        noise = sampling_phrase(ours[0], images, row.get("chance"), gap)
     else:
         se = 100 * math.sqrt(ours[1] ** 2 / row["n"] + theirs[1] ** 2 / scratch["n"])
         noise = (f"{'within' if abs(gap) <= 2 * se else 'beyond'} seed noise (2·SE of the difference = "

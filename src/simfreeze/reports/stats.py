@@ -5,6 +5,7 @@ Pure and light (no torch, no Lightning): every other module of ``simfreeze.repor
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -39,6 +40,26 @@ def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
         return "–"
     mean, std = value
     return f"{mean:.{digits}f}" if one_value(value) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def binomial_se(accuracy: float, images: int) -> float:
+    """The standard error of an accuracy measured on ``images`` independent images: sqrt(p(1 − p)/n)."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / images) if images else float("nan")
+
+
+def sampling_phrase(accuracy: float, images: int | None, chance: float | None, gap_points: float | None = None) -> str:
+    """What one seed's accuracy can tell, when there is no seed noise to judge by: its sampling error
+    on ``images`` images (one binomial SE), the gap in images, and the chance level."""
+    if not images:
+        return "1 seed: no estimate of seed noise to judge it against"
+    se = 100 * binomial_se(accuracy, images)
+    parts = [f"1 seed, so no seed noise to judge it by; measured on {images} images, an accuracy near "
+             f"{accuracy:.2f} has a sampling error of {se:.1f} points (one binomial SE)"]
+    if gap_points is not None:
+        parts.append(f"the gap is {abs(gap_points) * images / 100:.0f} of {images} images")
+    if chance:
+        parts.append(f"chance is {100 * chance:.0f} %")
+    return "; ".join(parts)
 
 
 def seeds_phrase(counts: list[int]) -> str:

@@ -54,7 +54,8 @@ from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import comparable, depth_verdict, verdict_text
-from simfreeze.reports.documents import render_documents, results_note, results_table, sweep_sections
+from simfreeze.reports.documents import (held_out_note, render_documents, results_note, results_table,
+                                         sweep_sections)
 from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, parse_override, setting_keys,
@@ -214,6 +215,9 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
             "trainable_parameters": sorted({r["trainable_parameters"] for r in ok}),  # differs where L_freeze does
             "best_val_acc": mean_std([r.get("best_val_acc") for r in ok]),
             "test_acc": mean_std([r.get("test_acc") for r in ok]),
+            # what one seed's accuracy is measured on, for its sampling error, and the chance level
+            "images": (ok[0].get("images") or {}) if ok else {},
+            "chance": 1 / ok[0]["classes"] if ok and ok[0].get("classes") else None,
             "fit_seconds": fit, "n_layers": first.get("n_layers"),
             "source_seconds": mean_std([r["source"]["fit_seconds"] for r in ok if r.get("source")]),
             "time_vs_scratch": fit[0] / reference[0] if fit and reference and reference[0] else None,
@@ -350,7 +354,7 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
     written = {"summary.png": figure, "study.png": study_plot, "cost_model.png": cost_plot}
-    return {"table": table, "note": results_note(rows), "verdict": verdict_md, "scratch": scratch_md,
+    return {"table": table, "note": results_note(rows, held_out_note(runs)), "verdict": verdict_md, "scratch": scratch_md,
             "study": study_verdict(study) if study else "", "failed": [r for r in runs if r["status"] != "ok"],
             "plot": plot, "figures": [sweep_dir / name for name, drawn in written.items() if drawn is not None],
             "stages": stages_md, "architectures": architectures_md}

@@ -43,7 +43,8 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     results = run_results(
         cfg, run_dir, trainer,
         {"best_val_acc": metric(run.best.best_model_score), "final_val_acc": metric(final), "test_acc": metric(test_acc)},
-        run.clock.summary(), {"images": run.datamodule.total_sizes}, run.transfer.record(),
+        run.clock.summary(), {"images": run.datamodule.total_sizes, "test_from": run.datamodule.test_from,
+                                       "classes": run.datamodule.num_classes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
         {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
     record_hparams(run, cfg, results)
