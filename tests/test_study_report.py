@@ -116,8 +116,9 @@ def test_the_bootstrap_interval_holds_the_estimate_and_repeats_exactly():
     assert first == second and first["used"] > 0
     verdict = study_verdict(study)
     assert (f"ρ(S, best depth) = 0.95 [{cosine['low']:.2f}, 1.00] over 4 pairs (95 % hierarchical bootstrap, "
-            f"{cosine['used']} of 2000 draws defined): evidence that higher S calls for deeper freezing.") in verdict
-    assert cosine["low"] > 0 and "S and centred cosine order the pairs' best depths best (ρ = 0.95)" in verdict
+            f"{cosine['used']} of 2000 draws defined); too few pairs for a claim (below 5 the exact test cannot "
+            f"reach p < 0.05, and every ρ of 2 pairs is ±1): no evidence either way") in verdict
+    assert "none is named the better predictor from these point estimates" in verdict and "best (ρ" not in verdict
     # fewer draws, a wider interval: then the verdict does not claim evidence
     few = {row["score"]: row for row in analyse_study(spread_study(), draws=400)["correlations"]}["cosine"]
     assert few["low"] < 0 < few["high"]
@@ -224,7 +225,7 @@ def test_when_every_pair_has_the_same_best_depth_the_scores_are_ranked_against_t
     assert sorted(loss) == [45, 49] and loss[45]["rho"] == pytest.approx(-1.0) and loss[49]["high"] < 0
     verdict = study_verdict(study)
     assert "ρ(S, best depth) is undefined" in verdict
-    assert "Points lost by freezing 49 layers" in verdict and "for S the interval lies below 0" in verdict
+    assert "Points lost by freezing 49 layers" in verdict and "4 pairs are too few for a claim (at least 5)" in verdict
 
 
 def test_a_study_with_a_failed_deep_job_of_one_seed_is_still_summarised(tmp_path):
@@ -257,3 +258,29 @@ def test_the_best_depth_is_chosen_on_validation_and_scored_on_the_held_out_image
     assert dog["arms"]["best"]["acc"][0] == pytest.approx(0.66)
     study = analyse_study(runs, draws=50)
     assert "chosen on best val accuracy and scored on held-out test accuracy" in study_verdict(study)
+
+
+def test_rank_correlations_get_exact_permutation_tests_corrected_over_everything_computed():
+    from simfreeze.reports.study import holm, permutation_p
+
+    # 5 pairs in the same order: 2 of 5! = 120 orderings reach |ρ| = 1; reversed the same; a tie stays a tie
+    assert permutation_p([1, 2, 3, 4, 5], [10, 20, 30, 40, 50]) == pytest.approx(2 / 120)
+    assert permutation_p([1, 2, 3, 4, 5], [50, 40, 30, 20, 10]) == pytest.approx(2 / 120)
+    assert permutation_p([1, 2], [3, 4]) == 1.0 and permutation_p([1, 2, 3], [5, 5, 5]) is None
+    many = permutation_p(list(range(10)), list(range(10)))  # 10! orderings: drawn, (k + 1) / (N + 1)
+    assert many == pytest.approx(1 / 10_001, abs=3 / 10_001)
+    assert holm([0.01, None, 0.04, 0.03]) == [pytest.approx(0.03), None, pytest.approx(0.06), pytest.approx(0.06)]
+    # six pairs whose best depth rises with S: ρ = 1, exact p = 2/720, Holm over the study's 3 scores × (1 + 2 depths)
+    runs = []
+    for i, S in enumerate((0.5, 0.6, 0.7, 0.8, 0.9, 0.95)):
+        best = (0, 20, 20, 45, 45, 49)[i]
+        accs = {d: tuple(0.70 - 0.001 * abs(d - best) + 0.002 * s for s in range(2)) for d in DEPTHS}
+        runs += pair_runs(f"s{i}", "dog", accs, (round(S * 40), (0.69, 0.69)), S,
+                          scores={"centred_cosine": S, "logme": 1 - S})
+    study = analyse_study(runs, draws=100)
+    cosine = {r["score"]: r for r in study["correlations"]}["cosine"]
+    assert cosine["p"] == pytest.approx(permutation_p([0.5, 0.6, 0.7, 0.8, 0.9, 0.95], [0, 20, 20, 45, 45, 49]))
+    assert cosine["family"] == 9 and cosine["p_holm"] >= cosine["p"] and cosine["claim"] is (cosine["p_holm"] < 0.05)
+    verdict = study_verdict(study)
+    assert f"exact permutation p = {cosine['p']:.3f}, {cosine['p_holm']:.3f} after Holm's correction over the 9" in verdict
+

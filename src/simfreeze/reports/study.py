@@ -11,6 +11,7 @@ bootstrap interval). Pure: runs in, numbers and markdown out (matplotlib only in
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -279,6 +280,56 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return statistics.correlation(average_ranks(xs), average_ranks(ys))
 
 
+# With fewer pairs the exact two-sided test of ρ cannot reach p < 0.05 (its smallest p is 2/n!: 0.083 at
+# 4 pairs), so no correlation is claimed below it; ρ is still shown.
+MIN_PAIRS = 5
+EXACT_UP_TO = 7  # pairs; above it the permutation test draws PERMUTATIONS orderings instead of all n!
+PERMUTATIONS = 10_000
+ALPHA = 0.05
+
+
+def permutation_p(xs: list[float], ys: list[float], seed: int = 0) -> float | None:
+    """Two-sided p of Spearman's ρ under exchangeability: the share of orderings of ``ys`` whose |ρ|
+    reaches the observed one (ties kept as they are). Exact over all n! orderings up to
+    ``EXACT_UP_TO`` pairs, else ``(k + 1) / (N + 1)`` over N random ones (fixed RNG). None where ρ is."""
+    observed = spearman(xs, ys)
+    if observed is None:
+        return None
+    rx, ry = average_ranks(xs), average_ranks(ys)
+    threshold = abs(observed) - 1e-12
+
+    def reaches(order) -> bool:
+        return abs(statistics.correlation(rx, list(order))) >= threshold
+    if len(ys) <= EXACT_UP_TO:
+        orders = list(itertools.permutations(ry))
+        return sum(map(reaches, orders)) / len(orders)
+    rng = random.Random(seed)
+    hits = sum(reaches(rng.sample(ry, len(ry))) for _ in range(PERMUTATIONS))
+    return (hits + 1) / (PERMUTATIONS + 1)
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of the p-values present (None stays None) for the family of all of
+    them: it holds the chance of any false claim at the level, whatever their dependence."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_tests(rows: list[dict[str, Any]]) -> None:
+    """Each correlation's exact permutation p and its Holm-adjusted p over every correlation computed
+    (``family``: how many); a claim only from ``MIN_PAIRS`` pairs on."""
+    for row in rows:
+        row["p"] = permutation_p(*row.pop("points")) if row["rho"] is not None else None
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"], row["family"] = adjusted, sum(r["p"] is not None for r in rows)
+        row["claim"] = (row["pairs"] >= MIN_PAIRS and adjusted is not None and adjusted < ALPHA)
+
+
 def quantile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between the closest ranks (numpy's default)."""
     position = q * (len(sorted_values) - 1)
@@ -332,10 +383,11 @@ def correlations(pairs: list[dict[str, Any]], draws: int = DRAWS) -> list[dict[s
     rows = []
     for name in names:
         points = [(pair["scores"][name], pair) for pair in pairs if name in pair["scores"]]
-        rho = spearman([score for score, _ in points], [pair["best"]["depth"] for _, pair in points])
+        xs, ys = [score for score, _ in points], [pair["best"]["depth"] for _, pair in points]
+        rho = spearman(xs, ys)
         interval = bootstrap_spearman(points, draws) if rho is not None else {"low": None, "high": None,
                                                                                 "used": 0, "draws": 0}
-        rows.append({"score": name, "rho": rho, "pairs": len(points), **interval})
+        rows.append({"score": name, "rho": rho, "pairs": len(points), **interval, "points": (xs, ys)})
     return rows
 
 
@@ -352,10 +404,12 @@ def loss_correlations(pairs: list[dict[str, Any]], draws: int = DRAWS) -> list[d
         points = [(pair["scores"][name], pair) for pair in pairs if name in pair["scores"]]
         for depth in deep:
             losses = [freezing_loss(pair, depth) for _, pair in points]
-            rho = None if None in losses else spearman([score for score, _ in points], losses)
+            xs = [score for score, _ in points]
+            rho = None if None in losses else spearman(xs, losses)
             interval = (bootstrap_spearman(points, draws, resampled_freezing_loss(depth)) if rho is not None
                         else {"low": None, "high": None, "used": 0, "draws": 0})
-            rows.append({"score": name, "depth": depth, "rho": rho, "pairs": len(points), **interval})
+            rows.append({"score": name, "depth": depth, "rho": rho, "pairs": len(points), **interval,
+                         "points": (xs, losses)})
     return rows
 
 
@@ -366,12 +420,14 @@ def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, A
     if kept is None:
         return None
     pairs = [analyse_pair(pair) for pair in kept]
+    found, losses = correlations(pairs, draws), loss_correlations(pairs, draws)
+    add_tests([*found, *losses])  # one family: every correlation the study computes
     noises = [p["noise"] for p in pairs if p["noise"] is not None]
     fallbacks, measured = sum(p["fallbacks"] for p in pairs), sum(p["runs"] for p in pairs)
     return {"pairs": pairs, "left_out": [p["label"] for p in every if len(p["fixed"]) < 2],
             "arms": {arm: average_arm(pairs, arm) for arm in ("best", *ARMS)},
             "versus": [v for v in (rule_versus(pairs, b) for b in BASELINE_DEPTHS) if v is not None],
-            "correlations": correlations(pairs, draws), "loss_correlations": loss_correlations(pairs, draws),
+            "correlations": found, "loss_correlations": losses,
             "noise": math.sqrt(statistics.fmean(n * n for n in noises)) if noises else None,
             "seeds": max(len(p["seeds"]) for p in pairs), "fallbacks": fallbacks, "measured_runs": measured,
             "l_totals": sorted({p["l_total"] for p in pairs}),
@@ -441,52 +497,71 @@ def time_sentence(study: dict[str, Any]) -> str:
     return f"Time per target model, fit seconds ÷ finetune's (depth 0), mean over pairs: {', '.join(parts)}{source}."
 
 
+def tested(row: dict[str, Any]) -> str:
+    """The correlation's test in words: too few pairs for a claim, or its exact p and Holm's p."""
+    if row["pairs"] < MIN_PAIRS:
+        return (f"too few pairs for a claim (below {MIN_PAIRS} the exact test cannot reach p < {ALPHA:g}, "
+                f"and every ρ of 2 pairs is ±1)")
+    return (f"exact permutation p = {row['p']:.3f}, {row['p_holm']:.3f} after Holm's correction over the "
+            f"{row['family']} correlations computed")
+
+
 def evidence(row: dict[str, Any]) -> str:
-    if row["low"] is not None and row["low"] > 0:
+    if not row.get("claim"):
+        return "no evidence either way that higher S calls for deeper freezing"
+    if row["rho"] > 0:
         return "evidence that higher S calls for deeper freezing"
-    if row["high"] is not None and row["high"] < 0:
-        return "evidence that higher S calls for shallower freezing, against the rule"
-    return "no evidence either way that higher S calls for deeper freezing"
+    return "evidence that higher S calls for shallower freezing, against the rule"
+
+
+def interval(row: dict[str, Any]) -> str:
+    return "" if row["low"] is None else f" [{row['low']:.2f}, {row['high']:.2f}]"
 
 
 def cosine_sentence(row: dict[str, Any]) -> str:
     if row["rho"] is None:
         return "ρ(S, best depth) is undefined: S or the best depth is the same in every pair."
-    return (f"ρ(S, best depth) = {row['rho']:.2f} [{row['low']:.2f}, {row['high']:.2f}] over {row['pairs']} pairs "
-            f"(95 % hierarchical bootstrap, {row['used']} of {row['draws']} draws defined): {evidence(row)}.")
+    return (f"ρ(S, best depth) = {row['rho']:.2f}{interval(row)} over {row['pairs']} pairs (95 % hierarchical "
+            f"bootstrap, {row['used']} of {row['draws']} draws defined); {tested(row)}: {evidence(row)}.")
 
 
 def correlation_sentence(study: dict[str, Any]) -> str:
-    """ρ(S, best depth) with its interval in words, and which score orders the best depths best."""
+    """ρ(S, best depth) with its test in words, and the other scores' ρ beside it: no score is named
+    the best predictor from point estimates (telling two ρ apart needs a test of their difference)."""
     rows = {row["score"]: row for row in study["correlations"]}
     if not rows:
         return "No pair recorded a similarity score: ρ cannot be computed."
     text = cosine_sentence(rows["cosine"]) if "cosine" in rows else ""
-    defined = [row for row in rows.values() if row["rho"] is not None]
-    if len(rows) > 1 and defined:
-        top = max(row["rho"] for row in defined)
-        leaders = [SCORE_NAMES.get(row["score"], row["score"]) for row in defined if row["rho"] >= top - 1e-9]
-        text += (f" Of the scores, {' and '.join(leaders)} {'order' if len(leaders) > 1 else 'orders'} the pairs' "
-                 f"best depths best (ρ = {top:.2f}).")
+    others = [row for name, row in rows.items() if name != "cosine" and row["rho"] is not None]
+    if others:
+        parts = [f"{SCORE_NAMES.get(r['score'], r['score'])} ρ = {r['rho']:.2f}"
+                 + (f" (Holm p = {r['p_holm']:.3f})" if r["pairs"] >= MIN_PAIRS else "") for r in others]
+        text += (f" Other scores: {'; '.join(parts)}; none is named the better predictor from these point "
+                 f"estimates.")
     return text.strip()
 
 
 def loss_sentence(study: dict[str, Any]) -> str:
-    """Whether the scores order how much deep freezing costs (negative ρ: the rule's premise)."""
+    """Whether the scores order how much deep freezing costs (negative ρ: the rule's premise), by the
+    corrected test, not by the size of ρ."""
     rows = [r for r in study.get("loss_correlations", []) if r["rho"] is not None]
     if not rows:
         return ""
     deepest = max(r["depth"] for r in rows)
     at = {r["score"]: r for r in rows if r["depth"] == deepest}
-    best = min(at.values(), key=lambda r: r["rho"])
-    parts = [f"{SCORE_NAMES.get(r['score'], r['score'])} ρ = {r['rho']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
-             for r in at.values()]
-    holding = [SCORE_NAMES.get(r["score"], r["score"]) for r in at.values() if r["high"] is not None and r["high"] < 0]
-    claim = (f"for {' and '.join(holding)} the interval lies below 0: a more similar source loses less when frozen "
-             f"deep, as the rule assumes" if holding else "no score's interval excludes 0")
+    parts = [f"{SCORE_NAMES.get(r['score'], r['score'])} ρ = {r['rho']:.2f}{interval(r)}"
+             + (f", Holm p = {r['p_holm']:.3f}" if r["pairs"] >= MIN_PAIRS else "") for r in at.values()]
+    pairs = min(r["pairs"] for r in at.values())
+    holding = [SCORE_NAMES.get(r["score"], r["score"]) for r in at.values() if r.get("claim") and r["rho"] < 0]
+    if pairs < MIN_PAIRS:
+        claim = f"{pairs} pairs are too few for a claim (at least {MIN_PAIRS})"
+    elif holding:
+        claim = (f"for {' and '.join(holding)} the correlation holds after Holm's correction: a more similar source "
+                 f"loses less when frozen deep, as the rule assumes")
+    else:
+        claim = f"no score's correlation holds after Holm's correction over the {at[next(iter(at))]['family']} computed"
     return (f"Points lost by freezing {deepest} layers against the best depth, ranked against each score over "
-            f"the pairs: {'; '.join(parts)}; {claim}. {SCORE_NAMES.get(best['score'], best['score'])} orders "
-            f"that loss best.")
+            f"the pairs: {'; '.join(parts)}; {claim}.")
 
 
 def metric_sentence(study: dict[str, Any]) -> str:
@@ -572,22 +647,28 @@ def correlation_table(study: dict[str, Any]) -> str:
             for r in [*study["correlations"], *study.get("loss_correlations", [])]]
     for row, r in zip(rows[len(study["correlations"]):], study.get("loss_correlations", [])):
         row[2] = f"points lost at depth {r['depth']}"
-    return table(["score", "pairs", "ρ(score, …)", "ρ", "95 % interval", "bootstrap draws used"], rows)
+    for row, r in zip(rows, [*study["correlations"], *study.get("loss_correlations", [])]):
+        row += [number(r.get("p"), 3), number(r.get("p_holm"), 3) if r["pairs"] >= MIN_PAIRS else "too few pairs"]
+    return table(["score", "pairs", "ρ(score, …)", "ρ", "95 % interval", "bootstrap draws used", "exact p",
+                  "Holm p"], rows)
 
 
 def study_markdown(study: dict[str, Any]) -> str:
     """The study section's body: the verdict, then the tables with what they show."""
     return "\n\n".join([
         study_verdict(study),
-        "The best depth is the fixed depth with the highest mean accuracy over seeds; chosen on the same seeds it "
-        "is scored on, it favours itself, so regrets lean positive by up to about the seed noise. Regret = best "
-        "depth − arm, in accuracy points; * marks a regret beyond 2 SE of seed noise.",
+        "The best depth is the fixed depth with the highest mean best val accuracy over seeds; the accuracies and "
+        "regrets below are the held-out test accuracy where the runs recorded one, so the choice does not favour "
+        "itself there (a regret may then be below 0). Regret = best depth − arm, in accuracy points; * marks a "
+        "regret beyond 2 SE of seed noise.",
         depths_table(study), accuracy_table(study),
         "Fit seconds (mean ± std over seeds) and, in brackets, time ÷ finetune's:", time_table(study),
         "Spearman's ρ between each score and the best depth across pairs, and between each score and the points "
         "lost by freezing each deep depth against the best (negative: a more similar source loses less); 95 % "
-        "interval from a hierarchical "
-        "bootstrap (pairs, then each pair's seeds, drawn with replacement; `random.Random(0)`):",
+        "interval from a hierarchical bootstrap (pairs, then each pair's seeds, drawn with replacement; "
+        f"`random.Random(0)`); the exact permutation test's two-sided p (all orderings up to {EXACT_UP_TO} pairs, "
+        f"else {PERMUTATIONS:,} random ones) and Holm's adjustment of it over every correlation in the table; no "
+        f"claim from fewer than {MIN_PAIRS} pairs:",
         correlation_table(study)])
 
 
