@@ -52,6 +52,10 @@ def test_a_one_seed_sweep_says_one_seed_once_and_no_plus_minus_zero(tmp_path, ca
         assert "± 0.0" not in text
         assert text.count("One seed per setting") == 1
         assert "| arm=dynamic | dynamic | 1 | 0.9800 | 39 | 11,002 | 0.631 | 23.9 | 0.531 |" in text
+    import csv
+
+    dynamic = next(r for r in csv.DictReader(open(sweep / "summary.csv")) if r["arm"] == "dynamic")
+    assert dynamic["best_val_acc_mean"] == "0.631" and dynamic["best_val_acc_std"] == ""  # no std for one seed
     assert "best val acc 0.641." in out and "(0.631);" in out  # the depth verdict, numbers alone too
     # one seed: what the gap is against the validation set's sampling error and chance, not against seed noise
     assert ("in best val acc (0.631); 1 seed, so no seed noise to judge it by; measured on 320 images, an accuracy "
@@ -117,13 +121,15 @@ def test_dynamic_is_compared_with_scratch_in_points_against_the_seed_noise(tmp_p
                 "of 320 images; chance is 50 %.")
     out = capsys.readouterr().out
     assert all(sentence in text for text in documents(one)) and sentence.replace("**", "") in out
-    # three seeds: dynamic 0.62 ± 0.01, scratch 0.60 ± 0.02; SE = √(0.01²/3 + 0.02²/3) = 1.29 points
+    # three seeds: dynamic 0.62 ± 0.01, scratch 0.60 ± 0.02; SE = √(0.01²/3 + 0.02²/3) = 1.29 points, Welch's
+    # df = 2.9 → t = 4.30 (at 2 df: the wider), so the 95 % half-width is 5.6 points, not 2·SE = 2.6
     runs = [arm_run("scratch", s, acc=0.60 + d) for s, d in enumerate((-0.02, 0.0, 0.02))]
     runs += [arm_run("dynamic", s, acc=0.62 + d) for s, d in enumerate((-0.01, 0.0, 0.01))]
     write_summary(write_sweep(tmp_path / "three", runs))
     summary_md, report_md = documents(tmp_path / "three")
     assert ("has best val acc 0.620 ± 0.010 against scratch's 0.600 ± 0.020, **2.0 points above** it, in 0.53× its "
-            "fit time; within seed noise (2·SE of the difference = 2.6 points, 3 and 3 seeds).") in summary_md
+            "fit time; within seed noise (95 % half-width of the difference = 5.6 points: t = 4.30 × SE, Welch, 3 "
+            "and 3 seeds).") in summary_md
     assert "**2.0 points above**" in report_md
     # without a scratch arm there is nothing to compare with
     write_summary(write_sweep(tmp_path / "none", [arm_run(arm) for arm in ("dynamic", "static45")]))

@@ -284,3 +284,16 @@ def test_rank_correlations_get_exact_permutation_tests_corrected_over_everything
     verdict = study_verdict(study)
     assert f"exact permutation p = {cosine['p']:.3f}, {cosine['p_holm']:.3f} after Holm's correction over the 9" in verdict
 
+
+
+def test_noise_is_judged_with_students_t_at_the_pooled_degrees_of_freedom():
+    from simfreeze.reports.stats import t_975, welch_df
+
+    assert t_975(14) == 2.145 and t_975(2.9) == 4.303 and t_975(35) == 2.042 and t_975(5000) == 1.960
+    assert t_975(0) == float("inf") and welch_df(0.01, 3, 0.01, 3) == pytest.approx(4.0)
+    study = analyse_study(two_pairs(), draws=50)
+    dog = by_label(study)["cat → dog"]
+    assert dog["df"] == 5  # 2 seeds × (4 depths and the rule): 5 × (2 − 1)
+    rule = dog["arms"]["rule"]
+    assert rule["within_noise"] is (abs(rule["regret"]) <= 2.571 * rule["se"])
+    assert "t = 2.57, 5 df" in study_verdict(study)

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
-from simfreeze.reports.stats import plus_minus, sampling_phrase
+from simfreeze.reports.stats import plus_minus, sampling_phrase, t_975, welch_df
 
 # A fit time this much above scratch's, for no more trained layers, is flagged: below it, timing noise.
 SLOWER = 1.10
@@ -29,7 +29,8 @@ def scratch_rows(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
 
 def gap_sentence(row: dict[str, Any], scratch: dict[str, Any]) -> str:
     """One similarity-driven setting against scratch: accuracy in points, with the seed noise of the
-    difference (2·SE, the SE from both settings' stds) where both have two or more seeds, and time."""
+    difference (Student's t × SE, the SE from both settings' stds, Welch's degrees of freedom) where both
+    have two or more seeds, and time."""
     key = "test_acc" if row["test_acc"] and scratch["test_acc"] else "best_val_acc"
     metric = "test acc" if key == "test_acc" else "best val acc"
     ours, theirs = row[key], scratch[key]
@@ -40,8 +41,9 @@ def gap_sentence(row: dict[str, Any], scratch: dict[str, Any]) -> str:
         noise = sampling_phrase(ours[0], images, row.get("chance"), gap)
     else:
         se = 100 * math.sqrt(ours[1] ** 2 / row["n"] + theirs[1] ** 2 / scratch["n"])
-        noise = (f"{'within' if abs(gap) <= 2 * se else 'beyond'} seed noise (2·SE of the difference = "
-                 f"{2 * se:.1f} points, {row['n']} and {scratch['n']} seeds)")
+        t = t_975(welch_df(ours[1], row["n"], theirs[1], scratch["n"]))
+        noise = (f"{'within' if abs(gap) <= t * se else 'beyond'} seed noise (95 % half-width of the difference = "
+                 f"{t * se:.1f} points: t = {t:.2f} × SE, Welch, {row['n']} and {scratch['n']} seeds)")
     time = "" if row["time_vs_scratch"] is None else f", in {row['time_vs_scratch']:.2f}× its fit time"
     return (f"Against scratch: {row['setting']} (similarity-driven) has {metric} {plus_minus(ours)} against "
             f"scratch's {plus_minus(theirs)}, **{where}** it{time}; {noise}.")

@@ -42,6 +42,27 @@ def plus_minus(value: tuple[float, float] | None, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if one_value(value) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+# Student's t at 0.975 (two-sided 95 %) by degrees of freedom; between rows the lower df's (wider) value.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t_975(df: float) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (a fraction rounds down: wider)."""
+    if df < 1:
+        return float("inf")
+    return T_975[max(k for k in T_975 if k <= df)] if df < 1000 else 1.960
+
+
+def welch_df(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
+    """Welch–Satterthwaite degrees of freedom of a difference of two means with their sample stds."""
+    a, b = std_a ** 2 / n_a, std_b ** 2 / n_b
+    denominator = a * a / (n_a - 1) + b * b / (n_b - 1)
+    return (a + b) ** 2 / denominator if denominator else float(n_a + n_b - 2)
+
+
 def binomial_se(accuracy: float, images: int) -> float:
     """The standard error of an accuracy measured on ``images`` independent images: sqrt(p(1 − p)/n)."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / images) if images else float("nan")

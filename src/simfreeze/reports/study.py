@@ -18,7 +18,7 @@ import statistics
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
-from simfreeze.reports.stats import mean_std, plus_minus, seeds_phrase, zoomed_label
+from simfreeze.reports.stats import mean_std, plus_minus, seeds_phrase, t_975, zoomed_label
 
 L_TOTAL = 40  # the paper's L_total for ResNet-50; runs made before it was recorded used it
 BASELINE_DEPTHS = {"static45": 45, "head_only": 49, "finetune": 0}
@@ -162,10 +162,22 @@ def best_depth(pair: dict[str, Any]) -> dict[str, Any]:
 def seed_noise(pair: dict[str, Any]) -> float | None:
     """Pooled std over seeds of one setting's accuracy, in points: the root of the mean of the
     per-setting sample variances (fixed depths and the dynamic runs); None with one seed."""
-    settings = [list(slot["acc"].values()) for slot in pair["fixed"].values()]
-    settings.append([run["acc"] for run in pair["dynamic"]])
-    variances = [statistics.variance(values) for values in settings if len(values) >= 2]
+    variances = [statistics.variance(values) for values in setting_accuracies(pair) if len(values) >= 2]
     return 100 * math.sqrt(statistics.fmean(variances)) if variances else None
+
+
+def setting_accuracies(pair: dict[str, Any]) -> list[list[float]]:
+    return [*(list(slot["acc"].values()) for slot in pair["fixed"].values()), [run["acc"] for run in pair["dynamic"]]]
+
+
+def noise_df(pair: dict[str, Any]) -> int:
+    """The degrees of freedom of ``seed_noise``: Σ (seeds − 1) over the settings it pools."""
+    return sum(len(values) - 1 for values in setting_accuracies(pair) if len(values) >= 2)
+
+
+def within(gap: float, se: float | None, df: float) -> bool | None:
+    """|gap| inside the 95 % interval of noise: t(df) × SE (Student's t, not 2: few seeds)."""
+    return None if se is None else abs(gap) <= t_975(df) * se
 
 
 def difference_se(noise: float | None, n_a: int, n_b: int) -> float | None:
@@ -190,15 +202,16 @@ def arm_samples(pair: dict[str, Any], best: int) -> dict[str, dict[str, Any] | N
 
 
 def arm_result(sample: dict[str, Any], best: dict[str, Any], noise: float | None,
-               finetune_seconds: float | None) -> dict[str, Any]:
+               finetune_seconds: float | None, df: int = 0) -> dict[str, Any]:
     """One arm against the best depth: accuracy, regret in points (best − arm), whether that is
-    within 2 SE of seed noise, fit seconds, and time ÷ finetune's and seconds saved per target."""
+    within t(df) × SE of seed noise (``df``: the noise's degrees of freedom), fit seconds, and time ÷
+    finetune's and seconds saved per target."""
     accuracy, seconds = mean_std(sample["acc"]), mean_std(sample["seconds"])
     regret = 100 * (statistics.fmean(best["acc"]) - accuracy[0])
     se = difference_se(noise, len(best["acc"]), len(sample["acc"]))
     timed = seconds is not None and finetune_seconds
     return {"depth": sample["depth"], "n": len(sample["acc"]), "acc": accuracy, "seconds": seconds,
-            "regret": regret, "se": se, "within_noise": None if se is None else abs(regret) <= 2 * se,
+            "regret": regret, "se": se, "df": df, "within_noise": within(regret, se, df),
             "time_ratio": seconds[0] / finetune_seconds if timed else None,
             "saved_seconds": finetune_seconds - seconds[0] if timed else None}
 
@@ -214,13 +227,14 @@ def analyse_pair(pair: dict[str, Any]) -> dict[str, Any]:
     oracle, noise = best_depth(pair), seed_noise(pair)
     samples = arm_samples(pair, oracle["depth"])
     finetune = samples["finetune"] and mean_std(samples["finetune"]["seconds"])
-    arms = {arm: arm_result(sample, samples["best"], noise, finetune[0] if finetune else None)
+    df = noise_df(pair)
+    arms = {arm: arm_result(sample, samples["best"], noise, finetune[0] if finetune else None, df)
             for arm, sample in samples.items() if sample is not None}
     rule = arms.get("rule")
     n_seeds = len(samples["best"]["acc"])
     # the rule's depth is rarely a measured one (37 against 30, 40, …): it is judged by its nearest
     nearest = None if rule is None else nearest_measured(rule["depth"], list(pair["fixed"]))
-    return {**pair, "best": oracle, "noise": noise, "se": difference_se(noise, n_seeds, n_seeds), "arms": arms,
+    return {**pair, "best": oracle, "noise": noise, "df": df, "se": difference_se(noise, n_seeds, n_seeds), "arms": arms,
             "rule_depth": rule and rule["depth"], "rule_nearest": nearest,
             "depth_error": None if rule is None else rule["depth"] - oracle["depth"],
             "picks": None if rule is None else nearest == oracle["depth"],
@@ -231,15 +245,17 @@ def analyse_pair(pair: dict[str, Any]) -> dict[str, Any]:
 
 def average_arm(pairs: list[dict[str, Any]], arm: str) -> dict[str, Any] | None:
     """An arm's regret over the pairs that measured it: mean ± std over pairs, and within noise when
-    |mean| ≤ 2·SE of the mean of the per-pair differences (√(Σ SE²) / n)."""
+    |mean| ≤ t × SE of the mean of the per-pair differences (√(Σ SE²) / n; t at the smallest of the
+    pairs' degrees of freedom: the widest)."""
     results = [p["arms"][arm] for p in pairs if arm in p["arms"]]
     if not results:
         return None
     regret = mean_std([r["regret"] for r in results])
     ses = [r["se"] for r in results]
     se = None if None in ses else math.sqrt(sum(s * s for s in ses)) / len(ses)
-    return {"arm": arm, "pairs": len(results), "regret": regret, "se": se,
-            "within_noise": None if se is None else abs(regret[0]) <= 2 * se,
+    df = min(r["df"] for r in results)
+    return {"arm": arm, "pairs": len(results), "regret": regret, "se": se, "df": df,
+            "within_noise": within(regret[0], se, df),
             "time_ratio": mean_or_none([r["time_ratio"] for r in results]),
             "saved_seconds": mean_or_none([r["saved_seconds"] for r in results])}
 
@@ -254,8 +270,9 @@ def rule_versus(pairs: list[dict[str, Any]], baseline: str) -> dict[str, Any] | 
     ses = [difference_se(p["noise"], p["arms"]["rule"]["n"], p["arms"][baseline]["n"]) for p in both]
     se = None if None in ses else math.sqrt(sum(s * s for s in ses)) / len(ses)
     gap = statistics.fmean(gaps)
-    return {"baseline": baseline, "pairs": len(both), "gap": gap, "se": se,
-            "within_noise": None if se is None else abs(gap) <= 2 * se}
+    df = min(p["df"] for p in both)
+    return {"baseline": baseline, "pairs": len(both), "gap": gap, "se": se, "df": df,
+            "within_noise": within(gap, se, df)}
 
 
 def average_ranks(values: list[float]) -> list[float]:
@@ -438,10 +455,10 @@ def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, A
 
 # --- words and tables ----------------------------------------------------------------------------
 
-def noise_note(within: bool | None, se: float | None) -> str:
-    if within is None:
+def noise_note(inside: bool | None, se: float | None, df: int = 0) -> str:
+    if inside is None:
         return "no noise estimate"
-    return f"{'within' if within else 'beyond'} seed noise, 2·SE = {2 * se:.1f}"
+    return f"{'within' if inside else 'beyond'} seed noise, t·SE = {t_975(df) * se:.1f} (t = {t_975(df):.2f}, {df} df)"
 
 
 def signed_gap(points: float) -> str:
@@ -470,11 +487,11 @@ def rule_sentence(study: dict[str, Any]) -> str:
     if study["noise"] is None:
         return text + "); with one seed per setting there is no noise estimate, so no difference here can " \
                       "be told from seed noise (add seed=0,1,2)."
-    return text + f"; seed noise ±{study['noise']:.1f} points a setting): {noise_note(rule['within_noise'], rule['se'])}."
+    return text + f"; seed noise ±{study['noise']:.1f} points a setting): {noise_note(rule['within_noise'], rule['se'], rule['df'])}."
 
 
 def baselines_sentence(study: dict[str, Any]) -> str:
-    parts = [f"{arm} {a['regret'][0]:.1f} ± {a['regret'][1]:.1f} ({noise_note(a['within_noise'], a['se'])})"
+    parts = [f"{arm} {a['regret'][0]:.1f} ± {a['regret'][1]:.1f} ({noise_note(a['within_noise'], a['se'], a['df'])})"
              for arm in BASELINE_DEPTHS if (a := study["arms"][arm]) is not None]
     return f"Baselines, points below the best depth: {'; '.join(parts)}." if parts else ""
 
@@ -484,7 +501,7 @@ def versus_sentence(versus: dict[str, Any]) -> str:
     gap, name = versus["gap"], versus["baseline"]
     verb = "**loses to**" if gap > 0 else "beats" if gap < 0 else "ties with"
     return (f"The rule {verb} {name} by {abs(gap):.1f} points on average over {versus['pairs']} pairs "
-            f"({noise_note(versus['within_noise'], versus['se'])}).")
+            f"({noise_note(versus['within_noise'], versus['se'], versus['df'])}).")
 
 
 def time_sentence(study: dict[str, Any]) -> str:
@@ -612,7 +629,7 @@ def depths_table(study: dict[str, Any]) -> str:
 
 
 def accuracy_table(study: dict[str, Any]) -> str:
-    """Per pair: every arm's accuracy (mean ± std over seeds) and regret in points (* beyond 2 SE)."""
+    """Per pair: every arm's accuracy (mean ± std over seeds) and regret in points (* beyond t × SE)."""
     def cell(p, arm):
         a = p["arms"].get(arm)
         if a is None:
@@ -660,7 +677,7 @@ def study_markdown(study: dict[str, Any]) -> str:
         "The best depth is the fixed depth with the highest mean best val accuracy over seeds; the accuracies and "
         "regrets below are the held-out test accuracy where the runs recorded one, so the choice does not favour "
         "itself there (a regret may then be below 0). Regret = best depth − arm, in accuracy points; * marks a "
-        "regret beyond 2 SE of seed noise.",
+        "regret beyond t × SE of seed noise (Student's t at the pooled noise's degrees of freedom).",
         depths_table(study), accuracy_table(study),
         "Fit seconds (mean ± std over seeds) and, in brackets, time ÷ finetune's:", time_table(study),
         "Spearman's ρ between each score and the best depth across pairs, and between each score and the points "

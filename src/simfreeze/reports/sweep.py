@@ -58,8 +58,8 @@ from simfreeze.reports.documents import (held_out_note, render_documents, result
                                          sweep_sections)
 from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
-from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, parse_override, setting_keys,
-                                     setting_of, start_of)
+from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, one_value, parse_override,
+                                     setting_keys, setting_of, start_of)
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -249,8 +249,8 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
         writer.writerow(columns + [f"{s}_{part}" for s in stats for part in ("mean", "std")] + ["time_vs_scratch"])
         for r in rows:
             cells = [r[c] if not isinstance(r[c], list) else " ".join(map(str, r[c])) for c in columns]
-            for s in stats:
-                cells += list(r[s]) if r[s] else ["", ""]
+            for s in stats:  # one seed: its value and no std (a 0.0 would read as no variance)
+                cells += ([r[s][0], ""] if one_value(r[s]) else list(r[s])) if r[s] else ["", ""]
             writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
 
 
