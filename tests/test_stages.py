@@ -84,3 +84,16 @@ def test_staged_experiment_trains_each_stage_once_and_reports_the_chain(tmp_path
     # stdout: the stage table and the speed-up line, without markdown's bold
     assert "| stage | task | frozen layers | n | fit s |" in result.stdout
     assert "× faster (ratio of the means" in result.stdout
+
+
+def test_a_study_lists_each_source_as_its_own_row_and_a_shared_base_once():
+    base = {"name": "source:cifar8", "run_dir": "/cache/base", "l_freeze": 0, "fit_seconds": 100.0, "best_val_acc": 0.7}
+
+    def job(seed, source):
+        middle = {"name": f"source:{source}", "run_dir": f"/cache/{source}-{seed}", "l_freeze": 0, "fit_seconds": 10.0,
+                  "best_val_acc": 0.8, "source": base}
+        return {"arm": "depth", "seed": seed, "status": "ok", "l_freeze": 20, "fit_seconds": 5.0, "best_val_acc": 0.6,
+                "name": "depth:dog", "run_dir": f"/sweep/{source}-{seed}", "source": middle}
+    rows = stage_rows([job(seed, source) for source in ("cat", "automobile") for seed in (0, 1, 2)])
+    assert [(r["stage"], r["task"], r["n"]) for r in rows] == [
+        (1, "source:cifar8", 1), (2, "source:cat", 3), (2, "source:automobile", 3), (3, "depth:dog", 6)]

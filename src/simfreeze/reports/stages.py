@@ -29,19 +29,26 @@ def finished_chains(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def stage_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per stage of the finished chains: task, frozen layers, fit seconds and accuracies (mean ± std
-    over the runs)."""
+    """Per stage of the finished chains and per task at that stage (a study's cat and automobile
+    sources are two rows): frozen layers, fit seconds and accuracies, mean ± std over the distinct
+    stage runs. A stage that many chains share (one cached base) counts once, not once per chain."""
     chains = finished_chains(runs)
     if not chains:
         return []
     rows = []
     for i in range(max(map(len, chains))):
-        stage = [chain[i] for chain in chains if len(chain) > i]
-        rows.append({"stage": i + 1, "task": stage[0].get("name"),
-                     "l_freeze": sorted({s.get("l_freeze", 0) for s in stage}), "n": len(stage),
-                     "fit_seconds": mean_std([s.get("fit_seconds") for s in stage]),
-                     "best_val_acc": mean_std([s.get("best_val_acc") for s in stage]),
-                     "test_acc": mean_std([s.get("test_acc") for s in stage])})
+        tasks: dict[Any, dict[Any, dict[str, Any]]] = {}
+        for chain in chains:
+            if len(chain) > i:  # the same trained stage recurs in every chain that reused it: keyed by its folder
+                stage = chain[i]
+                tasks.setdefault(stage.get("name"), {})[stage.get("run_dir") or id(stage)] = stage
+        for task, distinct in tasks.items():
+            stage = list(distinct.values())
+            rows.append({"stage": i + 1, "task": task,
+                         "l_freeze": sorted({s.get("l_freeze", 0) for s in stage}), "n": len(stage),
+                         "fit_seconds": mean_std([s.get("fit_seconds") for s in stage]),
+                         "best_val_acc": mean_std([s.get("best_val_acc") for s in stage]),
+                         "test_acc": mean_std([s.get("test_acc") for s in stage])})
     return rows
 
 
