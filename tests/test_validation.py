@@ -45,6 +45,13 @@ CASES = {
     "a file as data root": (["data.root=" + str(REPO / "Makefile")], "data.root='" + str(REPO / "Makefile") + "' is a file"),
     "a Lightning refusal of the trainer": (["+trainer.max_time=abc"], "trainer: Lightning refuses these settings: "
                                            "`Timer(duration='abc')` is not a valid duration"),
+    "a missing embedder of the similarity matrix": (["+experiment=similarity_matrix", "data.classes=[ant,bee,cow]",
+                                                     "similarity.embedder=/nonexistent/e.pt"],
+                                                    "similarity.embedder='/nonexistent/e.pt': no such"),
+    "the matrix's embedder up a chain without one": (["+experiment=similarity_matrix", "data.classes=[ant,bee,cow]",
+                                                      "similarity.embedder=source.source"],
+                                                     "similarity.embedder=source.source names a model of the chain of "
+                                                     "sources, and neither source.source.task nor source.source.weights"),
     "a class twice": (["data.classes=[ant,bee,ant]"], "data.classes=['ant', 'bee', 'ant'] names ant more than once"),
     "a transfer arm without a source": (["arm=dynamic"], "arm=dynamic starts from a source model (transfer_from=source), "
                                         "and neither source.task nor source.weights is set"),

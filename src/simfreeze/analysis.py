@@ -29,7 +29,7 @@ from simfreeze.networks.build import build_network
 from simfreeze.networks.layers import layer_map
 from simfreeze.reports.plots import centroid_map, freeze_curve, similarity_heatmap
 from simfreeze.runs.results import finish
-from simfreeze.runs.sources import TrainFn, source_weights
+from simfreeze.runs.sources import TrainFn, chain_stage, source_weights
 from simfreeze.speed.precision import device_type
 
 FIGURES = {"similarity_matrix": "similarity_matrix.png", "centroids_pca": "centroids_pca.png",
@@ -37,21 +37,31 @@ FIGURES = {"similarity_matrix": "similarity_matrix.png", "centroids_pca": "centr
 
 
 def run(cfg: dict, run_dir: Path, overrides: list[str], train_source: TrainFn) -> dict[str, Any]:
-    """The analysis as a run: its embedder is ``similarity.embedder``, or the source model (a source
-    task, trained once with ``train_source`` and cached, or ``source.weights``)."""
+    """The analysis as a run: its embedder is ``similarity.embedder`` as a training run takes it: the
+    source model (``source``: a source task, trained once with ``train_source`` and cached, or
+    ``source.weights``), a stage further up the chain (``source.source``: e.g. the pretrained base),
+    torchvision weights or a checkpoint."""
     embedder = cfg["similarity"]["embedder"]
-    weights = source_weights(cfg, train_source)[0] if embedder == "source" else embedder
-    results = analyze(cfg, run_dir, weights, str(weights if embedder == "source" else embedder))
+    key = "similarity.embedder"
+    if embedder == "source":
+        weights, key = source_weights(cfg, train_source)[0], ("source.weights" if not cfg["source"]["task"] else key)
+    elif embedder.startswith("source.source"):
+        weights = source_weights(chain_stage(cfg, embedder, key), train_source)[0]
+    else:
+        weights = embedder
+    name = str(weights) if embedder == "source" else embedder if weights == embedder else f"{embedder} ({weights})"
+    results = analyze(cfg, run_dir, weights, name, key)
     return finish(run_dir, {**results, "overrides": list(overrides)}, analysis_line)
 
 
-def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str) -> dict[str, Any]:
+def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str,
+            key: str = "similarity.embedder") -> dict[str, Any]:
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     datamodule = TaskDataModule(**cfg["data"])
     datamodule.setup("fit")
     arch, spec = cfg["model"]["arch"], FreezeSpec.from_config(cfg["freeze"])
-    net, record = build_network(arch, datamodule.num_classes, weights, **cfg["model"]["kwargs"])
+    net, record = build_network(arch, datamodule.num_classes, weights, key=key, **cfg["model"]["kwargs"])
     device = torch.device("cuda" if device_type(cfg["trainer"]["accelerator"]) == "cuda" else "cpu")
     net.to(device)
     names = datamodule.classes

@@ -106,9 +106,10 @@ def chain_stage(cfg: dict, path: str, key: str) -> dict:
     for level in range(depth):
         if not (stage["source"]["task"] or (level == depth - 1 and stage["source"]["weights"])):
             missing = "source." * (level + 1)
-            raise ConfigError(f"arm={cfg['arm']} starts from a source model ({key}={path}), and neither "
-                              f"{missing}task nor {missing}weights is set: give one (e.g. +{missing}task.positive=cat, "
-                              f"or {missing}weights=IMAGENET1K_V2 or a checkpoint)")
+            what = (f"arm={cfg['arm']} starts from a source model ({key}={path})" if key == "transfer_from" else
+                    f"{key}={path} names a model of the chain of sources")
+            raise ConfigError(f"{what}, and neither {missing}task nor {missing}weights is set: give one (e.g. "
+                              f"+{missing}task.positive=cat, or {missing}weights=IMAGENET1K_V2 or a checkpoint)")
         if level < depth - 1:
             stage = source_config(stage)
     return stage
