@@ -184,6 +184,10 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
     assert len(list(sources.glob("source-cat-*"))) == len(list(sources.glob("source-automobile-*"))) == 2  # per seed
     dynamic = [r for r in runs if r["policy"] == "linear"]  # the policy that ran, set by freeze.l_freeze=dynamic
     assert len(dynamic) == 4 and sorted({r["policy"] for r in runs}) == ["linear", "static"]
+    similarity = json.loads((Path(dynamic[0]["run_dir"]) / "similarity.json").read_text())
+    # every score from the embedder (the base); the centred cosine centred over every class it knows too
+    assert similarity["embedder"].startswith("source.source (") and {"ant", "bee", "horse"} <= set(
+        similarity["scores"]["centred_over"]) and similarity["images_per_class"]["ant"] == 8
     for run in dynamic:
         scores = run["scores"]
         assert abs(scores["cosine"] - run["S"]) < 1e-6 and -1 <= scores["centred_cosine"] <= 1 and abs(scores["logme"]) < 10

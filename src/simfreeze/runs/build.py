@@ -148,6 +148,10 @@ def listed(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+# Images per class for the centroids of the classes only the embedder knows (the centred cosine's mean).
+REFERENCE_IMAGES = 200
+
+
 def similarity_task(cfg: dict, target: TaskDataModule, head: str,
                     train_source: TrainFn) -> tuple[SimilarityTask, list[TaskDataModule]]:
     """What S compares for this run: the source's classes (``similarity.source_classes``, or the
@@ -180,20 +184,30 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str,
             raise ConfigError(f"similarity.source_classes: {unknown} are in neither the target's classes {target.classes} "
                               f"nor the source task's {extra.classes}")
 
-    def class_images(name: str):
-        return (target if name in target.classes else extra).class_images(name)
-
-    embedder, embedder_name = None, spec["embedder"]
+    embedder, embedder_name, known = None, spec["embedder"], None
     if embedder_name != "source":
         weights = embedder_name
         if embedder_name.startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
-            weights = source_weights(chain_stage(cfg, embedder_name, "similarity.embedder"), train_source)[0]
+            stage = chain_stage(cfg, embedder_name, "similarity.embedder")
+            weights = source_weights(stage, train_source)[0]
             embedder_name = f"{embedder_name} ({weights})"
+            if spec["scores"] and stage["source"]["task"]:  # the classes the embedder was trained to tell apart
+                known = TaskDataModule(**source_config(stage)["data"])
         embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
-    # The centred cosine's mean: every class of both tasks (at least three, or it is always −1).
-    references = list(dict.fromkeys([*target.classes, *(extra.classes if extra else [])]))
+
+    def class_images(name: str):
+        if name in target.classes:
+            return target.class_images(name)
+        if extra is not None and name in extra.classes:
+            return extra.class_images(name)
+        return known.class_images(name)[:REFERENCE_IMAGES]  # a centroid to centre on, not a class to compare
+
+    # The centred cosine's mean: every class the embedder knows (its own task's, when it is a stage of the
+    # chain) and every class of both tasks, each weighing the same (at least three, or it is always −1).
+    references = list(dict.fromkeys([*(known.classes if known else []), *target.classes,
+                                     *(extra.classes if extra else [])]))
     return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
                           embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size,
-                          scores=spec["scores"], reference_classes=references), [extra] if extra else []
+                          scores=spec["scores"], reference_classes=references), [d for d in (extra, known) if d]
 

@@ -85,10 +85,11 @@ class TransferSetup(L.Callback):
             with autocast():
                 self.similarity = measure_similarity(task, embedder, device, keep,
                                                      (self.cache_budget_bytes or 0) / 2)  # the cache needs room too
-                if task.scores:  # LogME: the features training starts from, on the target's images
+                if task.scores:  # LogME of the embedder's features (every score of a pair from the network S
+                    # comes from) on the target's training images
                     train_images, train_labels = self.datamodule.own("train")
                     batches = image_batches(train_images, self.datamodule.prepare, self.datamodule.eval_batch_size, device)
-                    features = pooled_features(net.to(device), task.head, batches)
+                    features = pooled_features(embedder, task.head, batches)
             if task.scores:  # in float64, outside autocast
                 self.similarity.record["scores"]["logme"] = logme(gather(features), gather(train_labels))
             # One S (and so one plan) on every process: rank 0's, not trusted to agree by determinism.
