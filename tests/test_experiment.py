@@ -205,6 +205,8 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
     summary, report = (sweep / "summary.md").read_text(), (sweep / "report.md").read_text()
     section = summary[summary.index("## Does the rule pick the right depth?"):].split("\n## ")[0]
     assert section in report and "ρ(S, best depth)" in section and "Best fixed depth" not in summary
+    predictions = json.loads((sweep / "0" / "test_predictions.json").read_text())  # per held-out image
+    assert len(predictions["labels"]) == len(predictions["predicted"]) == 10 and predictions["test_from"]
     held_out = "the training folder's held-out slice (the last 5 images of each class's order"
     assert f"held-out test accuracy on {held_out}" in section and f"`test acc` is on {held_out}" in summary
     assert target_split["test_from"].startswith(held_out) and all(r["test_from"].startswith(held_out) for r in runs)

@@ -297,3 +297,32 @@ def test_noise_is_judged_with_students_t_at_the_pooled_degrees_of_freedom():
     rule = dog["arms"]["rule"]
     assert rule["within_noise"] is (abs(rule["regret"]) <= 2.571 * rule["se"])
     assert "t = 2.57, 5 df" in study_verdict(study)
+
+
+def test_with_per_image_outcomes_regrets_get_intervals_over_seeds_and_images():
+    from simfreeze.reports.stats import paired_interval
+
+    runs = two_pairs()
+    for r in runs:  # 200 held-out images; a run gets the first round(acc · 200) right
+        right = round(r["test_acc"] * 200)
+        r["test_correct"] = [i < right for i in range(200)]
+    dog = by_label(analyse_study(runs, draws=50))["cat → dog"]
+    # best (20): 0.70 and 0.66 by seed; static45: 0.64 and 0.68, so seed 1 favours static45: the interval holds 0
+    low, high = dog["arms"]["static45"]["interval"]
+    assert low < 0 < high and low <= dog["arms"]["static45"]["regret"] <= high
+    assert dog["arms"]["static45"]["within_noise"] is True
+    low, high = dog["arms"]["head_only"]["interval"]  # 0.58 for both seeds: every draw is above 0
+    assert 0 < low <= dog["arms"]["head_only"]["regret"] <= high and dog["arms"]["head_only"]["within_noise"] is False
+    assert "[+" in accuracy_table_of(dog)
+    mean, low, high = paired_interval([[True, False] * 50] * 3, [[True, False] * 50] * 3)
+    assert (mean, low, high) == (0.0, 0.0, 0.0)  # the same outcomes: no difference, no spread
+    assert paired_interval([[True] * 10] * 2, [[False] * 10] * 2, draws=10)[0] == 100.0
+    again = paired_interval([[i % 3 == 0 for i in range(90)]] * 2, [[i % 2 == 0 for i in range(90)]] * 2)
+    assert again == paired_interval([[i % 3 == 0 for i in range(90)]] * 2, [[i % 2 == 0 for i in range(90)]] * 2)
+
+
+def accuracy_table_of(pair):
+    from simfreeze.reports.study import accuracy_table
+
+    return accuracy_table({"pairs": [pair], "arms": {arm: None for arm in ("rule", "static45", "head_only", "finetune")}})
+

@@ -18,7 +18,7 @@ import statistics
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
-from simfreeze.reports.stats import mean_std, plus_minus, seeds_phrase, t_975, zoomed_label
+from simfreeze.reports.stats import mean_std, paired_interval, plus_minus, seeds_phrase, t_975, zoomed_label
 
 L_TOTAL = 40  # the paper's L_total for ResNet-50; runs made before it was recorded used it
 BASELINE_DEPTHS = {"static45": 45, "head_only": 49, "finetune": 0}
@@ -60,10 +60,13 @@ def add_run(pair: dict[str, Any], run: dict[str, Any], accuracy: float, fell_bac
     seed, seconds = run.get("seed"), run.get("fit_seconds")
     if run.get("policy") in NEEDS_SIMILARITY:
         pair["dynamic"].append({"seed": seed, "depth": run["l_freeze"], "acc": accuracy, "seconds": seconds,
-                                "S": run.get("S"), "scores": run.get("scores") or {}, "l_total": l_total_of(run)})
+                                "S": run.get("S"), "scores": run.get("scores") or {}, "l_total": l_total_of(run),
+                                "correct": run.get("test_correct")})
     else:  # the scored accuracy, and the best val accuracy that chooses the best depth
         val = run.get("best_val_acc") if run.get("best_val_acc") is not None else accuracy
         pair["fixed"].setdefault(run["l_freeze"], {}).setdefault(seed, []).append((accuracy, seconds, val))
+        if run.get("test_correct") is not None:  # per-image outcomes (test_predictions.json): one run per seed
+            pair.setdefault("correct", {}).setdefault(run["l_freeze"], {})[seed] = run["test_correct"]
     source = run.get("source") or {}
     if source.get("fit_seconds") is not None:  # one source per seed, shared by that seed's targets
         pair["source_seconds_by_seed"].setdefault(seed, source["fit_seconds"])
@@ -193,11 +196,13 @@ def arm_samples(pair: dict[str, Any], best: int) -> dict[str, dict[str, Any] | N
     def at(depth):
         slot = pair["fixed"].get(depth)
         return None if slot is None else {"acc": list(slot["acc"].values()), "seconds": list(slot["seconds"].values()),
-                                          "depth": depth}
+                                          "depth": depth, "correct": pair.get("correct", {}).get(depth, {})}
 
     dynamic = pair["dynamic"]
     rule = {"acc": [d["acc"] for d in dynamic], "seconds": [d["seconds"] for d in dynamic],
             "depth": statistics.fmean(d["depth"] for d in dynamic)} if dynamic else None
+    if rule is not None:
+        rule["correct"] = {d["seed"]: d["correct"] for d in dynamic if d["correct"] is not None}
     return {"best": at(best), "rule": rule, **{arm: at(depth) for arm, depth in BASELINE_DEPTHS.items()}}
 
 
@@ -210,10 +215,22 @@ def arm_result(sample: dict[str, Any], best: dict[str, Any], noise: float | None
     regret = 100 * (statistics.fmean(best["acc"]) - accuracy[0])
     se = difference_se(noise, len(best["acc"]), len(sample["acc"]))
     timed = seconds is not None and finetune_seconds
+    interval = image_interval(best.get("correct") or {}, sample.get("correct") or {})
+    inside = within(regret, se, df) if interval is None else interval[0] <= 0 <= interval[1]
     return {"depth": sample["depth"], "n": len(sample["acc"]), "acc": accuracy, "seconds": seconds,
-            "regret": regret, "se": se, "df": df, "within_noise": within(regret, se, df),
+            "regret": regret, "se": se, "df": df, "interval": interval, "within_noise": inside,
             "time_ratio": seconds[0] / finetune_seconds if timed else None,
             "saved_seconds": finetune_seconds - seconds[0] if timed else None}
+
+
+def image_interval(best: dict, arm: dict) -> tuple[float, float] | None:
+    """The 95 % interval of best − arm in points over seeds × held-out images (``paired_interval``),
+    from the seeds both have per-image outcomes of, on the same images; None without such outcomes."""
+    seeds = [s for s in best if s in arm and len(best[s]) == len(arm[s])]
+    if not seeds:
+        return None
+    _, low, high = paired_interval([best[s] for s in seeds], [arm[s] for s in seeds])
+    return low, high
 
 
 def nearest_measured(depth: float, measured: list[int]) -> int:
@@ -455,7 +472,9 @@ def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, A
 
 # --- words and tables ----------------------------------------------------------------------------
 
-def noise_note(inside: bool | None, se: float | None, df: int = 0) -> str:
+def noise_note(inside: bool | None, se: float | None, df: int = 0, interval: tuple | None = None) -> str:
+    if interval is not None:  # per-image outcomes: seeds and the held-out images' own sampling error
+        return f"{'within' if inside else 'beyond'} noise, 95 % interval [{interval[0]:.1f}, {interval[1]:.1f}] over seeds × images"
     if inside is None:
         return "no noise estimate"
     return f"{'within' if inside else 'beyond'} seed noise, t·SE = {t_975(df) * se:.1f} (t = {t_975(df):.2f}, {df} df)"
@@ -629,13 +648,16 @@ def depths_table(study: dict[str, Any]) -> str:
 
 
 def accuracy_table(study: dict[str, Any]) -> str:
-    """Per pair: every arm's accuracy (mean ± std over seeds) and regret in points (* beyond t × SE)."""
+    """Per pair: every arm's accuracy (mean ± std over seeds) and regret in points, with its 95 %
+    interval over seeds × held-out images where the runs saved per-image outcomes (* beyond noise:
+    outside that interval, else beyond t × SE of seed noise)."""
     def cell(p, arm):
         a = p["arms"].get(arm)
         if a is None:
             return "–"
         flag = "" if arm == "best" or a["within_noise"] is not False else "*"
-        return plus_minus(a["acc"]) + ("" if arm == "best" else f" ({a['regret']:+.1f}{flag})")
+        interval = "" if a.get("interval") is None else f" [{a['interval'][0]:+.1f}, {a['interval'][1]:+.1f}]"
+        return plus_minus(a["acc"]) + ("" if arm == "best" else f" ({a['regret']:+.1f}{interval}{flag})")
 
     rows = [[p["label"], *(cell(p, arm) for arm in ("best", *ARMS))] for p in study["pairs"]]
     averages = [study["arms"][arm] for arm in ARMS]
@@ -676,8 +698,10 @@ def study_markdown(study: dict[str, Any]) -> str:
         study_verdict(study),
         "The best depth is the fixed depth with the highest mean best val accuracy over seeds; the accuracies and "
         "regrets below are the held-out test accuracy where the runs recorded one, so the choice does not favour "
-        "itself there (a regret may then be below 0). Regret = best depth − arm, in accuracy points; * marks a "
-        "regret beyond t × SE of seed noise (Student's t at the pooled noise's degrees of freedom).",
+        "itself there (a regret may then be below 0). Regret = best depth − arm, in accuracy points; in brackets "
+        "its 95 % interval over seeds × held-out images where the runs saved per-image outcomes "
+        "(`test_predictions.json`: both seed noise and the test set's sampling error, paired image by image); * marks "
+        "a regret beyond noise (outside that interval, else beyond Student's t × SE of seed noise).",
         depths_table(study), accuracy_table(study),
         "Fit seconds (mean ± std over seeds) and, in brackets, time ÷ finetune's:", time_table(study),
         "Spearman's ρ between each score and the best depth across pairs, and between each score and the points "

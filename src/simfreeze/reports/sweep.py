@@ -92,6 +92,15 @@ def unfinished(job_dir: Path, status: str, error: str, overrides: list[str] | No
     return run
 
 
+def test_outcomes(path: Path) -> list[bool] | None:
+    """Whether the run got each held-out image right (``test_predictions.json``), or None."""
+    try:
+        record = json.loads(path.read_text())
+        return [p == l for p, l in zip(record["predicted"], record["labels"], strict=True)]
+    except (OSError, ValueError, KeyError, TypeError):  # absent (runs before it, DDP) or damaged: no pairing
+        return None
+
+
 def read_job(job_dir: Path) -> dict[str, Any] | None:
     """One job directory's run (None: not a job directory)."""
     path = job_dir / "results.json"
@@ -111,6 +120,7 @@ def read_job(job_dir: Path) -> dict[str, Any] | None:
         run.setdefault("status", "ok")
         run.setdefault("run_dir", str(job_dir))
         run["policy"] = effective_policy(run)
+        run["test_correct"] = test_outcomes(job_dir / "test_predictions.json")
         return run
     if (job_dir / ".hydra").is_dir():
         return unfinished(job_dir, "killed", "no results.json: the job was killed or is still running",

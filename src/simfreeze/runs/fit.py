@@ -3,6 +3,7 @@ reuse the source task, report it). ``python -m train`` chooses one; the benchmar
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         ckpt = "best" if run.best.best_model_path else None
         test_acc = trainer.test(run.module, datamodule=run.datamodule, ckpt_path=ckpt, verbose=False,
                                 weights_only=True)[0]["test/acc"]
+        if trainer.is_global_zero and trainer.world_size == 1:  # with DDP each process holds only its share
+            write_test_predictions(run_dir / "test_predictions.json", run)
     trainable, total = count_parameters(run.module.net)
     results = run_results(
         cfg, run_dir, trainer,
@@ -49,6 +52,16 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
     record_hparams(run, cfg, results)
     return finish(run_dir, results, write=trainer.is_global_zero)
+
+
+def write_test_predictions(path: Path, run: Run) -> None:
+    """Every held-out image's label and the best checkpoint's prediction, in the test split's order
+    (the same for every run of one data config): the reports pair two settings image by image, so a
+    difference carries the test set's own sampling error (``simfreeze.reports.stats.paired_interval``)."""
+    labels = run.datamodule.tensors["test"][1]
+    predicted = torch.cat(run.module.test_predictions).cpu() if run.module.test_predictions else torch.empty(0)
+    path.write_text(json.dumps({"test_from": run.datamodule.test_from, "labels": labels.tolist(),
+                                "predicted": predicted.tolist()}) + "\n")
 
 
 def lightning_refusal(err: BaseException, trainer_cfg: dict) -> ConfigError | None:

@@ -49,6 +49,7 @@ class Classifier(L.LightningModule):
         self._finite: torch.Tensor | None = None  # every training loss since the last check finite (on the device)
         self._val_finite: torch.Tensor | None = None  # every validation loss of this validation finite
         self.validated = False  # a validation in this fit ran to its end (simfreeze.runs.fit.check_fit_result)
+        self.test_predictions: list[torch.Tensor] = []  # per test batch, the predicted labels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -112,7 +113,7 @@ class Classifier(L.LightningModule):
         # With DDP every process decides alike, or the others would wait for this one's collectives.
         return self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True)
 
-    def _evaluate(self, batch, stage: str, metric):
+    def _evaluate(self, batch, stage: str, metric) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         metric.update(logits, y)
@@ -122,12 +123,18 @@ class Classifier(L.LightningModule):
             self._val_finite = finite if self._val_finite is None else self._val_finite & finite
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)  # mean over DDP processes
         self.log(f"{stage}/acc", metric, prog_bar=True)
+        return logits
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val", self.val_acc)
 
+    def on_test_epoch_start(self):
+        self.test_predictions = []
+
     def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test", self.test_acc)
+        # Each held-out image's predicted label, kept on the device and read once after the test: the
+        # reports pair two settings image by image (test_predictions.json).
+        self.test_predictions.append(self._evaluate(batch, "test", self.test_acc).argmax(dim=-1).detach())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keys = [] if self.keep_frozen else [k for k in frozen_state_keys(self) if k in checkpoint["state_dict"]]
