@@ -23,3 +23,22 @@ def test_true_half_precision_runs_the_source_the_similarity_pass_and_the_cache(c
         assert results["S"] is not None and results["best_val_acc"] is not None
         assert results["prefix_cache"]["used"] and results["prefix_cache"]["dtype"] == dtype
         assert results["source"]["best_val_acc"] is not None  # the source trained uncached in that precision
+
+
+def test_16_mixed_on_a_cpu_runs_as_bf16_and_gets_its_fp32_convolutions(image_folder, tmp_path):
+    """Lightning runs ``16-mixed`` as bf16 on a CPU: oneDNN's bf16 weight gradient of a convolution whose
+    stride exceeds its input must be kept in fp32 then too. Asked for by the precision's name only, it was
+    not, and layer4.0.conv1's weights became NaN in about 1 run of 6 (from memory oneDNN never wrote)."""
+    from omegaconf import OmegaConf
+
+    from simfreeze.runs.build import build_run
+    from simfreeze.runs.fit import fit
+    from simfreeze.speed.precision import with_resolved_precision
+    from tests.helpers import compose_config
+
+    cfg = OmegaConf.to_container(compose_config(
+        ["data.classes=[ant,bee]", "model.arch=resnet18", "data.image_size=null", "data.per_class=20",
+         "trainer.precision=16-mixed", "trainer.accelerator=cpu", f"data.root={image_folder}", "logger=none"]), resolve=True)
+    run = build_run(with_resolved_precision(cfg), tmp_path / "run", train_source=fit)
+    assert str(run.trainer.precision) == "bf16-mixed"
+    assert run.fp32_convs == ["layer4.0.conv1", "layer4.0.downsample.0"]  # 16×16 images: layer4 sees 1×1 maps

@@ -28,7 +28,7 @@ from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomSta
                                    checkpoint_step)
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
-from simfreeze.speed.precision import bf16_unsafe_convs, device_type, run_in_fp32
+from simfreeze.speed.precision import bf16_unsafe_convs, run_in_fp32
 
 log = logging.getLogger("simfreeze")
 
@@ -132,7 +132,8 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
     if trainer.world_size > 1:
         log.info("DDP process %d of %d holds %s", trainer.global_rank, trainer.world_size, datamodule.sizes)
     fp32_convs = []
-    if str(cfg["trainer"]["precision"]).startswith("bf16") and device_type(cfg["trainer"]["accelerator"]) == "cpu":
+    # The precision the trainer runs, not the one asked for: Lightning runs 16-mixed as bf16 on a CPU.
+    if str(trainer.precision).startswith("bf16") and trainer.strategy.root_device.type == "cpu":
         fp32_convs = bf16_unsafe_convs(net, datamodule.prepare(datamodule.tensors["train"][0][:1]))
         run_in_fp32(net, fp32_convs)  # oneDNN's bf16 weight gradient is wrong for these (simfreeze.speed.precision)
         if fp32_convs:
