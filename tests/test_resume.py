@@ -58,24 +58,29 @@ def stop_at_step_6(monkeypatch, stop) -> None:
     monkeypatch.setattr(Classifier, "on_train_batch_end", on_train_batch_end, raising=False)
 
 
-def test_a_run_killed_outright_resumes_in_place_with_its_metrics_and_no_row_twice(whole, image_folder, tmp_path,
-                                                                                 monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def killed_at_step_6(monkeypatch, root, run_dir, *overrides, flush: bool = False) -> None:
+    """``fit`` into ``run_dir``, ended in epoch 2 of 2 as SIGKILL would end it: no stop checkpoint, so
+    last.ckpt is epoch 1's (``flush``: the loggers wrote what they held first)."""
     from simfreeze.runs.resume import LastCheckpoint
 
-    whole_dir, _ = whole
-    run_dir = tmp_path / "run"
-
-    def killed(trainer):  # as SIGKILL after the loggers flushed step 4: nothing else is written
-        for logger in trainer.loggers:
+    def killed(trainer):
+        for logger in trainer.loggers if flush else ():
             logger.save()
         raise RuntimeError("killed")
     stop_at_step_6(monkeypatch, killed)
     monkeypatch.setattr(LastCheckpoint, "on_exception", lambda *args: None)
     with pytest.raises(RuntimeError, match="killed"):
-        fit(image_folder, run_dir, *TWO_EPOCHS)
+        fit(root, run_dir, *overrides)
     monkeypatch.undo()
+
+
+def test_a_run_killed_outright_resumes_in_place_with_its_metrics_and_no_row_twice(whole, image_folder, tmp_path,
+                                                                                 monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole_dir, _ = whole
+    run_dir = tmp_path / "run"
+    killed_at_step_6(monkeypatch, image_folder, run_dir, *TWO_EPOCHS, flush=True)  # after the loggers flushed step 4
     last = run_dir / "checkpoints" / "last.ckpt"
     first = load(last)
     assert first["global_step"] == 4  # epoch 1's; step 4 is in metrics.csv only
@@ -132,19 +137,10 @@ def numbered_folder(root):
 
 
 def test_a_resume_on_a_data_root_whose_images_differ_is_refused_and_a_moved_one_resumes(tmp_path, monkeypatch):
-    from simfreeze.runs.resume import LastCheckpoint
-
     original = numbered_folder(tmp_path / "original")
     run_dir = tmp_path / "run"
     settings = ["data.classes=[ant,bee]", *TWO_EPOCHS]  # stopped in epoch 2: last.ckpt holds epoch 1
-
-    def killed(trainer):
-        raise RuntimeError("killed")
-    stop_at_step_6(monkeypatch, killed)
-    monkeypatch.setattr(LastCheckpoint, "on_exception", lambda *args: None)
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(original, run_dir, *settings)
-    monkeypatch.undo()
+    killed_at_step_6(monkeypatch, original, run_dir, *settings)
     last = run_dir / "checkpoints" / "last.ckpt"
     before = snapshot(run_dir)
     swapped = shutil.copytree(original, tmp_path / "swapped")

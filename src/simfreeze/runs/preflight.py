@@ -194,8 +194,8 @@ def claim_sweep_dir(sweep_dir: Path) -> None:
     try:
         (sweep_dir / "multirun.yaml").open("x").close()
     except FileExistsError:
-        refuse_used_sweep_dir(sweep_dir)
-        raise
+        raise RunDirInUse(f"hydra.sweep.dir='{sweep_dir}' already holds a sweep (multirun.yaml), started just now by "
+                          f"another process; give a new directory (the default is a new timestamp)") from None
 
 
 def sweep_jobs(config: DictConfig) -> list[list[str]]:
