@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -33,6 +34,19 @@ def test_class_indices_do_not_depend_on_the_other_classes():
     assert class_permutation(10, "cat", 0) != class_permutation(10, "dog", 0)
 
 
+def test_training_caps_nest_and_keep_one_validation_set():
+    # The data-size axis: each smaller training set is a subset of the larger, all validated alike.
+    sizes = {"a": 100, "b": 90}
+    full = balanced_split(sizes, 50, 0.2, seed=4)
+    capped = {cap: balanced_split(sizes, 50, 0.2, seed=4, train_quotas={"a": cap, "b": cap}) for cap in (5, 20, 40)}
+    for name in sizes:
+        assert capped[40].train[name] == full.train[name]
+        assert all(len(capped[cap].train[name]) == cap and capped[cap].val[name] == full.val[name] for cap in capped)
+        assert set(capped[5].train[name]) < set(capped[20].train[name]) < set(capped[40].train[name])
+    with pytest.raises(DataConfigError, match=r"data.train_per_class=41 must lie in \[1, 40\]"):
+        balanced_split(sizes, 50, 0.2, seed=4, train_quotas={"a": 41})
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"per_class": 200}, "has only 100 images"),
     ({"val_fraction": 1.0}, "must lie in (0, 1)"),
@@ -50,6 +64,14 @@ def test_positive_class_gives_binary_labels():
     assert task_labels(["cat", "dog", "bird"], "cat") == {"cat": 1, "dog": 0, "bird": 0}
     with pytest.raises(DataConfigError, match="data.positive='fox'"):
         task_labels(["cat", "dog"], "fox")
+
+
+def test_datamodule_caps_training_images_per_class(image_folder):
+    dm = TaskDataModule(root=str(image_folder), classes=["bee", "ant"], per_class=20, val_fraction=0.25,
+                        train_per_class=4)
+    dm.setup("fit")
+    assert dm.tensors["train"][0].shape[0] == 8 and dm.tensors["val"][0].shape[0] == 10
+    assert dm.split_record()["train_per_class"] == 4
 
 
 def test_datamodule_builds_the_task_in_memory(image_folder, tmp_path):
@@ -268,3 +290,35 @@ def test_skip_per_class_takes_the_images_after_another_tasks():
         balanced_split(sizes, per_class=10, val_fraction=0.2, seed=0, skip=45)
     with pytest.raises(DataConfigError, match=r"\+ data.skip_per_class=30 exceed the 50 images"):
         balanced_split(sizes, per_class=10, val_fraction=0.2, seed=0, skip=30, holdout={"a": 20, "b": 20})
+
+
+def test_random_crops_shift_each_image_by_its_own_offset_with_zero_fill():
+    from simfreeze.data.images import random_crops
+
+    x = torch.arange(1, 2 * 3 * 6 * 6 + 1, dtype=torch.float32).view(2, 3, 6, 6).repeat(20, 1, 1, 1)
+    out = random_crops(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    shifts = set()
+    for image, shifted in zip(x, out):
+        # the one offset (dy, dx) in [-2, 2]² that explains the output; outside the image, zeros
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(shifted, torch.nn.functional.pad(image, (2, 2, 2, 2))[:, 2 + dy:8 + dy, 2 + dx:8 + dx])]
+        assert len(found) == 1
+        shifts.add(found[0])
+    assert len(shifts) > 5  # offsets are drawn per image, not per batch
+
+
+def test_crops_apply_to_training_batches_only_and_turn_the_prefix_cache_off(image_folder):
+    from simfreeze.speed.prefix import fill_prefix_cache
+
+    dm = TaskDataModule(root=str(image_folder), classes=["bee", "ant"], per_class=20, val_fraction=0.25,
+                        crop=3, flip=False, image_size=None)
+    dm.setup("fit")
+    images = dm.tensors["val"][0][:4]
+    assert torch.equal(dm.prepare(images), dm.prepare(images))  # evaluation: no shift
+    torch.manual_seed(0)
+    assert not torch.equal(dm.prepare(images, crop=3), dm.prepare(images))
+    units = [("a", torch.nn.Conv2d(3, 3, 1)), ("b", torch.nn.Conv2d(3, 3, 1))]
+    units[0][1].requires_grad_(False)
+    cache, record = fill_prefix_cache(units, dm, torch.device("cpu"), contextlib.nullcontext, "32-true", 2**30, 8, 3)
+    assert cache is None and "data.crop=3" in record["reason"]

@@ -40,11 +40,13 @@ class TaskDataModule(L.LightningDataModule):
         eval_batch_size: int | None = 64,
         image_size: int | None = 64,
         flip: bool = True,
+        crop: int = 0,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         use_test: bool = True,
         holdout_per_class: int = 0,
         skip_per_class: int = 0,
+        train_per_class: int | None = None,
     ):
         super().__init__()
         self.classes = list(classes)
@@ -70,7 +72,7 @@ class TaskDataModule(L.LightningDataModule):
         self.positive, self.per_class, self.val_fraction, self.seed = positive, per_class, val_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.image_size, self.flip, self.use_test, self.holdout_per_class = image_size, flip, use_test, holdout_per_class
-        self.skip_per_class = skip_per_class
+        self.skip_per_class, self.train_per_class, self.crop = skip_per_class, train_per_class, crop
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # mean, std per device (``constants``)
         self.source: ImageSource | None = None
@@ -98,8 +100,14 @@ class TaskDataModule(L.LightningDataModule):
                                         group_quotas(self.groups, self.per_class),
                                         {name: self.holdout_per_class for name in sizes} | group_quotas(
                                             self.groups, self.holdout_per_class) if self.holdout_per_class else None,
-                                        skip=self.skip_per_class)
+                                        skip=self.skip_per_class, train_quotas=self.train_quotas())
         return self.split
+
+    def train_quotas(self) -> dict[str, int] | None:
+        """Training images per class when ``train_per_class`` caps them (a group's cap spread over its members)."""
+        if self.train_per_class is None:
+            return None
+        return {name: self.train_per_class for name in self.label_of} | group_quotas(self.groups, self.train_per_class)
 
     def set_shard(self, rank: int, world: int) -> None:
         """Hold only DDP process ``rank``'s share of ``world`` (before ``setup``): each class's images
@@ -172,10 +180,11 @@ class TaskDataModule(L.LightningDataModule):
         keep = torch.cat(keep)
         return images[keep], labels[keep]
 
-    def prepare(self, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """A uint8 batch as the network sees it (random flips only when ``flip``), on its device."""
+    def prepare(self, images: torch.Tensor, flip: bool = False, crop: int = 0) -> torch.Tensor:
+        """A uint8 batch as the network sees it (random flips only when ``flip``, random shifts of up
+        to ``crop`` pixels), on its device."""
         mean, std = self.constants(images.device)
-        x = prepare_batch(images, mean, std, self.image_size, flip=flip)
+        x = prepare_batch(images, mean, std, self.image_size, flip=flip, crop=crop)
         return x.to(torch.get_default_dtype())  # bf16 inside a bf16-true forward (fp32 statistics promoted it)
 
     def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +200,7 @@ class TaskDataModule(L.LightningDataModule):
         record = {"classes": self.classes, "positive": self.positive, "labels": self.labels, "groups": self.groups,
                   "per_class": self.per_class, "val_fraction": self.val_fraction, "seed": self.seed,
                   "holdout_per_class": self.holdout_per_class, "skip_per_class": self.skip_per_class,
+                  "train_per_class": self.train_per_class,
                   "test_from": self.test_from, "test_images": self.total_sizes.get("test", 0),
                   **self.split.to_json()}
         if isinstance(self.source, ImageFolderSource):
@@ -243,7 +253,8 @@ class TaskDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        x = pick_views(images, training and self.flip) if self.features else self.prepare(images, flip=self.flip and training)
+        x = pick_views(images, training and self.flip) if self.features else self.prepare(
+            images, flip=self.flip and training, crop=self.crop if training else 0)
         if self.trainer is not None:  # Lightning converted the uint8 batch before this hook: the network's dtype now
             x = self.trainer.precision_plugin.convert_input(x)
         return x, labels

@@ -219,9 +219,10 @@ def prepare_batch(
     image_size: int | None = None,
     flip: bool = False,
     generator: torch.Generator | None = None,
+    crop: int = 0,
 ) -> torch.Tensor:
-    """uint8 NCHW → normalised float NCHW (the default dtype): optional resize and random
-    horizontal flips per batch.
+    """uint8 NCHW → normalised float NCHW (the default dtype): optional resize, random
+    translations by up to ``crop`` pixels (``random_crops``) and random horizontal flips per batch.
 
     All of it runs on ``images``' device and nothing comes from the host: ``mean`` and ``std``
     must be on that device already (``TaskDataModule.prepare`` keeps a copy per device), and the
@@ -230,9 +231,23 @@ def prepare_batch(
     if image_size and x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                           align_corners=False)
+    if crop:
+        x = random_crops(x, crop, generator)
     if flip:
         x = torch.where(flip_mask(x.shape[0], x.device, generator).view(-1, 1, 1, 1), x.flip(-1), x)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crops(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image shifted by its own random offset in [-pad, pad]² with zero fill: the padded random
+    crop of the CIFAR recipes, drawn and gathered on ``x``'s device in one indexing step."""
+    n, _, height, width = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (2, n, 1), device=x.device, generator=generator)
+    rows = offsets[0] + torch.arange(height, device=x.device)  # (n, height)
+    cols = offsets[1] + torch.arange(width, device=x.device)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def flip_mask(n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

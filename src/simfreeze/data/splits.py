@@ -43,6 +43,7 @@ def class_permutation(n_items: int, class_name: str, seed: int) -> list[int]:
 def balanced_split(
     class_sizes: dict[str, int], per_class: int, val_fraction: float, seed: int,
     quotas: dict[str, int] | None = None, holdout: dict[str, int] | None = None, skip: int = 0,
+    train_quotas: dict[str, int] | None = None,
 ) -> Split:
     """Take ``per_class`` items of every class (``quotas`` overrides it per class), the first
     ``round(val_fraction·quota)`` of them for validation: balanced, stratified, disjoint and
@@ -51,7 +52,11 @@ def balanced_split(
 
     ``holdout``: per class, how many items to keep for the final evaluation: the *last* ones of the
     same permutation, so no task over that class with the same seed (whatever its ``per_class``, as
-    long as the two fit) ever trains or validates on them."""
+    long as the two fit) ever trains or validates on them.
+
+    ``train_quotas``: per class, at most that many training items: the first ones of its training
+    share, so a smaller quota trains on a subset of a larger one's images and every quota validates
+    on the same images (a data-size axis judged on one validation set)."""
     if not 0.0 < val_fraction < 1.0:
         raise DataConfigError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
     if per_class < 2:
@@ -78,8 +83,13 @@ def balanced_split(
                                   f"has only {size} images")
         permutation = class_permutation(size, name, seed)
         chosen = permutation[skip:skip + quota]
+        cap = (train_quotas or {}).get(name)
+        if cap is not None and not 1 <= cap <= quota - n_val:
+            raise DataConfigError(f"data.train_per_class={cap} must lie in [1, {quota - n_val}]: class '{name}' has "
+                                  f"{quota - n_val} training images of data.per_class={quota} after "
+                                  f"{n_val} for validation; raise data.per_class for more")
         val[name] = sorted(chosen[:n_val])
-        train[name] = sorted(chosen[n_val:])
+        train[name] = sorted(chosen[n_val:n_val + cap] if cap is not None else chosen[n_val:])
         if kept:
             held[name] = sorted(permutation[size - kept:])
     return Split(train=train, val=val, holdout=held)

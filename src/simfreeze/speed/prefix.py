@@ -118,6 +118,10 @@ def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autoc
     if k == 0:
         return None, {"used": False, "reason": "no frozen prefix"}
     dm, prefix = datamodule, units[:k]
+    if getattr(dm, "crop", 0):
+        reason = f"data.crop={dm.crop} shifts every epoch's images anew: nothing to run once"
+        log.info("prefix cache off: %s", reason)
+        return None, {"used": False, "reason": reason}
     views = 2 if dm.flip else 1
     sizes = {stage: len(labels) for stage, (_, labels) in dm.tensors.items()}
     fill, uncached = prefix_passes(sizes, views, epochs, reused is not None)
