@@ -160,3 +160,35 @@ def test_folders_that_cannot_be_made_are_refused_in_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match="a_file is a file, not a folder"):
         check_writable_folder("source.cache_dir", str(tmp_path / "a_file" / "sources"))
+
+
+def test_a_stage_recipe_keeps_the_source_fixed_while_the_targets_learning_rate_and_size_are_swept():
+    from simfreeze.runs.sources import source_key
+
+    recipe = ["+source.recipe={optimizer: {lr: 0.002}, trainer: {max_epochs: 5}}", "+source.task.train_per_class=null"]
+    chains = {(lr, size): base_of("similarity_study", "freeze.l_freeze=0", f"optimizer.lr={lr}",
+                                  f"data.train_per_class={size}", *recipe)
+              for lr in (0.0002, 0.002) for size in (50, 640)}
+    assert len({source_key(chain[0]) for _, chain in chains.values()}) == 1
+    target, (source, base) = chains[(0.0002, 50)]
+    assert (target["optimizer"]["lr"], target["scheduler"]["max_lr"]) == (0.0002, 0.0002)
+    # the one-cycle peak follows the recipe's rate, as it follows optimizer.lr in conf/scheduler/onecycle.yaml
+    assert (source["optimizer"]["lr"], source["scheduler"]["max_lr"], source["trainer"]["max_epochs"]) == (0.002, 0.002, 5)
+    assert source["data"]["train_per_class"] is None and base["trainer"]["max_epochs"] == 5
+    # without the recipe, the source takes the target's learning rate (and trains anew for each)
+    _, plain = base_of("similarity_study", "freeze.l_freeze=0", "optimizer.lr=0.0002")
+    assert plain[0]["optimizer"]["lr"] == 0.0002 and source_key(plain[0]) != source_key(source)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("{model: {arch: resnet18}}", r"unknown key source.recipe.model"),
+    ("{trainer: {max_epoch: 3}}", r"unknown key source.recipe.trainer.max_epoch;"),
+    ("{optimizer: {lr: -1}}", r"source.recipe.optimizer.lr=-1 must be a number > 0"),
+])
+def test_a_stage_recipe_is_checked_like_the_run_itself(recipe, message):
+    from simfreeze.config import validate_config
+    from simfreeze.errors import ConfigError
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(["+experiment=similarity_study", "data.root=/data", f"+source.recipe={recipe}"]))

@@ -26,6 +26,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 # Passed by the run itself, so not settable from the config.
 TRAINER_RESERVED = {"logger", "callbacks", "default_root_dir"}
 # Old key → its new name; the old one still works, with one warning line.
+RECIPE_SECTIONS = ("optimizer", "scheduler", "trainer")  # what a source stage's recipe may change
 DEPRECATED = {("freeze", "depth"): "l_freeze"}
 log = logging.getLogger("simfreeze")
 
@@ -91,6 +92,10 @@ def validate_config(cfg: DictConfig) -> None:
             reject_unknown(f"{prefix}task.", stage.task.keys(), keys["data"])
         if stage.get("freeze"):
             reject_unknown(f"{prefix}freeze.", stage.freeze.keys(), keys["freeze"])
+        if stage.get("recipe"):
+            reject_unknown(f"{prefix}recipe.", stage.recipe.keys(), RECIPE_SECTIONS)
+            reject_unknown(f"{prefix}recipe.trainer.", (stage.recipe.get("trainer") or {}).keys(),
+                           parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
         stage, prefix = stage.get("source"), f"{prefix}source."
     reject_unknown("trainer.", cfg.trainer.keys(), parameter_names(L.Trainer.__init__) - TRAINER_RESERVED)
     precisions = lightning_precisions()
@@ -147,10 +152,12 @@ DATA_RULES = {
     "eval_batch_size": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1", optional=True),
     "image_size": rule(lambda v: is_int(v) and 8 <= v <= 1024, "an integer in [8, 1024]", optional=True),
     "flip": rule(lambda v: isinstance(v, bool), "true or false"),
+    "crop": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0 (pixels)"),
     "download": rule(lambda v: isinstance(v, bool), "true or false"),
     "use_test": rule(lambda v: isinstance(v, bool), "true or false"),
     "holdout_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
     "skip_per_class": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
+    "train_per_class": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1", optional=True),
     "mean": rule(is_channels, "a list of 3 numbers (one per RGB channel) or of 1"),
     # A std of 0 divides by zero: every input NaN or infinite.
     "std": rule(lambda v: is_channels(v, positive=True), "a list of 3 numbers > 0 (one per RGB channel) or of 1"),
@@ -226,6 +233,11 @@ def check_values(cfg: dict) -> None:
         for key, value in (stage.get("task") or {}).items():
             if key in DATA_RULES and not DATA_RULES[key][0](value):
                 raise ConfigError(f"{prefix}task.{key}={json.dumps(value)} must be {DATA_RULES[key][1]}")
+        for section, keys in (stage.get("recipe") or {}).items():
+            for key, value in (keys or {}).items():
+                ok, allowed = RULES.get(f"{section}.{key}", (None, None))
+                if ok is not None and not ok(value):
+                    raise ConfigError(f"{prefix}recipe.{section}.{key}={json.dumps(value)} must be {allowed}")
         stage, prefix = stage.get("source"), f"{prefix}source."
     check_factory("optimizer", cfg.get("optimizer"))
     check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})

@@ -43,6 +43,7 @@ NOT_IN_KEY = {"name", "progress", "verbose", "logger", "logs", "test", "ckpt_pat
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
                       "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
 DATA_NOT_IN_KEY = {"eval_batch_size", "use_test", "holdout_per_class"}  # what is evaluated, not what is learned
+ADDED_LATER = {"train_per_class": None, "crop": 0}
 MODEL_NOT_IN_KEY = {"compile", "channels_last"}  # how the network runs, not what it learns (up to rounding)
 
 TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, returns its results
@@ -61,6 +62,7 @@ def source_config(cfg: dict) -> dict:
                   ckpt_path=None)
     if spec.get("seed") is not None:  # e.g. one pretrained base for every seed of the targets
         source["seed"] = spec["seed"]
+    apply_recipe(source, spec.get("recipe"))
     source["freeze"].update(policy="none", l_freeze=None, depth=None)
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
@@ -69,12 +71,26 @@ def source_config(cfg: dict) -> dict:
     source["logs"] = stage_logs(cfg.get("logs") or {"dir": None}, run_name(source), source["seed"])
     # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
     source["checkpoint"].update(keep_frozen=True)
-    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, **(inner or {}),
+    source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, "recipe": None,
+                        **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
     # One device: a multi-device source started inside a DDP target run would relaunch the whole
     # command, whose processes would then wait on the source's lock held by their own parent.
     source["trainer"].update(devices=source_device(cfg["trainer"]["devices"]), num_nodes=1, strategy="auto")
     return source
+
+
+def apply_recipe(stage: dict, recipe: dict | None) -> None:
+    """Merge a stage's own ``recipe`` (optimizer / scheduler / trainer keys) onto the recipe it took
+    from the target. A one-cycle ``max_lr`` that followed the target's ``optimizer.lr`` (as
+    conf/scheduler/onecycle.yaml has it) follows the recipe's learning rate instead."""
+    if not recipe:
+        return
+    follows = stage.get("scheduler") and stage["scheduler"].get("max_lr") == stage["optimizer"].get("lr")
+    for section, keys in recipe.items():
+        stage[section] = {**(stage.get(section) or {}), **keys}
+    if follows and "lr" in recipe.get("optimizer", {}) and "max_lr" not in recipe.get("scheduler", {}):
+        stage["scheduler"]["max_lr"] = stage["optimizer"]["lr"]
 
 
 def source_device(devices) -> Any:
@@ -121,10 +137,12 @@ def source_key(run_cfg: dict[str, Any]) -> str:
     if run_cfg.get("transfer"):  # a stage of a chain: it trains from its own source with a freeze plan
         relevant.update(transfer=True, freeze=run_cfg["freeze"])
     relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
-    relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items() if k not in DATA_NOT_IN_KEY}
+    # A key added later with its default value is left out too: earlier caches keep their keys.
+    relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items()
+                        if k not in DATA_NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     # An unset stage seed is left out: keys of caches made before the key existed stay valid.
     relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items()
-                          if k != "cache_dir" and not (k == "seed" and v is None)}
+                          if k != "cache_dir" and not (k in ("seed", "recipe") and v is None)}
     relevant["model"] = {k: v for k, v in run_cfg.get("model", {}).items() if k not in MODEL_NOT_IN_KEY}
     if relevant["data"].get("root"):
         relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())
