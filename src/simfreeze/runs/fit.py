@@ -15,8 +15,8 @@ from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
 from simfreeze.runs.loggers import log_hparams
 from simfreeze.runs.module import finite_state
-from simfreeze.runs.results import finish, metric, run_results, source_record
-from simfreeze.runs.sources import source_weights
+from simfreeze.runs.results import finish, metric, run_name, run_results, source_record
+from simfreeze.runs.sources import source_chain, source_key, source_weights
 from simfreeze.speed.precision import with_resolved_precision
 
 
@@ -49,9 +49,15 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         run.clock.summary(), {"images": run.datamodule.total_sizes, "test_from": run.datamodule.test_from,
                                        "classes": run.datamodule.num_classes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
-        {"precision_phases": precision_phases(run)}, source_record(run.source), overrides=overrides)
+        {"precision_phases": precision_phases(run)}, source_record(run.source), chain_record(cfg), overrides=overrides)
     record_hparams(run, cfg, results)
     return finish(run_dir, results, write=trainer.is_global_zero)
+
+
+def chain_record(cfg: dict) -> dict:
+    """The cache keys of the run's chain of sources, nearest first, from its config: also for a run
+    that trains none of them (scratch), so that a study can tell which base a control belongs to."""
+    return {"source_chain": [{"name": run_name(stage), "key": source_key(stage)} for stage in source_chain(cfg)]}
 
 
 def write_test_predictions(path: Path, run: Run) -> None:

@@ -172,6 +172,8 @@ def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, over
         "epochs": trainer.current_epoch, "transfer": cfg["transfer"],
         "policy": FreezeSpec.from_config(cfg["freeze"]).policy,  # what ran: the l_freeze shorthand sets it
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
+        # the study's axes besides depth and seed: a learning rate chosen per setting, the target's data size
+        "lr": cfg["optimizer"].get("lr"), "train_per_class": cfg["data"].get("train_per_class"),
         "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
         "settings_digest": settings_digest(cfg),  # what it computed: a sweep run again keeps it when the same
