@@ -127,27 +127,30 @@ def runs_table(runs: list[dict[str, Any]], keys: list[str]) -> str:
                         f"{r.get('l_freeze')} | {r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)])
 
 
-def files_list(plot: bool, cost_model: bool, study: bool = False) -> str:
+def files_list(plot: bool, cost_model: bool, study_figures: tuple[str, ...] = ()) -> str:
     return ("`summary.md`, `summary.csv` (per setting), `runs.csv` (per job)"
             + (", `summary.png`" if plot else "") + (", `cost_model.csv`, `cost_model.png`" if cost_model else "")
-            + (", `study.csv` (per pair), `study.png`" if study else "")
+            + (", `study.csv` (per pair)" + "".join(f", `{name}`" for name in study_figures) if study_figures else "")
             + ", `tensorboard/`; every job's directory holds `results.json`, `plan.json`, `split.json`.")
 
 
 def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]], keys: list[str], *,
                    verdict: str = "", scratch: str = "", stages: str = "", architectures: str = "",
                    first_trained: dict[str, str | None] | None = None, plot: bool = False,
-                   cost_model: str = "", study: str = "") -> list[Section]:
+                   cost_model: str = "", study: str = "", study_figures: tuple[str, ...] = ("study.png",),
+                   figures_inline: bool = False) -> list[Section]:
     """Every section the sweep has content for. ``verdict``, ``scratch``, ``stages``, ``architectures``,
     ``cost_model`` and ``study`` are the markdown of ``simfreeze.reports.depth``, ``.scratch``, ``.stages``,
-    ``.architectures``, ``.cost`` and ``.study`` ("" where they do not apply; with a study,
-    ``study.png`` was drawn); ``first_trained``: the first trained layer of each setting's plan;
+    ``.architectures``, ``.cost`` and ``.study`` ("" where they do not apply; with a study, its
+    ``study_figures`` were drawn, linked below it unless ``figures_inline``: the study's markdown
+    links them itself, a study across regimes one per regime); ``first_trained``: the first trained layer of each setting's plan;
     ``plot``: whether ``summary.png`` was drawn."""
     plans = plans_table(rows, first_trained or {})
     failed = failed_jobs_list(runs, keys)
     candidates = [
         Section("command", None, f"```bash\n{command}\n```"),
-        Section("study", STUDY_TITLE, f"{study}\n\n![best depth vs S; accuracy vs depth per pair](study.png)")
+        Section("study", STUDY_TITLE, study if figures_inline else "\n\n".join(
+            [study, *(f"![best depth vs S; accuracy vs depth per pair]({name})" for name in study_figures)]))
         if study else None,
         Section("jobs", None, jobs_line(runs)),
         Section("plans", "Similarity and freeze plans", plans) if plans else None,
@@ -162,6 +165,6 @@ def sweep_sections(command: str, runs: list[dict[str, Any]], rows: list[dict[str
                 f"{COST_MODEL_INTRO}\n\n{cost_model}\n\n![cost model](cost_model.png)") if cost_model else None,
         Section("failed_jobs", "Failed jobs", failed) if failed else None,
         Section("runs", "Runs", runs_table(runs, keys)),
-        Section("files", "Files", files_list(plot, bool(cost_model), bool(study))),
+        Section("files", "Files", files_list(plot, bool(cost_model), study_figures if study else ())),
     ]
     return [section for section in candidates if section is not None]

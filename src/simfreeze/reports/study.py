@@ -23,6 +23,7 @@ from simfreeze.reports.stats import mean_std, paired_interval, plus_minus, seeds
 L_TOTAL = 40  # the paper's L_total for ResNet-50; runs made before it was recorded used it
 BASELINE_DEPTHS = {"static45": 45, "head_only": 49, "finetune": 0}
 ARMS = ("rule", *BASELINE_DEPTHS)
+CONTROLS = ("scratch", "base_finetune")  # a target's controls: no source model (simfreeze.reports.regimes)
 SCORE_ORDER = ("cosine", "centred_cosine", "logme")
 SCORE_NAMES = {"cosine": "S", "centred_cosine": "centred cosine", "logme": "LogME"}
 DRAWS = 2000
@@ -56,17 +57,20 @@ def new_pair(source: str, target: str) -> dict[str, Any]:
 
 
 def add_run(pair: dict[str, Any], run: dict[str, Any], accuracy: float, fell_back: bool) -> None:
-    """File one finished transfer run under its pair: at its fixed depth and seed, or as a dynamic run."""
-    seed, seconds = run.get("seed"), run.get("fit_seconds")
+    """File one finished transfer run under its pair: at its fixed depth, learning rate and seed, or
+    as a dynamic run."""
+    seed, seconds, lr = run.get("seed"), run.get("fit_seconds"), run.get("lr")
+    # the scored accuracy, and the best val accuracy that chooses the depth and the learning rate
+    val = run.get("best_val_acc") if run.get("best_val_acc") is not None else accuracy
     if run.get("policy") in NEEDS_SIMILARITY:
         pair["dynamic"].append({"seed": seed, "depth": run["l_freeze"], "acc": accuracy, "seconds": seconds,
                                 "S": run.get("S"), "scores": run.get("scores") or {}, "l_total": l_total_of(run),
-                                "correct": run.get("test_correct")})
-    else:  # the scored accuracy, and the best val accuracy that chooses the best depth
-        val = run.get("best_val_acc") if run.get("best_val_acc") is not None else accuracy
-        pair["fixed"].setdefault(run["l_freeze"], {}).setdefault(seed, []).append((accuracy, seconds, val))
+                                "correct": run.get("test_correct"), "val": val, "lr": lr})
+    else:
+        runs = pair["fixed"].setdefault(run["l_freeze"], {}).setdefault(lr, {})
+        runs.setdefault(seed, []).append((accuracy, seconds, val))
         if run.get("test_correct") is not None:  # per-image outcomes (test_predictions.json): one run per seed
-            pair.setdefault("correct", {}).setdefault(run["l_freeze"], {})[seed] = run["test_correct"]
+            pair.setdefault("correct", {}).setdefault(run["l_freeze"], {}).setdefault(lr, {})[seed] = run["test_correct"]
     source = run.get("source") or {}
     if source.get("fit_seconds") is not None:  # one source per seed, shared by that seed's targets
         pair["source_seconds_by_seed"].setdefault(seed, source["fit_seconds"])
@@ -76,21 +80,43 @@ def add_run(pair: dict[str, Any], run: dict[str, Any], accuracy: float, fell_bac
     pair["fallbacks"] += fell_back
 
 
+def chosen_rate(val_by_rate: dict[Any, list[float]]) -> Any:
+    """The learning rate with the highest mean best val accuracy (ties: the smaller rate, which
+    moves the source's weights less); a setting run at one rate keeps it."""
+    return max(val_by_rate, key=lambda lr: (statistics.fmean(val_by_rate[lr]), -(lr or 0)))
+
+
 def settle(pair: dict[str, Any]) -> dict[str, Any]:
-    """Fixed depths ascending, each ``{"acc": {seed: mean}, "val": {seed: mean}, "seconds": {seed:
-    mean}}`` (``acc`` scores, ``val`` chooses; a repeated seed averaged, not counted twice); the
-    pair's seeds, scores, L_total and source seconds."""
-    fixed = {}
+    """Fixed depths ascending, each at its learning rate chosen on validation (``chosen_rate``):
+    ``{"acc": {seed: mean}, "val": {seed: mean}, "seconds": {seed: mean}, "lr": rate, "rates": {rate:
+    mean val}}`` (``acc`` scores, ``val`` chooses; a repeated seed averaged, not counted twice); the
+    rule's runs at their own chosen rate; the pair's seeds, scores, L_total and source seconds."""
+    fixed, correct = {}, {}
     for depth in sorted(pair["fixed"]):
-        by_seed = pair["fixed"][depth]
+        by_rate = pair["fixed"][depth]
+        rates = {lr: [b for v in by_seed.values() for _, _, b in v] for lr, by_seed in by_rate.items()}
+        lr = chosen_rate(rates)
+        by_seed = by_rate[lr]
         fixed[depth] = {"acc": {s: statistics.fmean(a for a, _, _ in v) for s, v in by_seed.items()},
                         "val": {s: statistics.fmean(b for _, _, b in v) for s, v in by_seed.items()},
-                        "seconds": {s: mean_or_none([t for _, t, _ in v]) for s, v in by_seed.items()}}
+                        "seconds": {s: mean_or_none([t for _, t, _ in v]) for s, v in by_seed.items()},
+                        "lr": lr, "rates": {r: statistics.fmean(v) for r, v in sorted(rates.items(), key=rate_order)}}
+        if lr in pair.get("correct", {}).get(depth, {}):
+            correct[depth] = pair["correct"][depth][lr]
+    dynamic, rule_rate = pair["dynamic"], None
+    if dynamic:
+        rule_rate = chosen_rate({lr: [d["val"] for d in dynamic if d["lr"] == lr] for lr in {d["lr"] for d in dynamic}})
+        dynamic = [d for d in dynamic if d["lr"] == rule_rate]
     seeds = sorted({s for slot in fixed.values() for s in slot["acc"]}, key=seed_order)
-    l_totals = sorted({d["l_total"] for d in pair["dynamic"]})
-    return {**pair, "fixed": fixed, "seeds": seeds, "scores": mean_scores(pair["dynamic"]),
-            "l_total": l_totals[0] if len(l_totals) == 1 else (l_totals or [L_TOTAL])[0],
+    l_totals = sorted({d["l_total"] for d in dynamic})
+    return {**pair, "fixed": fixed, "correct": correct, "dynamic": dynamic, "rule_lr": rule_rate, "seeds": seeds,
+            "scores": mean_scores(dynamic), "l_total": l_totals[0] if len(l_totals) == 1 else (l_totals or [L_TOTAL])[0],
             "source_seconds": mean_std(list(pair["source_seconds_by_seed"].values()))}
+
+
+def rate_order(item) -> tuple:
+    # numbers ascending; a run that recorded no rate (made before results.json had it) first
+    return (item[0] is not None, item[0] or 0)
 
 
 def seed_order(seed) -> tuple:
@@ -119,7 +145,8 @@ def collect_pairs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every source → target pair among the finished transfer runs, in first-seen order."""
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
-        if run.get("status") != "ok" or not run.get("transfer") or run.get("l_freeze") is None:
+        if run.get("status") != "ok" or not run.get("transfer") or run.get("l_freeze") is None \
+                or run.get("arm") in CONTROLS:  # the base fine-tuned directly: not from the pair's source
             continue
         accuracy, fell_back = accuracy_of(run)
         if accuracy is not None:

@@ -60,6 +60,7 @@ from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, one_value, parse_override,
                                      setting_keys, setting_of, start_of)
+from simfreeze.reports.regimes import analyse_regimes, regimes_csv_rows, regimes_markdown, verdict_line, write_figures
 from simfreeze.reports.study import analyse_study, study_csv_rows, study_figure, study_markdown, study_verdict
 
 RUN_COLUMNS = ["job", "status", "arm", "name", "setting", "seed", "S", "l_freeze", "trainable_parameters",
@@ -294,17 +295,21 @@ def log_to_tensorboard(log_dir: Path, texts: dict[str, str], rows: list[dict[str
             writer.add_figure(tag, figure)
 
 
-def write_study(sweep_dir: Path, study: dict[str, Any]) -> tuple[str, Any]:
-    """``study.csv`` (one row per pair) and ``study.png`` of a similarity study; returns the study
-    section's markdown and the figure."""
-    rows = study_csv_rows(study)
+def write_study(sweep_dir: Path, study: dict[str, Any] | None, regimes: list[dict[str, Any]] | None
+                ) -> tuple[str, str, dict[str, Any]]:
+    """``study.csv`` (one row per pair, per regime in a study across regimes) and the study's figures
+    (``study.png``, or one per regime); returns the study section's markdown, its verdict and the
+    figures by file name."""
+    rows = regimes_csv_rows(regimes, study_csv_rows) if regimes else study_csv_rows(study)
     with open(sweep_dir / "study.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
+    if regimes:
+        return regimes_markdown(regimes), verdict_line(regimes), dict(write_figures(sweep_dir, regimes, study_figure))
     figure = study_figure(study)
     figure.savefig(sweep_dir / "study.png", dpi=120, bbox_inches="tight")
-    return study_markdown(study), figure
+    return study_markdown(study), study_verdict(study), {"study.png": figure}
 
 
 def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Any]:
@@ -339,8 +344,9 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
     # Depths, the depth figure and the cost model compare layers of one architecture only; in a
     # similarity study they would also pool different pairs' depths, so its own section replaces them.
-    study = analyse_study(runs)
-    by_depth = not architectures_md and study is None
+    regimes = analyse_regimes(runs)  # a study across regimes (bases × target sizes): each regime its own study
+    study = analyse_study(runs) if regimes is None else None
+    by_depth = not architectures_md and study is None and regimes is None
     verdict = depth_verdict(rows) if by_depth else None
     verdict_md = verdict_text(verdict)
     figure = depth_figure(rows, verdict) if by_depth else None
@@ -348,24 +354,26 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
     if figure is not None:
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     table = results_table(rows)
-    study_md, study_plot = write_study(sweep_dir, study) if study else ("", None)
+    study_md, study_words, study_plots = write_study(sweep_dir, study, regimes) if study or regimes else ("", "", {})
     cost_md, cost_plot = write_cost_model(sweep_dir, rows) if not architectures_md else ("", None)
     # every figure written as a file is in TensorBoard too, under its own tag
-    figures = {"sweep/accuracy_and_time_vs_depth": figure, "study/best_depth_vs_S": study_plot,
-               "sweep/cost_model": cost_plot}
+    figures = {"sweep/accuracy_and_time_vs_depth": figure, "sweep/cost_model": cost_plot,
+               **{"study/best_depth_vs_S" + name.removeprefix("study").removesuffix(".png").replace("-", "/"): plot
+                  for name, plot in study_plots.items()}}
     texts = {"sweep/summary": f"{verdict_md}\n\n{table}", **({"study/verdict": study_md} if study_md else {})}
     # beside the jobs' runs (simfreeze.runs.loggers: tensorboard/arm=dynamic/seed=0, …) as the run "summary"
-    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", texts, rows if study is None else [],
+    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", texts, rows if study is None and regimes is None else [],
                        {tag: plot for tag, plot in figures.items() if plot is not None})
     scratch_md = scratch_markdown(rows)
     sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
-                              plot=plot is not None, cost_model=cost_md, study=study_md)
+                              plot=plot is not None, cost_model=cost_md, study=study_md,
+                              study_figures=tuple(study_plots), figures_inline=bool(regimes))
     for name, text in render_documents(sections).items():
         (sweep_dir / name).write_text(text)
-    written = {"summary.png": figure, "study.png": study_plot, "cost_model.png": cost_plot}
+    written = {"summary.png": figure, **study_plots, "cost_model.png": cost_plot}
     return {"table": table, "note": results_note(rows, held_out_note(runs)), "verdict": verdict_md, "scratch": scratch_md,
-            "study": study_verdict(study) if study else "", "failed": [r for r in runs if r["status"] != "ok"],
+            "study": study_words, "failed": [r for r in runs if r["status"] != "ok"],
             "plot": plot, "figures": [sweep_dir / name for name, drawn in written.items() if drawn is not None],
             "stages": stages_md, "architectures": architectures_md}
 

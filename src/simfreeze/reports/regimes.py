@@ -1,0 +1,227 @@
+"""The study across regimes: when does freezing pay, and how deep?
+
+A *regime* is one base (the deepest model of the runs' chain of sources, by its cache key) and one
+target data size (training images per class). ``split_regimes`` files every run under its regime;
+each regime is a similarity study of its own (``simfreeze.reports.study.analyse_study``: the best
+depth chosen on validation, each setting at its learning rate chosen on validation, scored on the
+held-out images), with the controls beside it: random-init ``scratch`` and the base fine-tuned on
+the target directly (``base_finetune``), each at its own chosen learning rate. ``regimes_markdown``
+writes the overview — per regime, the best depths, where freezing beat fine-tuning beyond noise,
+the rule's regret and the controls — then each regime's own section.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from simfreeze.reports.stats import mean_std, plus_minus
+from simfreeze.reports.study import (CONTROLS, accuracy_of, analyse_study, chosen_rate, difference_se, image_interval,
+                                     number, pair_names, study_markdown, study_verdict, table, within)
+
+CONTROL_NAMES = {"scratch": "scratch (random init)", "base_finetune": "base → target"}
+
+
+def regime_key(run: dict[str, Any]) -> tuple[str | None, int | None]:
+    """(the base's cache key, training images per class): the base is the deepest stage of a chain
+    of two or more (source task ← base); a run without one has None."""
+    chain = run.get("source_chain") or []
+    base = chain[-1]["key"] if len(chain) >= 2 else None
+    size = run.get("train_per_class")
+    if size is None and (run.get("images") or {}).get("train") and run.get("classes"):
+        size = round(run["images"]["train"] / run["classes"])
+    return base, size
+
+
+def base_accuracy(runs: list[dict[str, Any]], key: str | None) -> float | None:
+    """The base's held-out accuracy (else best val) as a transfer run recorded its chain of sources."""
+    for run in runs:
+        stage = run.get("source")
+        while stage:
+            if key and str(stage.get("run_dir") or "").endswith(key):
+                return stage.get("test_acc") if stage.get("test_acc") is not None else stage.get("best_val_acc")
+            stage = stage.get("source")
+    return None
+
+
+def split_regimes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The regimes among the runs, weakest base and fewest images first: each ``{"key", "label",
+    "base_acc", "size", "runs"}``."""
+    grouped: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(regime_key(run), []).append(run)
+    regimes = []
+    for (base, size), members in grouped.items():
+        accuracy = base_accuracy(runs, base)
+        base_label = "no base" if base is None else f"base {base[:6]}" if accuracy is None else f"base {accuracy:.3f}"
+        regimes.append({"key": (base, size), "base_acc": accuracy, "size": size, "runs": members,
+                        "label": f"{base_label} · {'?' if size is None else size} images/class"})
+    return sorted(regimes, key=lambda r: (r["base_acc"] is None, r["base_acc"] or 0, r["size"] or 0))
+
+
+def controls_of(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per target class and control arm: the per-seed accuracies and outcomes at the learning rate
+    chosen on validation."""
+    found: dict[str, dict[str, dict[Any, dict[Any, tuple]]]] = {}
+    for run in runs:
+        if run.get("status") != "ok" or run.get("arm") not in CONTROLS:
+            continue
+        accuracy, _ = accuracy_of(run)
+        if accuracy is None:
+            continue
+        val = run.get("best_val_acc") if run.get("best_val_acc") is not None else accuracy
+        target = pair_names(run)[1]
+        by_rate = found.setdefault(target, {}).setdefault(run["arm"], {})
+        by_rate.setdefault(run.get("lr"), {})[run.get("seed")] = (accuracy, val, run.get("test_correct"))
+    controls: dict[str, dict[str, dict[str, Any]]] = {}
+    for target, arms in found.items():
+        for arm, by_rate in arms.items():
+            lr = chosen_rate({rate: [v for _, v, _ in seeds.values()] for rate, seeds in by_rate.items()})
+            seeds = by_rate[lr]
+            controls.setdefault(target, {})[arm] = {
+                "lr": lr, "acc": [a for a, _, _ in seeds.values()],
+                "correct": {s: c for s, (_, _, c) in seeds.items() if c is not None}}
+    return controls
+
+
+def against_controls(study: dict[str, Any], controls: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per control arm: the best depth's accuracy minus the control's, in points, per pair (with its
+    interval over seeds × held-out images where both saved outcomes) and the mean over pairs."""
+    result = {}
+    for arm in CONTROLS:
+        gaps = []
+        for pair in study["pairs"]:
+            control = controls.get(pair["target"], {}).get(arm)
+            best = pair["arms"].get("best")
+            if control is None or best is None:
+                continue
+            gap = 100 * (best["acc"][0] - statistics.fmean(control["acc"]))  # best["acc"]: (mean, std) over seeds
+            interval = image_interval(pair.get("correct", {}).get(pair["best"]["depth"]) or {}, control["correct"])
+            # beyond noise: the interval over seeds × images above 0, else beyond t × SE of the pair's seed noise
+            se = difference_se(pair["noise"], best["n"], len(control["acc"]))
+            beyond = interval[0] > 0 if interval is not None else (None if se is None else
+                                                                   gap > 0 and not within(gap, se, pair["df"]))
+            gaps.append({"pair": pair["label"], "gap": gap, "interval": interval, "beyond": beyond, "lr": control["lr"]})
+        if gaps:
+            result[arm] = {"pairs": gaps, "mean": mean_std([g["gap"] for g in gaps])}
+    return result
+
+
+def analyse_regimes(runs: list[dict[str, Any]], draws: int | None = None) -> list[dict[str, Any]] | None:
+    """Every regime that is a study of its own (``analyse_study``), with its controls; None when the
+    runs are all of one regime (an ordinary study, whose pairs may be pooled)."""
+    regimes = split_regimes(runs)
+    if len(regimes) < 2:
+        return None
+    analysed = []
+    for regime in regimes:
+        study = analyse_study(regime["runs"], **({} if draws is None else {"draws": draws}))
+        if study is not None:
+            controls = controls_of(regime["runs"])
+            analysed.append({**regime, "study": study, "controls": controls,
+                             "versus_controls": against_controls(study, controls)})
+    return analysed
+
+
+# --- words and tables ----------------------------------------------------------------------------
+
+def freezing_pays(study: dict[str, Any]) -> list[str]:
+    """The pairs where the best depth freezes something and beats fine-tuning beyond noise."""
+    return [p["label"] for p in study["pairs"] if p["best"]["depth"] and (a := p["arms"].get("finetune"))
+            and a["regret"] > 0 and a["within_noise"] is False]
+
+
+def gap_cell(versus: dict[str, Any] | None) -> str:
+    if versus is None:
+        return "–"
+    beyond = sum(1 for g in versus["pairs"] if g["beyond"])
+    return f"{plus_minus(versus['mean'], 1)} ({beyond} of {len(versus['pairs'])} above it beyond noise)"
+
+
+def overview_table(regimes: list[dict[str, Any]]) -> str:
+    rows = []
+    for regime in regimes:
+        study = regime["study"]
+        rule, finetune = study["arms"].get("rule"), study["arms"].get("finetune")
+        rule_beyond = sum(1 for p in study["pairs"] if (a := p["arms"].get("rule")) and a["within_noise"] is False)
+        rows.append([regime["label"], str(len(study["pairs"])),
+                     ", ".join(str(p["best"]["depth"]) for p in study["pairs"]),
+                     f"{len(freezing_pays(study))} of {len(study['pairs'])}",
+                     "–" if rule is None else f"{plus_minus(rule['regret'], 1)} ({rule_beyond} of "
+                                              f"{len(study['pairs'])} beyond noise)",
+                     "–" if finetune is None else plus_minus(finetune["regret"], 1),
+                     *(gap_cell(regime["versus_controls"].get(arm)) for arm in CONTROLS)])
+    return table(["regime", "pairs", "best depth per pair", "freezing beats fine-tuning beyond noise",
+                  "rule's regret (points)", "fine-tune's regret", *(f"best − {CONTROL_NAMES[a]}" for a in CONTROLS)],
+                 rows)
+
+
+def regimes_verdict(regimes: list[dict[str, Any]]) -> str:
+    """Where freezing pays, in words the numbers carry."""
+    paying = [(r["label"], freezing_pays(r["study"])) for r in regimes]
+    total = sum(len(r["study"]["pairs"]) for r in regimes)
+    hits = [f"{label}: {', '.join(pairs)}" for label, pairs in paying if pairs]
+    if not hits:
+        head = (f"**Freezing paid nowhere the study looked**: in none of the {total} pairs × regimes did a frozen "
+                f"depth beat fine-tuning everything beyond noise ({len(regimes)} regimes).")
+    else:
+        head = (f"**Freezing beat fine-tuning beyond noise in {sum(len(p) for _, p in paying)} of {total} pairs × "
+                f"regimes** — {'; '.join(hits)} (each at the 95 % level, uncorrected: by chance alone about "
+                f"{0.025 * total:.1f} of {total} would).")
+    rules = [f"{r['label']}: {number(r['study']['arms']['rule']['regret'][0])}" for r in regimes
+             if r["study"]["arms"].get("rule")]
+    rule_line = f"The rule's regret against the best depth, points, per regime: {'; '.join(rules)}." if rules else ""
+    return "\n".join(line for line in (head, rule_line) if line)
+
+
+def controls_sentence(regime: dict[str, Any]) -> str:
+    parts = []
+    for arm in CONTROLS:
+        versus = regime["versus_controls"].get(arm)
+        if versus is not None:
+            mean, std = versus["mean"]
+            beyond = sum(1 for g in versus["pairs"] if g["beyond"])
+            parts.append(f"{CONTROL_NAMES[arm]} by {mean:+.1f} ± {std:.1f} points over {len(versus['pairs'])} pairs "
+                         f"(at learning rate {versus['pairs'][0]['lr']:g}; above it beyond noise in {beyond})")
+    return f"The best depth from each source against the controls: {'; '.join(parts)}." if parts else \
+        "No control arm (scratch, base_finetune) was run in this regime."
+
+
+def regimes_markdown(regimes: list[dict[str, Any]]) -> str:
+    sections = [regimes_verdict(regimes),
+                "Per regime (base: its held-out accuracy on its own classes; images/class: the target's training "
+                "images): the best depth of each pair (chosen on validation), in how many pairs a frozen depth beat "
+                "fine-tuning beyond noise (its 95 % interval above 0), the rule's and fine-tuning's regret against "
+                "the best depth (mean ± std over pairs), and the best depth against the controls:",
+                overview_table(regimes)]
+    for i, regime in enumerate(regimes):
+        sections += [f"### {regime['label']}", controls_sentence(regime), study_markdown(regime["study"]),
+                     f"![best depth vs S; accuracy vs depth per pair]({figure_name(i)})"]
+    return "\n\n".join(sections)
+
+
+def regimes_csv_rows(regimes: list[dict[str, Any]], study_rows) -> list[dict[str, Any]]:
+    """``study.csv``'s rows of every regime, each with the regime's label, base accuracy and size first."""
+    return [{"regime": r["label"], "base_acc": r["base_acc"], "train_per_class": r["size"], **row}
+            for r in regimes for row in study_rows(r["study"])]
+
+
+def figure_name(index: int) -> str:
+    return f"study-regime{index + 1}.png"
+
+
+def verdict_line(regimes: list[dict[str, Any]]) -> str:
+    return "\n".join([regimes_verdict(regimes), *(f"{r['label']}: {study_verdict(r['study']).splitlines()[0]}"
+                                                   for r in regimes)])
+
+
+def write_figures(sweep_dir: Path, regimes: list[dict[str, Any]], draw) -> list[tuple[str, Any]]:
+    """One study figure per regime (``draw``: ``simfreeze.reports.study.study_figure``), titled with it."""
+    written = []
+    for i, regime in enumerate(regimes):
+        figure = draw(regime["study"])
+        figure.suptitle(regime["label"])
+        figure.savefig(sweep_dir / figure_name(i), dpi=120, bbox_inches="tight")
+        written.append((figure_name(i), figure))
+    return written
