@@ -114,3 +114,15 @@ def test_a_sweep_across_regimes_writes_one_section_and_figure_per_regime(tmp_pat
         rows = list(csv.DictReader(handle))
     assert {r["regime"] for r in rows} == {"base 0.700 · 50 images/class", "base 0.860 · 50 images/class"}
     assert "Freezing beat fine-tuning" in summary["study"]
+
+
+def test_each_regime_shows_accuracy_against_fit_time_with_its_pareto_front():
+    from simfreeze.reports.regimes import settings_cost
+
+    strong = analyse_regimes(regimes_runs(), draws=20)[1]
+    settings = {s["setting"]: s for s in settings_cost(strong["study"])}
+    # fit seconds are 100 − depth: depth 45 (0.7525 mean over pairs) is faster and more accurate than 0 and 20
+    assert settings["depth 45"]["acc"] == pytest.approx((0.81 + 0.625) / 2)
+    assert settings["depth 45"]["seconds"] == pytest.approx(55)
+    assert [name for name, s in settings.items() if s["front"]] == ["depth 45"]  # the rule (70 s, 0.60) is behind it
+    assert settings["rule"]["lrs"] == [0.002]

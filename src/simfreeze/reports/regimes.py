@@ -188,6 +188,42 @@ def controls_sentence(regime: dict[str, Any]) -> str:
         "No control arm (scratch, base_finetune) was run in this regime."
 
 
+def settings_cost(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every setting measured in all the regime's pairs (each fixed depth, and the rule): the mean
+    over pairs of its held-out accuracy and fit seconds, the learning rates validation chose for it,
+    and whether it is on the Pareto front (no other setting is both as accurate and faster)."""
+    pairs = study["pairs"]
+    common = set.intersection(*(set(p["fixed"]) for p in pairs)) if pairs else set()
+    settings = []
+    for depth in sorted(common):
+        slots = [p["fixed"][depth] for p in pairs]
+        seconds = [statistics.fmean(v for v in slot["seconds"].values() if v is not None) for slot in slots
+                   if any(v is not None for v in slot["seconds"].values())]
+        settings.append({"setting": f"depth {depth}", "acc": statistics.fmean(statistics.fmean(s["acc"].values())
+                                                                            for s in slots),
+                         "seconds": statistics.fmean(seconds) if len(seconds) == len(slots) else None,
+                         "lrs": sorted({s["lr"] for s in slots}, key=lambda lr: lr or 0)})
+    if pairs and all(p["dynamic"] for p in pairs):
+        seconds = [d["seconds"] for p in pairs for d in p["dynamic"]]
+        settings.append({"setting": "rule", "acc": statistics.fmean(statistics.fmean(d["acc"] for d in p["dynamic"])
+                                                                    for p in pairs),
+                         "seconds": None if None in seconds else statistics.fmean(seconds),
+                         "lrs": sorted({p["rule_lr"] for p in pairs}, key=lambda lr: lr or 0)})
+    for setting in settings:
+        setting["front"] = setting["seconds"] is not None and not any(
+            o is not setting and o["seconds"] is not None and o["acc"] >= setting["acc"]
+            and o["seconds"] <= setting["seconds"] and (o["acc"], -o["seconds"]) != (setting["acc"], -setting["seconds"])
+            for o in settings)
+    return settings
+
+
+def cost_table(study: dict[str, Any]) -> str:
+    rows = [[s["setting"], f"{s['acc']:.3f}", number(s["seconds"]), ", ".join(f"{lr:g}" if lr else "?" for lr in s["lrs"]),
+             "yes" if s["front"] else ""] for s in settings_cost(study)]
+    return table(["setting", "held-out accuracy, mean over pairs", "fit seconds", "learning rate(s) chosen",
+                  "on the Pareto front"], rows)
+
+
 def regimes_markdown(regimes: list[dict[str, Any]]) -> str:
     sections = [regimes_verdict(regimes),
                 "Per regime (base: its held-out accuracy on its own classes; images/class: the target's training "
@@ -196,7 +232,10 @@ def regimes_markdown(regimes: list[dict[str, Any]]) -> str:
                 "the best depth (mean ± std over pairs), and the best depth against the controls:",
                 overview_table(regimes)]
     for i, regime in enumerate(regimes):
-        sections += [f"### {regime['label']}", controls_sentence(regime), study_markdown(regime["study"]),
+        sections += [f"### {regime['label']}", controls_sentence(regime),
+                     "Accuracy against fit time, every setting at the learning rate validation chose for it (a "
+                     "setting is on the Pareto front when no other is both as accurate and as fast):",
+                     cost_table(regime["study"]), study_markdown(regime["study"]),
                      f"![best depth vs S; accuracy vs depth per pair]({figure_name(i)})"]
     return "\n\n".join(sections)
 
@@ -221,7 +260,8 @@ def write_figures(sweep_dir: Path, regimes: list[dict[str, Any]], draw) -> list[
     written = []
     for i, regime in enumerate(regimes):
         figure = draw(regime["study"])
-        figure.suptitle(regime["label"])
+        title = figure.get_suptitle()
+        figure.suptitle(f"{regime['label']}: {title}" if title else regime["label"])
         figure.savefig(sweep_dir / figure_name(i), dpi=120, bbox_inches="tight")
         written.append((figure_name(i), figure))
     return written
