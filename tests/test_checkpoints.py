@@ -75,6 +75,15 @@ def test_last_ckpt_is_written_every_n_epochs_and_at_the_end(image_folder, tmp_pa
     assert set(last["state_dict"]) == set(best["state_dict"]) >= {"net.conv1.weight", "net.bn1.running_mean"}
 
 
+def test_checkpoint_keep_false_deletes_the_checkpoints_once_the_results_are_written(image_folder_with_test, tmp_path):
+    results = fit(image_folder_with_test, tmp_path / "run", *TRANSFER, "checkpoint.keep=false",
+                  f"source.cache_dir={tmp_path / 'sources'}", "trainer.max_epochs=1")
+    assert results["test_acc"] is not None and (tmp_path / "run" / "results.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # the source stage keeps its own: the next stage starts from its last.ckpt
+    assert list((tmp_path / "sources").glob("*/checkpoints/last.ckpt"))
+
+
 @pytest.fixture(scope="module")
 def transfer_run(image_folder_with_test, tmp_path_factory):
     """An uninterrupted transfer run with 9 frozen layers (and its source, cached for the others)."""

@@ -204,6 +204,7 @@ RULES = {
     "similarity.scores": rule(lambda v: isinstance(v, bool), "true or false"),
     "checkpoint.last_every_n_epochs": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0"),
     "checkpoint.keep_frozen": rule(lambda v: isinstance(v, bool), "true or false"),
+    "checkpoint.keep": rule(lambda v: isinstance(v, bool), "true or false"),
     **{f"data.{key}": value for key, value in DATA_RULES.items()},
 }
 

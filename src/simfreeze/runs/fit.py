@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,10 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
         {"precision_phases": precision_phases(run)}, source_record(run.source), chain_record(cfg), overrides=overrides)
     record_hparams(run, cfg, results)
-    return finish(run_dir, results, write=trainer.is_global_zero)
+    finished = finish(run_dir, results, write=trainer.is_global_zero)
+    if not cfg["checkpoint"].get("keep", True) and trainer.is_global_zero:  # results.json is written: all a study reads
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return finished
 
 
 def chain_record(cfg: dict) -> dict:

@@ -70,7 +70,7 @@ def source_config(cfg: dict) -> dict:
     # Logged beside the job that trains it (source:cat/seed=0 in the sweep's TensorBoard)
     source["logs"] = stage_logs(cfg.get("logs") or {"dir": None}, run_name(source), source["seed"])
     # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
-    source["checkpoint"].update(keep_frozen=True)
+    source["checkpoint"].update(keep_frozen=True, keep=True)
     source["source"] = {"task": None, "weights": None, "freeze": None, "source": None, "seed": None, "recipe": None,
                         **(inner or {}),
                         "cache_dir": spec["cache_dir"]}
