@@ -212,3 +212,33 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
     assert target_split["test_from"].startswith(held_out) and all(r["test_from"].startswith(held_out) for r in runs)
     assert (sweep / "study.png").stat().st_size > 10_000
     assert "The rule picks the best depth in" in result.stdout
+
+
+def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_regime_with_its_controls(tmp_path):
+    """The study across regimes' reduced lane on synthetic classes: 2 bases × 2 sources × depths 0 and 10 ×
+    2 learning rates, then the controls (one rate), summarised together."""
+    from simfreeze.reports.sweep import main as summarise
+    from tests.helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {name: 40 for name in ("dog", "horse", "deer", "frog", "ant", "bee")})
+    study, controls, sources = tmp_path / "study", tmp_path / "controls", tmp_path / "sources"
+    lane = [*SMALL, "base=cifar8,cifar8_strong", "data.train_per_class=8", "data.holdout_per_class=5",
+            "source.source.task={classes:[ant,bee,horse],per_class:10,skip_per_class:20}",
+            "++source.source.recipe.trainer.max_epochs=1", "source.recipe.trainer.max_epochs=1",
+            "trainer.max_epochs=1000", "trainer.max_steps=4", "trainer.val_check_interval=2",
+            "seed=0", f"data.root={root}", f"source.cache_dir={sources}"]
+    run_train("+experiment=regimes", *lane, "source.task.positive=deer,frog", "freeze.l_freeze=0,10",
+              "optimizer.lr=0.002,0.0002", f"hydra.sweep.dir={study}", cwd=tmp_path)
+    run_train("+experiment=regimes_controls", *lane, "arm=scratch,base_finetune", "optimizer.lr=0.002",
+              f"hydra.sweep.dir={controls}", cwd=tmp_path)
+    runs = [json.loads(p.read_text()) for p in [*study.glob("*/results.json"), *controls.glob("*/results.json")]]
+    assert len(runs) == 16 + 4 and all(r["status"] == "ok" for r in runs)
+    assert not list(study.glob("*/checkpoints"))  # checkpoint.keep=false: results only
+    assert len(list(sources.glob("source-ant-bee-horse-*"))) == 2  # two bases, one each for every pair and size
+    assert {r["lr"] for r in runs} == {0.002, 0.0002} and {r["train_per_class"] for r in runs} == {8}
+    assert {len(r["source_chain"]) for r in runs} == {2}
+    summarise([str(study), str(controls)])
+    summary = (study / "summary.md").read_text()
+    assert summary.count("\n### base ") == 2 and "images/class" in summary and "best − scratch (random init)" in summary
+    assert "learning rate(s) chosen" in summary and f"# with the jobs of {controls}" in summary
+    assert (study / "study-regime1.png").is_file() and (study / "study-regime2.png").is_file()

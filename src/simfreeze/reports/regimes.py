@@ -228,7 +228,7 @@ def regimes_markdown(regimes: list[dict[str, Any]]) -> str:
     sections = [regimes_verdict(regimes),
                 "Per regime (base: its held-out accuracy on its own classes; images/class: the target's training "
                 "images): the best depth of each pair (chosen on validation), in how many pairs a frozen depth beat "
-                "fine-tuning beyond noise (its 95 % interval above 0), the rule's and fine-tuning's regret against "
+                "fine-tuning beyond noise (by the rule of the tables below), the rule's and fine-tuning's regret against "
                 "the best depth (mean ± std over pairs), and the best depth against the controls:",
                 overview_table(regimes)]
     for i, regime in enumerate(regimes):

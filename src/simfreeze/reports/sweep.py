@@ -330,13 +330,15 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, 
     return cost_markdown(tables, scratch_s), figure
 
 
-def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
-    """Write the summary files of a sweep directory. Returns the table and its note, the verdict text,
-    the comparison with scratch, the study's verdict, the stage and architecture tables, the failed
-    jobs, the depth figure's path and every figure's path (None: no jobs)."""
+def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> dict[str, Any] | None:
+    """Write the summary files of a sweep directory (``more``: other sweep directories whose jobs join
+    it, e.g. a study's controls; their jobs are named ``<directory>/<job>``). Returns the table and
+    its note, the verdict text, the comparison with scratch, the study's verdict, the stage and
+    architecture tables, the failed jobs, the depth figure's path and every figure's path (None: no jobs)."""
     from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
 
-    runs = read_runs(sweep_dir)
+    runs = read_runs(sweep_dir) + [{**run, "job": f"{other.name}/{run['job']}"} for other in more
+                                   for run in read_runs(other)]
     if not runs:
         return None
     rows, keys = summarise(runs), setting_keys(runs)
@@ -378,9 +380,9 @@ def write_summary(sweep_dir: Path, command: str = "") -> dict[str, Any] | None:
             "stages": stages_md, "architectures": architectures_md}
 
 
-def report(sweep_dir: Path, command: str) -> int:
+def report(sweep_dir: Path, command: str, more: list[Path] = ()) -> int:
     """Write and print the summary; the exit status the sweep should end with."""
-    summary = write_summary(sweep_dir, command)
+    summary = write_summary(sweep_dir, command, more)
     if summary is None:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
@@ -419,8 +421,12 @@ class SweepSummary(Callback):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simfreeze.reports", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
+    parser.add_argument("more", type=Path, nargs="*", help="other multirun directories whose jobs join the summary, "
+                        "e.g. a study's controls (the summary is written into the first)")
     args = parser.parse_args(argv)
     multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
     command = (sweep_command(OmegaConf.load(multirun)) if multirun.is_file()
                else f"python -m simfreeze.reports {args.sweep_dir}")
-    return report(args.sweep_dir, command)
+    if args.more:
+        command += "".join(f"\n# with the jobs of {other}" for other in args.more)
+    return report(args.sweep_dir, command, args.more)
