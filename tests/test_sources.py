@@ -192,3 +192,25 @@ def test_a_stage_recipe_is_checked_like_the_run_itself(recipe, message):
 
     with pytest.raises(ConfigError, match=message):
         validate_config(compose_config(["+experiment=similarity_study", "data.root=/data", f"+source.recipe={recipe}"]))
+
+
+def test_the_strong_base_and_the_regimes_tasks_share_no_image():
+    from simfreeze.data.splits import balanced_split
+
+    def images(data: dict, held_out: bool = True) -> dict[str, set[int]]:
+        sizes = {name: 5000 for name in data["classes"]}
+        split = balanced_split(sizes, data["per_class"], data["val_fraction"], data["seed"],
+                               holdout={n: data["holdout_per_class"] for n in sizes} if data["holdout_per_class"] else None,
+                               skip=data["skip_per_class"])
+        return {n: set(split.train[n]) | set(split.val[n]) | (set(split.holdout.get(n, [])) if held_out else set())
+                for n in sizes}
+
+    for target in ("[dog,horse]", "[cat,ship]"):
+        cfg, (source, base) = base_of("regimes_full", "base=cifar8_strong", f"data.classes={target}",
+                                      "source.task.positive=truck", "freeze.l_freeze=0")
+        assert base["data"]["per_class"] == 3000 and base["trainer"]["max_epochs"] == 13 and base["data"]["crop"] == 8
+        assert source["data"]["classes"] == ["truck", cfg["data"]["classes"][1]] and source["trainer"]["max_epochs"] == 3
+        base_images = images(base["data"], held_out=False)
+        for task in (cfg, source):
+            task_images = images(task["data"])
+            assert not any(task_images[n] & base_images.get(n, set()) for n in task_images)
