@@ -110,6 +110,12 @@ def test_a_sweep_across_regimes_writes_one_section_and_figure_per_regime(tmp_pat
     assert "### base 0.700 · 50 images/class" in text and "### base 0.860 · 50 images/class" in text
     assert "(study-regime1.png)" in text and "(study-regime2.png)" in text and "(study.png)" not in text
     assert (tmp_path / "study-regime2.png").is_file() and not (tmp_path / "summary.png").exists()
+    from simfreeze.reports.regimes import write_figures
+    from simfreeze.reports.study import study_figure
+
+    (name, figure), = write_figures(tmp_path, analyse_regimes(regimes_runs(), draws=20)[1:], study_figure)
+    assert name == "study-regime1.png" and figure.get_suptitle().startswith("base 0.860 · 50 images/class: ")
+    assert figure.axes[-1].get_xlabel() == "fit seconds, mean over pairs"  # the third panel: the Pareto view
     with open(tmp_path / "study.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["regime"] for r in rows} == {"base 0.700 · 50 images/class", "base 0.860 · 50 images/class"}

@@ -131,10 +131,11 @@ def one_error_line(result) -> str:
 
 # Hydra's own composition errors, which it would print as a multi-line report.
 HYDRA_CASES = {
-    "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of base_finetune, dynamic, finetune, "
-                                           "head_only, scratch, source, staged, static45, threshold"),
+    "unknown group option": (["arm=nope"], "error: arm=nope: no such option; arm is one of base_finetune, depth, dynamic, "
+                                           "finetune, head_only, scratch, source, staged, static45, threshold"),
     "unknown experiment": (["+experiment=nope"], "error: experiment=nope: no such option; experiment is one of "
-                                                 "architectures, cat_to_dog, cat_to_dog_pretrained, depth_sweep, similarity_matrix, similarity_study, staged"),
+                                                 "architectures, cat_to_dog, cat_to_dog_pretrained, depth_sweep, regimes, regimes_controls, "
+                                                 "regimes_full, regimes_setup, similarity_matrix, similarity_study, staged"),
     "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),
     "unknown key without +": (["data.per_clas=5"], "error: unknown key data.per_clas: the config has no such key"),
     "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
@@ -418,3 +419,12 @@ def test_a_fit_that_trained_no_step_has_no_result():
                           module=SimpleNamespace(validated=False))
     with pytest.raises(RunWithoutResult, match="the run trained no step"):
         check_fit_result(run)
+
+
+def test_a_large_sweep_is_checked_on_jobs_that_hold_every_value_of_every_axis():
+    from simfreeze.runs.preflight import covering_jobs
+
+    jobs = [[f"a={a}", f"b={b}", f"c={c}"] for a in range(3) for b in range(4) for c in range(2)]
+    kept = covering_jobs(jobs)
+    assert len(kept) <= 3 + 4 + 2 and kept[0] == jobs[0]
+    assert {o for job in kept for o in job} == {o for job in jobs for o in job}

@@ -255,11 +255,31 @@ def verdict_line(regimes: list[dict[str, Any]]) -> str:
                                                    for r in regimes)])
 
 
+def draw_cost(axis, study: dict[str, Any]) -> None:
+    """Every setting's held-out accuracy against its fit seconds (means over the regime's pairs), named,
+    with the Pareto front joined: what each setting buys for its time."""
+    settings = [s for s in settings_cost(study) if s["seconds"] is not None]
+    front = sorted((s for s in settings if s["front"]), key=lambda s: s["seconds"])
+    axis.plot([s["seconds"] for s in front], [s["acc"] for s in front], "-", color="C3", alpha=0.5,
+              label="Pareto front")
+    for s in settings:
+        axis.plot(s["seconds"], s["acc"], "*" if s["setting"] == "rule" else "o",
+                  color="C3" if s["front"] else "gray", markersize=10 if s["setting"] == "rule" else 6)
+        axis.annotate(s["setting"].removeprefix("depth "), (s["seconds"], s["acc"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("fit seconds, mean over pairs")
+    axis.set_ylabel("held-out accuracy, mean over pairs")
+    axis.set_title("accuracy vs fit time per setting (numbers: frozen layers; star: the rule)", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+
+
 def write_figures(sweep_dir: Path, regimes: list[dict[str, Any]], draw) -> list[tuple[str, Any]]:
-    """One study figure per regime (``draw``: ``simfreeze.reports.study.study_figure``), titled with it."""
+    """One study figure per regime (``draw``: ``simfreeze.reports.study.study_figure``), titled with it,
+    with a third panel of accuracy against fit time (``draw_cost``)."""
     written = []
     for i, regime in enumerate(regimes):
-        figure = draw(regime["study"])
+        figure = draw(regime["study"], draw_cost)
         title = figure.get_suptitle()
         figure.suptitle(f"{regime['label']}: {title}" if title else regime["label"])
         figure.savefig(sweep_dir / figure_name(i), dpi=120, bbox_inches="tight")

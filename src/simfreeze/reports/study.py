@@ -15,7 +15,7 @@ import itertools
 import math
 import random
 import statistics
-from typing import Any
+from typing import Any, Callable
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.stats import mean_std, paired_interval, plus_minus, seeds_phrase, t_975, zoomed_label
@@ -764,17 +764,20 @@ def study_csv_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- the figure ----------------------------------------------------------------------------------
 
-def study_figure(study: dict[str, Any]):
+def study_figure(study: dict[str, Any], extra: Callable[[Any, dict[str, Any]], None] | None = None):
     """Left: each pair's best depth (marker; bar: the seeds' range of best depths) against S, with the
     rule S·L_total and its rounding, and the dynamic runs' depths. Right: mean accuracy against
-    depth per pair, markers at the measured depths, the dynamic point as a star."""
+    depth per pair, markers at the measured depths, the dynamic point as a star. ``extra(axis,
+    study)`` draws a third panel."""
     from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
 
-    figure = Figure(figsize=(13, 5), layout="constrained")
-    left, right = figure.subplots(1, 2)
+    figure = Figure(figsize=(19 if extra else 13, 5), layout="constrained")
+    axes = figure.subplots(1, 3 if extra else 2)
     colours = [f"C{i % 10}" for i in range(len(study["pairs"]))]
-    draw_depth_vs_s(left, study, colours)
-    draw_accuracy_vs_depth(right, study, colours)
+    draw_depth_vs_s(axes[0], study, colours)
+    draw_accuracy_vs_depth(axes[1], study, colours)
+    if extra:
+        extra(axes[2], study)
     figure.suptitle(f"Does round(S · L_total) pick the best depth? {len(study['pairs'])} pairs, "
                     f"up to {study['seeds']} seeds each")
     if study.get("test_from") and study["fallbacks"] < study["measured_runs"]:
