@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test workers (pytest-xdist); each runs torch with one thread. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 # CPU_ISA caps the instruction sets oneDNN, ATen and MKL may use, to run any target as on another
-# CPU kind (README, Tests). A cap only lowers: on a machine without the named set nothing changes.
+# CPU kind (docs/testing.md). A cap only lowers: on a machine without the named set nothing changes.
 #   avx512_bf16  as an AVX512-BF16 CPU without AMX (AMD EPYC Zen 4): bf16 native, no AMX tiles
 #   avx2         as a CPU without native bf16: precision=auto picks fp32 there too
 # SIMFREEZE_NATIVE_BF16=0/1 forces only precision=auto's answer.
@@ -38,7 +38,7 @@ endif
 
 help:  ## this list
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 16
-	@echo "  ARGS=\"...\" passes Hydra overrides to train (or flags to bench); CPU_ISA=avx512_bf16|avx2 runs as on another CPU kind (README, Tests)"
+	@echo "  ARGS=\"...\" passes Hydra overrides to train (or flags to bench); CPU_ISA=avx512_bf16|avx2 runs as on another CPU kind (docs/testing.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,7 @@ train: install  ## the paper's protocol: python -m train +experiment=cat_to_dog 
 test: install  ## the test suite (two workers; PYTEST_ARGS=... for more)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# Fit times of the arms side by side in one process (medians of 3); see README, Performance.
+# Fit times of the arms side by side in one process (medians of 3); see docs/performance.md.
 bench: install  ## fit times of the arms side by side (python -m simfreeze.bench)
 	$(BIN)/python -m simfreeze.bench $(ARGS)
 

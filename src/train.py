@@ -8,7 +8,7 @@ Examples::
     python -m train arm=dynamic data.positive=dog +source.task.positive=cat
     python -m train --cfg job                         # print the composed config
 
-The pieces live in ``simfreeze`` (README, "How the code is laid out").
+The pieces live in ``simfreeze`` (docs/architecture.md, "How the code is laid out").
 """
 
 from __future__ import annotations

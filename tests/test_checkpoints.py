@@ -1,4 +1,4 @@
-"""A run's checkpoints (README, "What a run leaves"): ``last.ckpt`` every ``checkpoint.last_every_n_epochs``
+"""A run's checkpoints (docs/outputs.md, "What a run leaves"): ``last.ckpt`` every ``checkpoint.last_every_n_epochs``
 epochs, at the end and when the run is stopped (SIGTERM, Ctrl-C, an error), and resumable from each;
 ``best.ckpt`` and ``last.ckpt`` without the frozen prefix, which a restore takes back from the
 network as rebuilt after checking its digest."""

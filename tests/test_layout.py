@@ -1,4 +1,4 @@
-"""The house's rule: imports point down the layers of README "How the code is laid out", and no
+"""The house's rule: imports point down the layers of docs/architecture.md, "How the code is laid out", and no
 modules import each other in a loop. ``python -m tests.test_layout`` prints every import edge."""
 
 from __future__ import annotations

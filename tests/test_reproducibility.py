@@ -1,6 +1,6 @@
 """Same config and seed → the same metrics and weights on CPU; another seed → other weights.
 
-The promise holds in fp32 and in bf16 autocast (README, What a run leaves): both are tested, bf16
+The promise holds in fp32 and in bf16 autocast (docs/outputs.md, "What a run leaves"): both are tested, bf16
 where the CPU computes it natively (emulated bf16 is too slow for the lane).
 """
 

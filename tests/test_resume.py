@@ -1,4 +1,4 @@
-"""A resume continues its run and its files, or changes nothing (README, "What a run leaves"): the
+"""A resume continues its run and its files, or changes nothing (docs/outputs.md, "What a run leaves"): the
 metrics file and the clock go on over both parts, a refused resume or one of a finished run leaves
 the directory as it was, a failed checkpoint write keeps the previous one, a swapped data root is
 refused, and the stop hints point where the run can go on."""

@@ -339,10 +339,10 @@ def test_auto_precision_picks_bf16_only_on_gpus_that_compute_it_natively(monkeyp
     assert default_precision("cuda") == "16-mixed"
 
 
-def test_the_readmes_two_node_recipe_allocates_what_the_trainer_expects():
+def test_the_scale_out_pages_two_node_recipe_allocates_what_the_trainer_expects():
     from tests.helpers import REPO
 
-    line = next(l for l in (REPO / "README.md").read_text().splitlines() if "hydra.launcher.nodes=" in l)
+    line = next(l for l in (REPO / "docs" / "scale-out.md").read_text().splitlines() if "hydra.launcher.nodes=" in l)
     overrides = line.split("python -m train", 1)[1].split()
     assert overrides[0] == "-m"  # a launcher only submits a multirun; without -m the run stays here
     cfg = compose_config(overrides[1:], hydra=True)
@@ -402,12 +402,13 @@ def test_runs_that_recorded_the_configs_policy_are_read_with_the_policy_that_ran
 
 
 
-def readme_commands(first: str, last: str) -> list[str]:
-    """The ``python -m train`` commands of README's code blocks and inline code between two headings."""
+def doc_commands(page: str, first: str, last: str | None = None) -> list[str]:
+    """The ``python -m train`` commands of a docs page's code blocks and inline code between two headings
+    (``last`` None: to the end of the page)."""
     from tests.helpers import REPO
 
-    text = (REPO / "README.md").read_text()
-    text = text[text.index(first):text.index(last)]
+    text = (REPO / "docs" / page).read_text()
+    text = text[text.index(first):None if last is None else text.index(last)]
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python -m train ")]
     commands += re.findall(r"`(python -m train [^`]+)`", text)
     return [command.split("  #")[0].split(" # ")[0] for command in commands if "…" not in command]
@@ -423,8 +424,8 @@ def first_point(override: str) -> str:
     return f"{parsed.get_key_element()}={next(parsed.sweep_string_iterator())}"
 
 
-def test_the_readmes_scale_out_commands_compose():
-    commands = readme_commands("## Sweeps, the depth oracle and scale-out", "## How layers are counted")
+def test_the_scale_out_pages_commands_compose():
+    commands = doc_commands("scale-out.md", "# Sweeps, the depth oracle and scale-out")
     assert len(commands) >= 8 and any("trainer.strategy=ddp" in c for c in commands)
     for command in commands:
         overrides = [o for o in command.removeprefix("python -m train ").split() if o != "-m"]

@@ -1,4 +1,4 @@
-"""Host–device syncs per training step (README, Performance).
+"""Host–device syncs per training step (docs/performance.md).
 
 On a GPU a ResNet-50 step (batch 32, 64×64) is 3–4 ms of device work. A call that makes the host
 wait for the device (a sync) stops it from queueing the next step while this one runs, so each

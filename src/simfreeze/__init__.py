@@ -1,1 +1,1 @@
-"""simfreeze: similarity-driven layer freezing for transfer learning (README, "How the code is laid out")."""
+"""simfreeze: similarity-driven layer freezing for transfer learning (docs/architecture.md, "How the code is laid out")."""

@@ -74,7 +74,7 @@ def analyze(cfg: dict, run_dir: Path, weights: str | None, embedder_name: str,
     centroids = torch.stack(centroids)
     matrix = cosine_matrix(centroids)
     spread = pair_spread(matrix, names)
-    centred = centred_cosine_matrix(centroids)  # another score for the same pairs (README, Similarity)
+    centred = centred_cosine_matrix(centroids)  # another score for the same pairs (docs/configuration.md, "Similarity")
     coords, explained = pca_2d(centroids)
     layers = layer_map(net, arch, spec.l_total)
 

@@ -246,7 +246,7 @@ def phase_rates(cfg: dict, precision: str, steps: int = 6) -> dict[str, float]:
 
 def phase_table(cfg: dict) -> tuple[str, dict]:
     """fp32 against bf16 autocast for every phase of a fit: the measurement behind
-    ``trainer.precision=auto`` (README, Performance)."""
+    ``trainer.precision=auto`` (docs/performance.md)."""
     rates = {p: phase_rates(cfg, p) for p in ("32-true", "bf16-mixed")}
     lines = ["| phase | 32-true images/s | bf16-mixed images/s | bf16 ÷ fp32 | faster |", "|---|---|---|---|---|"]
     for phase, fp32 in rates["32-true"].items():

@@ -148,7 +148,7 @@ def cpu_name() -> str:
 
 
 def reproducibility(device_type: str, deterministic: bool) -> str:
-    """What a rerun with the same config and seed promises on this device (README, What a run leaves)."""
+    """What a rerun with the same config and seed promises on this device (docs/outputs.md, "What a run leaves")."""
     if device_type == "cpu":
         return ("bit-identical: the same config and seed give the same weights and metrics on this CPU, in fp32 "
                 "and bf16 autocast, also after a resume (tests/test_reproducibility.py)")

@@ -1,5 +1,5 @@
 """`trainer.precision=auto`: the numeric precision a device type runs fastest, chosen from
-measurement rather than habit (README, Performance).
+measurement rather than habit (docs/performance.md).
 
 Measured per phase (``make bench``): on a CPU with native bf16 instructions (AVX512-BF16 / AMX),
 bf16 autocast runs scratch training 1.5×, the similarity pass 1.8×, the cache fill 1.8× and the
@@ -23,7 +23,7 @@ def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's own check: AVX512-BF16 or AMX).
 
     ``SIMFREEZE_NATIVE_BF16=0`` or ``1`` overrides the check, to run as on the other CPU kind
-    (README, Tests). ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN itself act as an AVX2 CPU.
+    (docs/testing.md). ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN itself act as an AVX2 CPU.
     """
     forced = os.environ.get("SIMFREEZE_NATIVE_BF16", "").strip()
     if forced:
