@@ -93,9 +93,10 @@ def test_the_overview_says_where_freezing_pays_and_measures_the_controls():
     assert "nowhere" in regimes_verdict(analyse_regimes(regimes_runs(strong_pays=False), draws=20))
 
 
-def test_one_regime_stays_an_ordinary_study():
+def test_one_regime_stays_an_ordinary_study_even_with_a_failed_job():
     runs = [r for r in regimes_runs() if r["source_chain"][-1]["key"] == BASES["weak"]]
-    assert analyse_regimes(runs) is None and analyse_study(runs, draws=20) is not None
+    failed = {"status": "failed", "job": "7", "error": "RuntimeError: boom"}  # records no regime
+    assert analyse_regimes([*runs, failed]) is None and analyse_study([*runs, failed], draws=20) is not None
 
 
 def test_a_sweep_across_regimes_writes_one_section_and_figure_per_regime(tmp_path):

@@ -46,11 +46,12 @@ def base_accuracy(runs: list[dict[str, Any]], key: str | None) -> float | None:
 
 
 def split_regimes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The regimes among the runs, weakest base and fewest images first: each ``{"key", "label",
-    "base_acc", "size", "runs"}``."""
+    """The regimes among the finished runs, weakest base and fewest images first: each ``{"key",
+    "label", "base_acc", "size", "runs"}``."""
     grouped: dict[tuple, list[dict[str, Any]]] = {}
-    for run in runs:
-        grouped.setdefault(regime_key(run), []).append(run)
+    for run in runs:  # a failed job recorded no regime: the summary lists it among the failed jobs
+        if run.get("status") == "ok":
+            grouped.setdefault(regime_key(run), []).append(run)
     regimes = []
     for (base, size), members in grouped.items():
         accuracy = base_accuracy(runs, base)
