@@ -79,17 +79,20 @@ def base_of(experiment: str, *overrides: str) -> tuple[dict, list[dict]]:
     return cfg, source_chain(cfg)
 
 
-def test_one_base_serves_every_pair_seed_and_experiment_and_shares_no_image_with_their_tasks():
+def images(data: dict, held_out: bool = True) -> dict[str, set[int]]:
+    """The images a task trains, selects and (``held_out``) tests on, per class of CIFAR-10's training split."""
     from simfreeze.data.splits import balanced_split
-    from simfreeze.runs.sources import source_key
 
-    def images(data: dict, held_out: bool = True) -> dict[str, set[int]]:  # the images a task trains, selects, tests on
-        sizes = {name: 5000 for name in data["classes"]}  # CIFAR-10's training split
-        split = balanced_split(sizes, data["per_class"], data["val_fraction"], data["seed"],
-                               holdout={n: data["holdout_per_class"] for n in sizes} if data["holdout_per_class"] else None,
-                               skip=data["skip_per_class"])
-        return {n: set(split.train[n]) | set(split.val[n]) | (set(split.holdout.get(n, [])) if held_out else set())
-                for n in sizes}
+    sizes = {name: 5000 for name in data["classes"]}
+    split = balanced_split(sizes, data["per_class"], data["val_fraction"], data["seed"],
+                           holdout={n: data["holdout_per_class"] for n in sizes} if data["holdout_per_class"] else None,
+                           skip=data["skip_per_class"])
+    return {n: set(split.train[n]) | set(split.val[n]) | (set(split.holdout.get(n, [])) if held_out else set())
+            for n in sizes}
+
+
+def test_one_base_serves_every_pair_seed_and_experiment_and_shares_no_image_with_their_tasks():
+    from simfreeze.runs.sources import source_key
 
     jobs = [base_of("similarity_study", f"source.task.positive={source}", f"seed={seed}", "freeze.l_freeze=dynamic")
             for source in ("cat", "automobile") for seed in (0, 2)]
@@ -195,16 +198,6 @@ def test_a_stage_recipe_is_checked_like_the_run_itself(recipe, message):
 
 
 def test_the_strong_base_and_the_regimes_tasks_share_no_image():
-    from simfreeze.data.splits import balanced_split
-
-    def images(data: dict, held_out: bool = True) -> dict[str, set[int]]:
-        sizes = {name: 5000 for name in data["classes"]}
-        split = balanced_split(sizes, data["per_class"], data["val_fraction"], data["seed"],
-                               holdout={n: data["holdout_per_class"] for n in sizes} if data["holdout_per_class"] else None,
-                               skip=data["skip_per_class"])
-        return {n: set(split.train[n]) | set(split.val[n]) | (set(split.holdout.get(n, [])) if held_out else set())
-                for n in sizes}
-
     for target in ("[dog,horse]", "[cat,ship]"):
         cfg, (source, base) = base_of("regimes_full", "base=cifar8_strong", f"data.classes={target}",
                                       "source.task.positive=truck", "freeze.l_freeze=0")

@@ -210,11 +210,11 @@ def settings_cost(study: dict[str, Any]) -> list[dict[str, Any]]:
                                                                     for p in pairs),
                          "seconds": None if None in seconds else statistics.fmean(seconds),
                          "lrs": sorted({p["rule_lr"] for p in pairs}, key=lambda lr: lr or 0)})
-    for setting in settings:
-        setting["front"] = setting["seconds"] is not None and not any(
-            o is not setting and o["seconds"] is not None and o["acc"] >= setting["acc"]
-            and o["seconds"] <= setting["seconds"] and (o["acc"], -o["seconds"]) != (setting["acc"], -setting["seconds"])
-            for o in settings)
+    timed = [s for s in settings if s["seconds"] is not None]
+    for setting in settings:  # dominated: another is as accurate and as fast, and better in one of the two
+        setting["front"] = setting in timed and not any(
+            o["acc"] >= setting["acc"] and o["seconds"] <= setting["seconds"]
+            and (o["acc"], o["seconds"]) != (setting["acc"], setting["seconds"]) for o in timed)
     return settings
 
 
