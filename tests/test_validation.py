@@ -2,6 +2,7 @@
 what is allowed; the run directory stays empty (no split, plan, checkpoint or results)."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -121,6 +122,18 @@ def test_a_download_that_fails_offline_says_how_to_provide_the_data(tmp_path, mo
         open_source("cifar10", None, True, str(tmp_path))
 
 
+@pytest.mark.parametrize("name, choices, hint", [
+    ("per_clas", ["per_class", "seed"], " (did you mean per_class?)"),
+    ("optimizer.learning_rate", ["optimizer.lr", "optimizer.weight_decay"], " (did you mean optimizer.lr?)"),
+    ("max_epochs", ["data.seed", "trainer.max_epochs"], " (did you mean trainer.max_epochs?)"),
+    ("colour", ["per_class", "seed"], ""),
+])
+def test_did_you_mean_finds_close_names_and_other_tools_words(name, choices, hint):
+    from simfreeze.config import did_you_mean
+
+    assert did_you_mean(name, choices) == hint
+
+
 def one_error_line(result) -> str:
     """The whole of stderr, which must be exactly one ``error:`` line; exit status 2."""
     assert result.returncode == 2, result.stderr
@@ -138,6 +151,12 @@ HYDRA_CASES = {
                                                  "regimes_full, regimes_setup, similarity_matrix, similarity_study, staged"),
     "unknown launcher": (["hydra/launcher=nope"], "error: hydra/launcher=nope: no such option; hydra/launcher is one of"),
     "unknown key without +": (["data.per_clas=5"], "error: unknown key data.per_clas: the config has no such key"),
+    "another tool's name for a key": (["optimizer.learning_rate=0.1"], "error: unknown key optimizer.learning_rate: the "
+                                                                        "config has no such key (did you mean optimizer.lr?)"),
+    "a key in the wrong section": (["epochs=3"], "error: unknown key epochs: the config has no such key (did you mean "
+                                                 "trainer.max_epochs?)"),
+    "a misspelt experiment": (["+experiment=cat2dog"], "error: experiment=cat2dog: no such option (did you mean "
+                                                       "cat_to_dog?); experiment is one of"),
     "override syntax": (["data.per_class=[1"], "error: no viable alternative at input '[1'"),
     "unknown option in a sweep": (["-m", "arm=scratch,nope"], "error: arm=nope: no such option"),
     "bad key in one sweep job": (["-m", "seed=0,1", "+epochs=5"], "error: unknown key epochs; allowed: arm, cache"),
@@ -428,3 +447,12 @@ def test_a_large_sweep_is_checked_on_jobs_that_hold_every_value_of_every_axis():
     kept = covering_jobs(jobs)
     assert len(kept) <= 3 + 4 + 2 and kept[0] == jobs[0]
     assert {o for job in kept for o in job} == {o for job in jobs for o in job}
+
+
+def test_help_fits_a_screen_and_names_every_experiment(tmp_path):
+    result = run_train("--help", cwd=tmp_path)
+    lines = result.stdout.rstrip().splitlines()
+    assert len(lines) <= 40, result.stdout
+    experiments = {path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml")} - {"regimes_setup"}
+    assert all(re.search(rf"\b{name}\b", result.stdout) for name in experiments), result.stdout
+    assert "$CIFAR10_ROOT" in result.stdout and "--cfg job" in result.stdout  # where data come from; the full config

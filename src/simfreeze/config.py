@@ -4,6 +4,7 @@ listed here again; the trainer's come from Lightning's ``Trainer``."""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import inspect
@@ -59,10 +60,33 @@ def parameter_names(func: Callable) -> set[str]:
     return {name for name in inspect.signature(func).parameters if name != "self"}
 
 
+# Names other tools use for keys this config names otherwise; a did-you-mean follows them.
+KEY_ALIASES = {"learning_rate": "lr", "max_lr": "lr", "wd": "weight_decay", "epochs": "max_epochs",
+               "num_epochs": "max_epochs", "steps": "max_steps", "bs": "batch_size", "workers": "num_workers",
+               "arch": "name", "architecture": "name", "backbone": "name", "depth": "l_freeze"}
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` when ``name`` is close to one of ``choices`` or is another tool's word for
+    one of them (``learning_rate`` → ``lr``); a dotted name is matched by its last part. Empty otherwise."""
+    choices = sorted(set(choices))
+    leaf = name.rsplit(".", 1)[-1]
+    wanted = KEY_ALIASES.get(leaf, leaf)
+    by_leaf: dict[str, list[str]] = {}
+    for choice in choices:
+        by_leaf.setdefault(choice.rsplit(".", 1)[-1], []).append(choice)
+    close = difflib.get_close_matches(wanted, list(by_leaf), n=2, cutoff=0.6)
+    if wanted in by_leaf:  # an alias, or the right name in the wrong section
+        close = [wanted, *(c for c in close if c != wanted)]
+    matches = [full for leaf_name in close for full in by_leaf[leaf_name] if full != name][:3]
+    return f" (did you mean {' or '.join(matches)}?)" if matches else ""
+
+
 def reject_unknown(section: str, keys: Iterable[str], allowed: Iterable[str]) -> None:
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown key {', '.join(f'{section}{k}' for k in unknown)}; "
+        hint = did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
+        raise ConfigError(f"unknown key {', '.join(f'{section}{k}' for k in unknown)}{hint}; "
                           f"allowed: {', '.join(sorted(allowed))}")
 
 

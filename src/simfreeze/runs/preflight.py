@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from simfreeze.config import check_writable_folder, validate_config
+from simfreeze.config import check_writable_folder, did_you_mean, validate_config
 from simfreeze.errors import ConfigError, RunDirInUse
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -332,16 +332,33 @@ class Preflight(Callback):
 PLUGIN_EXTRAS = {"hydra/sweeper/optuna": " (the Optuna sweeper: .venv/bin/pip install -e '.[optuna]')"}
 
 
+def config_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (Hydra's own node left out), without resolving interpolations."""
+    keys = []
+    for key in node.keys():
+        if not prefix and key == "hydra":
+            continue
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            keys.extend(config_keys(child, f"{full}."))
+    return keys
+
+
 def hydra_error_line(err: Exception) -> str:
     """One line for an error Hydra raises while composing the config."""
     cause = err.__cause__
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         hint = PLUGIN_EXTRAS.get(err.missing_cfg_file, "")
-        return f"{group}={option}: no such option; {group} is one of {', '.join(err.options)}{hint}"
+        close = did_you_mean(option, err.options) if not hint else ""
+        return f"{group}={option}: no such option{close}; {group} is one of {', '.join(err.options)}{hint}"
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
-        return (f"unknown key {getattr(cause, 'full_key', None) or '?'}: the config has no such key "
-                f"(python -m train --cfg job prints every key)")
+        key = getattr(cause, "full_key", None) or "?"
+        parent = getattr(cause, "parent_node", None)
+        close = did_you_mean(key, config_keys(parent._get_root())) if isinstance(parent, DictConfig) else ""
+        return f"unknown key {key}: the config has no such key{close} (python -m train --cfg job prints every key)"
     lines = []
     for line in str(err).splitlines():
         if line.startswith("Config search path"):
