@@ -185,7 +185,7 @@ def test_a_stage_recipe_keeps_the_source_fixed_while_the_targets_learning_rate_a
 
 @pytest.mark.parametrize("recipe, message", [
     ("{model: {arch: resnet18}}", r"unknown key source.recipe.model"),
-    ("{trainer: {max_epoch: 3}}", r"unknown key source.recipe.trainer.max_epoch;"),
+    ("{trainer: {max_epoch: 3}}", r"unknown key source.recipe.trainer.max_epoch \(did you mean source.recipe.trainer.max_epochs\?\); allowed"),
     ("{optimizer: {lr: -1}}", r"source.recipe.optimizer.lr=-1 must be a number > 0"),
 ])
 def test_a_stage_recipe_is_checked_like_the_run_itself(recipe, message):

@@ -456,3 +456,13 @@ def test_help_fits_a_screen_and_names_every_experiment(tmp_path):
     experiments = {path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml")} - {"regimes_setup"}
     assert all(re.search(rf"\b{name}\b", result.stdout) for name in experiments), result.stdout
     assert "$CIFAR10_ROOT" in result.stdout and "--cfg job" in result.stdout  # where data come from; the full config
+
+
+def test_a_value_error_comes_before_torch_and_lightning_are_imported(tmp_path):
+    # Importing them takes 5 s or more; a wrong value should fail as fast as an unknown key.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "train", "optimizer.lr=-1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "error: optimizer.lr=-1 must be a number > 0" in result.stderr
+    assert not {"torch", "lightning"} & imported

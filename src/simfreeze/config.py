@@ -75,7 +75,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     by_leaf: dict[str, list[str]] = {}
     for choice in choices:
         by_leaf.setdefault(choice.rsplit(".", 1)[-1], []).append(choice)
-    close = difflib.get_close_matches(wanted, list(by_leaf), n=2, cutoff=0.6)
+    close = difflib.get_close_matches(wanted, list(by_leaf), n=1, cutoff=0.6)
     if wanted in by_leaf:  # an alias, or the right name in the wrong section
         close = [wanted, *(c for c in close if c != wanted)]
     matches = [full for leaf_name in close for full in by_leaf[leaf_name] if full != name][:3]
@@ -85,7 +85,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 def reject_unknown(section: str, keys: Iterable[str], allowed: Iterable[str]) -> None:
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
-        hint = did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
+        hint = did_you_mean(f"{section}{unknown[0]}", [f"{section}{k}" for k in allowed]) if len(unknown) == 1 else ""
         raise ConfigError(f"unknown key {', '.join(f'{section}{k}' for k in unknown)}{hint}; "
                           f"allowed: {', '.join(sorted(allowed))}")
 
@@ -104,11 +104,15 @@ def lightning_precisions() -> list[str]:
 
 def validate_config(cfg: DictConfig) -> None:
     keys = schema()
-    reject_unknown("", cfg.keys(), keys[""])  # before the imports: a typo fails at once
-    import lightning as L
-
+    # Unknown keys and values out of range first, before torch and Lightning are imported (5 s or more):
+    # a typo or a wrong value fails in under a second.
+    reject_unknown("", cfg.keys(), keys[""])
     for section in ("data", "model", "source", "similarity", "freeze", "cache", "checkpoint", "logs"):
         reject_unknown(f"{section}.", cfg[section].keys(), keys[section])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_rules(resolved)
+    import lightning as L
+
     stage, prefix = cfg.source, "source."
     while stage:  # a chain: source.source.… (each stage: task, weights, freeze, seed, source)
         reject_unknown(prefix, stage.keys(), keys["source"])
@@ -130,7 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(cfg.verbose, bool):
         raise ConfigError(f"verbose={cfg.verbose} must be true or false")
     FreezeSpec.from_config(OmegaConf.to_container(cfg.freeze))  # the l_freeze shorthand
-    check_values(OmegaConf.to_container(cfg, resolve=True))
+    check_construction(resolved)
     for (section, old), new in DEPRECATED.items():
         if cfg[section].get(old) is not None:
             warnings.warn(f"{section}.{old} is deprecated and will be removed: use {section}.{new} (the same values)",
@@ -233,9 +237,9 @@ RULES = {
 }
 
 
-def check_values(cfg: dict) -> None:
-    """Every value of ``RULES`` present in the resolved config ``cfg``, each source task's data too,
-    the optimizer's keys against its class, and the devices and folders the run needs."""
+def check_rules(cfg: dict) -> None:
+    """The value rules (``RULES``, each source task's ``DATA_RULES``, its recipe's) on the resolved config:
+    pure checks that need neither torch nor Lightning."""
     def get(path: str):
         node = cfg
         for part in path.split("."):
@@ -250,7 +254,6 @@ def check_values(cfg: dict) -> None:
         if value is not KeyError and not ok(value):
             raise ConfigError(f"{key}={json.dumps(value)} must be {allowed}")
     check_validation_cadence(cfg["trainer"])
-    check_model_kwargs(cfg["model"].get("kwargs"))
     stage, prefix = cfg["source"], "source."
     while stage:
         if stage.get("seed") is not None and not is_seed(stage["seed"]):
@@ -264,6 +267,19 @@ def check_values(cfg: dict) -> None:
                 if ok is not None and not ok(value):
                     raise ConfigError(f"{prefix}recipe.{section}.{key}={json.dumps(value)} must be {allowed}")
         stage, prefix = stage.get("source"), f"{prefix}source."
+
+
+def check_values(cfg: dict) -> None:
+    """Every value of ``RULES`` present in the resolved config ``cfg``, each source task's data too,
+    the optimizer's keys against its class, and the devices and folders the run needs."""
+    check_rules(cfg)
+    check_construction(cfg)
+
+
+def check_construction(cfg: dict) -> None:
+    """What takes the classes to check: the model's kwargs, the optimizer's, scheduler's and loggers' keys
+    against their classes; then the devices and folders the run needs."""
+    check_model_kwargs(cfg["model"].get("kwargs"))
     check_factory("optimizer", cfg.get("optimizer"))
     check_factory("scheduler", cfg.get("scheduler"), given_by_the_run={"optimizer", "total_steps"})
     check_by_construction(cfg.get("optimizer"), cfg.get("scheduler"))
