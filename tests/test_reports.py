@@ -86,14 +86,24 @@ def test_the_depth_figure_marks_measured_depths_and_says_what_it_shows(tmp_path)
     rows = summarise([arm_run(arm) for arm in ARMS])
     figure = depth_figure(rows, depth_verdict(rows))
     accuracy, seconds = figure.axes
-    assert figure.get_suptitle() == "accuracy and fit time vs frozen layers (1 seed per setting: no error bars)"
+    assert figure.get_suptitle() == ("accuracy and fit time vs frozen layers (1 seed per setting: bars are the 95 % "
+                                     "binomial interval on 320 validation images)")
+    curve = [c for c in accuracy.containers if c.get_label() == "fixed depth (measured)"][0]
+    half_width = 1.96 * (0.6375 * (1 - 0.6375) / 320) ** 0.5  # static45's point at 45
+    segment = curve.lines[2][0].get_segments()[1]  # its error bar, from mean − half to mean + half
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * half_width, rel=1e-6)
+    assert ("chance (50 %)", ":") in line_styles(accuracy)
+    assert {"static45", "head_only", "finetune"} <= {text.get_text() for text in accuracy.texts}
+    # the source's accuracy is on its own task: a reference on the time panel only
+    assert "arm=source" not in {text.get_text() for text in accuracy.texts}
+    assert "arm=source" in {text.get_text() for text in seconds.texts}
     styles = line_styles(accuracy)
     # the measured depths are markers only; what joins them is a dotted guide, and the legend says so
     assert ("fixed depth (measured)", "None") in styles
     assert ("dotted: a guide only (depths between not measured)", ":") in styles
     assert not [label for label, style in styles if style == "-"]
     low, high = accuracy.get_ylim()
-    assert accuracy.get_ylabel() == f"best val accuracy (axis zoomed: {low:.3f}–{high:.3f})" and low > 0.6
+    assert accuracy.get_ylabel() == f"best val accuracy (axis zoomed: {low:.3f}–{high:.3f})" and low < 0.5
     assert seconds.get_ylim()[0] == 0
     runs = [arm_run(arm, seed, acc=ARMS[arm][1] + 0.01 * seed) for seed in (0, 1, 2) for arm in ARMS]
     assert "(mean ± std over 3 seeds)" in depth_figure(summarise(runs)).get_suptitle()
@@ -214,3 +224,13 @@ def test_the_depth_oracle_compares_only_settings_that_start_from_the_same_model(
     events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("depth/best_val_acc")] == [
         (0, pytest.approx(0.619)), (45, pytest.approx(0.6375)), (49, pytest.approx(0.6406))]
+
+
+def test_the_runs_table_uses_the_main_tables_formats_and_a_dash_for_what_is_missing():
+    from simfreeze.reports.documents import runs_table
+
+    done = {**arm_run("dynamic"), "job": 0, "best_val_acc": 0.646875, "fit_seconds": 23.91234}
+    failed = {"job": 1, "status": "failed", "seed": 1, "overrides": ["arm=dynamic", "seed=1"]}
+    table = runs_table([done, failed], ["arm"])
+    assert "| 0 | ok | arm=dynamic | 0 | 0.9800 | 39 | 0.6469 | 23.9 |" in table
+    assert "| 1 | failed | arm=dynamic | 1 | – | – | – | – |" in table and "None" not in table

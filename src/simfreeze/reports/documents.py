@@ -58,7 +58,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
               "best val acc", *(["test acc"] if has_test else []), "fit s", "time ÷ scratch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["setting"], str(r["arm"]), str(r["n"]), *([str(r["failed"])] if has_failed else []),
+        cells = [r["setting"], r["arm"] or "–", str(r["n"]), *([str(r["failed"])] if has_failed else []),
                  plus_minus(r["S"], 4), "/".join(map(str, r["l_freeze"])) or "–",
                  "/".join(f"{p:,}" for p in r["trainable_parameters"]) or "–", plus_minus(r["best_val_acc"]),
                  *([plus_minus(r["test_acc"])] if has_test else []), plus_minus(r["fit_seconds"], 1),
@@ -120,11 +120,15 @@ def failed_jobs_list(runs: list[dict[str, Any]], keys: list[str]) -> str:
 
 
 def runs_table(runs: list[dict[str, Any]], keys: list[str]) -> str:
-    """Every job's own numbers, as recorded (failed and killed jobs too)."""
+    """Every job's own numbers, as recorded (failed and killed jobs too), in the main table's formats."""
+    def number(value, digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
     return "\n".join(["| job | status | setting | seed | S | L_freeze | best val acc | fit s |",
                       "|---|---|---|---|---|---|---|---|",
-                      *(f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {r.get('seed')} | {r.get('S')} | "
-                        f"{r.get('l_freeze')} | {r.get('best_val_acc')} | {r.get('fit_seconds')} |" for r in runs)])
+                      *(f"| {r['job']} | {r['status']} | {setting_of(r, keys)} | {number(r.get('seed'), 0)} | "
+                        f"{number(r.get('S'), 4)} | {number(r.get('l_freeze'), 0)} | {number(r.get('best_val_acc'), 4)} | "
+                        f"{number(r.get('fit_seconds'), 1)} |" for r in runs)])
 
 
 def files_list(plot: bool, cost_model: bool, study_figures: tuple[str, ...] = ()) -> str:

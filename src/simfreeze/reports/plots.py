@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.depth import comparable
-from simfreeze.reports.stats import seeds_phrase, zoomed_label
+from simfreeze.reports.stats import binomial_se, seeds_phrase, zoomed_label
 
 
 def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = None) -> Figure | None:
@@ -27,7 +27,17 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
         return None
     other_start = {id(r) for r in comparable(rows)["left_out"]}
     seeds = seeds_phrase([r["n"] for r in placed])
-    spread = seeds != "1 seed per setting"  # error bars only where there is a std to draw
+    spread = seeds != "1 seed per setting"  # error bars of the seeds' std where there is one to draw
+    images = next((r["images"].get("val") for r in placed if (r.get("images") or {}).get("val")), None)
+    chance = next((r["chance"] for r in placed if r.get("chance")), None)
+
+    def bars(members: list[dict], key: str):
+        """Seeds' std; with one seed, the 95 % binomial interval of the accuracy on the validation images."""
+        if spread:
+            return [r[key][1] for r in members]
+        if key == "best_val_acc" and images:
+            return [1.96 * binomial_se(r[key][0], images) for r in members]
+        return None
     figure = Figure(figsize=(10, 4), layout="constrained")
     panels = figure.subplots(1, 2, sharex=True)
     for axis, key, label in ((panels[0], "best_val_acc", "best val accuracy"), (panels[1], "fit_seconds", "fit seconds")):
@@ -38,24 +48,31 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
             if len(fixed) > 1:
                 axis.plot(xs, ys, linestyle=":", linewidth=1, color="tab:blue", alpha=0.6,
                           label="dotted: a guide only (depths between not measured)")
-            axis.errorbar(xs, ys, yerr=[r[key][1] for r in fixed] if spread else None, marker="o", linestyle="none",
+            axis.errorbar(xs, ys, yerr=bars(fixed, key), marker="o", linestyle="none",
                           color="tab:blue", capsize=3, label="fixed depth (measured)")
+            for r in fixed:  # the arms with a name of their own (static45, head_only, finetune): which point is which
+                if r.get("arm") not in (None, "depth"):
+                    axis.annotate(r["arm"], (r["mean_l_freeze"], r[key][0]), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=8, color="tab:blue")
         references = []
         for r in placed:
             if id(r) in other_start:
-                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="D",
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=bars([r], key), marker="D",
                               markersize=7, color="gray", markerfacecolor="none", capsize=3, linestyle="none",
                               label=f"{r['setting']} (starts from {r.get('start') or 'another model'})")
             elif r["transfer"] and r["policy"] in NEEDS_SIMILARITY:
-                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=[r[key][1]] if spread else None, marker="*",
+                axis.errorbar([r["mean_l_freeze"]], [r[key][0]], yerr=bars([r], key), marker="*",
                               markersize=14, color="tab:red", capsize=3, linestyle="none", label=r["setting"])
-            elif not r["transfer"]:
+            elif not r["transfer"] and not (key == "best_val_acc" and r.get("arm") == "source"):
+                # (the source's accuracy is on its own task: not on the target's axis)
                 axis.axhline(r[key][0], linestyle="--", color="gray", linewidth=1)
                 references.append((r[key][0], r["setting"]))
         # labels above and below their lines in turn, the highest above: close references stay readable
         for index, (value, setting) in enumerate(sorted(references)):
             axis.annotate(setting, (0, value), xycoords=("axes fraction", "data"), fontsize=8, color="gray",
                           va="bottom" if (len(references) - 1 - index) % 2 == 0 else "top")
+        if chance and key == "best_val_acc":
+            axis.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({100 * chance:.0f} %)")
         if verdict and key == "best_val_acc":
             axis.axvline(verdict["best_depth"], color="tab:green", linestyle="-.", linewidth=1, label="best fixed depth")
         axis.set_xlabel("frozen layers (L_freeze)")
@@ -68,7 +85,9 @@ def depth_figure(rows: list[dict[str, Any]], verdict: dict[str, Any] | None = No
     handles, labels = panels[0].get_legend_handles_labels()
     if handles:  # below the panels, off the data
         figure.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(len(handles), 4))
-    figure.suptitle(f"accuracy and fit time vs frozen layers ({seeds}{'' if spread else ': no error bars'})")
+    noise = ("" if spread else f": bars are the 95 % binomial interval on {images} validation images" if images
+             else ": no error bars")
+    figure.suptitle(f"accuracy and fit time vs frozen layers ({seeds}{noise})")
     return figure
 
 
