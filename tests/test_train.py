@@ -49,6 +49,10 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert "epoch 2/2" in log and "[simfreeze] scratch" in log and "GPU available" in log
     assert "GPU available" not in result.stdout and "Trainable params" not in result.stdout + result.stderr
     assert len(result.stdout.splitlines()) <= 4, result.stdout  # 2 epoch lines, the test line, the result line
+    line = next(line for line in result.stdout.splitlines() if line.startswith("[simfreeze]"))
+    assert len(line.split(" → ")[0]) <= 120 and f"test/acc={results['test_acc']:.4f}" in line  # fits 160 with its folder
+    assert "final val/acc=" in log and "img/s" in log  # the rest of the result, in train.log
+    assert "ModelCheckpoint" not in result.stderr  # no warning the tool itself causes (testing "best" with two)
 
 
 def hparams_of(events: EventAccumulator) -> dict:

@@ -38,7 +38,8 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
     final = trainer.callback_metrics.get("val/acc")  # read before testing replaces the metrics
     test_acc = None
     if cfg["test"] and "test" in run.datamodule.tensors:
-        ckpt = "best" if run.best.best_model_path else None
+        # The path itself, not "best": with two checkpoint callbacks Lightning warns at every run that it picks the first.
+        ckpt = run.best.best_model_path or None
         test_acc = trainer.test(run.module, datamodule=run.datamodule, ckpt_path=ckpt, verbose=False,
                                 weights_only=True)[0]["test/acc"]
         if trainer.is_global_zero and trainer.world_size == 1:  # with DDP each process holds only its share

@@ -15,6 +15,7 @@ import time
 import warnings
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 console = logging.getLogger("simfreeze.progress")  # epoch and result lines: the console and train.log
 
@@ -106,6 +107,15 @@ class Bar(TQDMProgressBar):
         super().__init__()
         self.postfix_every_s = postfix_every_s
         self._postfix_at = float("-inf")
+
+    def on_train_epoch_start(self, trainer, *_):
+        # Lightning's, but counted from 1 out of max_epochs as the epoch lines count ("Epoch 0" otherwise).
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset()
+        self.train_progress_bar.total = convert_inf(self.total_train_batches)
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bar, n = self.train_progress_bar, batch_idx + 1

@@ -213,6 +213,8 @@ def finish(run_dir: Path, results: dict[str, Any], line: Callable[[dict], str] |
         write_results(run_dir / "results.json", results)
         if show:
             progress.info("%s", (line or summary_line)({**results, "run_dir": str(final_dir(run_dir))}))
+            if line is None:
+                logging.getLogger("simfreeze").info("%s", details_line(results))  # train.log only
     return results
 
 
@@ -226,13 +228,23 @@ def final_dir(run_dir: Path) -> Path:
 
 
 def summary_line(results: dict[str, Any]) -> str:
+    """The run's one console line, under 160 columns but for a long run directory: what it scored and where it
+    is; img/s, the final val/acc and the parameter total are in ``details_line`` (train.log) and results.json."""
+    frozen = f"L_freeze={results['l_freeze']} " if results.get("n_layers") else ""
+    score = f"S={results['S']:.4f} " if results.get("S") is not None else ""
+    test = f" test/acc={results['test_acc']:.4f}" if results.get("test_acc") is not None else ""
+    best = "n/a" if results.get("best_val_acc") is None else f"{results['best_val_acc']:.4f}"
+    return (f"[simfreeze] {results['name']}: {score}{frozen}val/acc={best}{test} fit={results['fit_seconds']:.1f}s "
+            f"trainable={results['trainable_parameters'] / 1e6:.2f}M seed={results['seed']} → {results['run_dir']}")
+
+
+def details_line(results: dict[str, Any]) -> str:
+    """What the console line leaves out, for train.log."""
     def pct(value):
         return "n/a" if value is None else f"{value:.4f}"
 
-    frozen = f"L_freeze={results['l_freeze']} " if results.get("n_layers") else ""
-    score = f"S={results['S']:.4f} " if results.get("S") is not None else ""
-    return (f"[simfreeze] {results['name']}: {score}{frozen}best val/acc={pct(results['best_val_acc'])} "
-            f"final val/acc={pct(results['final_val_acc'])} test/acc={pct(results['test_acc'])} "
-            f"fit={results['fit_seconds']:.1f}s ({results['train_images_per_second']} img/s) "
-            f"trainable={results['trainable_parameters']:,}/{results['total_parameters']:,} "
-            f"seed={results['seed']} → {results['run_dir']}")
+    test = ("" if results.get("test_acc") is not None else
+            " (no test: the data have no held-out images; data.holdout_per_class or a test/ folder adds them)")
+    return (f"{results['name']}: best val/acc={pct(results['best_val_acc'])} final val/acc={pct(results['final_val_acc'])} "
+            f"test/acc={pct(results['test_acc'])}{test} {results['train_images_per_second']} img/s "
+            f"trainable={results['trainable_parameters']:,}/{results['total_parameters']:,}")
