@@ -36,7 +36,7 @@ ARMS = {  # name → overrides on top of +experiment=cat_to_dog
     "scratch": ["arm=scratch"],
     # The paper's depth for S(cat, dog) = 0.9225: a static 37 with the similarity pass, which a dynamic
     # run that lands on 37 also runs (our cat model gives S ≈ 0.98, so arm=dynamic would freeze 39).
-    "paper37": ["arm=static45", "freeze.k=37", "similarity.enabled=true"],
+    "paper37": ["arm=static45", "freeze.k=37", "similarity.enabled=true", "name=paper37:dog"],  # its own name in logs
     "static45": ["arm=static45"],
     "head_only": ["arm=head_only"],
 }
