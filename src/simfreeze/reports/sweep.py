@@ -18,13 +18,12 @@ directory:
   ``simfreeze.reports.study``), a section "Does the rule pick the right depth?" near the top of both
   documents (per pair the best depth, the regret of the rule and the baselines, time, ρ between
   the similarity scores and the best depth), ``study.csv`` (one row per pair) and ``study.png``
-  (best depth against S; accuracy against depth per pair). The depth verdict, ``summary.png`` and
-  the ``depth/*`` scalars pool the pairs' depths and would mislead, so a study leaves them out;
+  (best depth against S; accuracy against depth per pair). The depth verdict and ``summary.png``
+  pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, the measured depths as markers, dynamic marked;
-- ``tensorboard/summary/``: the table as text, every figure written (``summary.png``, ``cost_model.png``,
-  ``study.png``), and ``depth/*`` scalars with the depth as step, in rising order (in a study:
-  ``study/verdict``, the verdict and tables as text, and ``study/best_depth_vs_S``, the figure),
+- ``tensorboard/summary/``: ``summary.md`` as the text ``sweep/summary`` and every figure written
+  (``summary.png``, ``cost_model.png``, ``study.png``); no scalars (a depth would read as a step),
   beside every job's run (``tensorboard/arm=dynamic/seed=0``, ``simfreeze.runs.loggers``);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
   sweep has a scratch arm and transfer arms.
@@ -265,32 +264,15 @@ def write_csvs(sweep_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str,
             writer.writerow(cells + [r["time_vs_scratch"] if r["time_vs_scratch"] is not None else ""])
 
 
-def depth_scalars(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, float]]:
-    """``(group, step, best val acc, fit seconds)`` of every transfer setting with a depth, ``group``
-    ``depth`` (fixed) or ``dynamic`` (similarity-driven), the step its mean depth rounded; in
-    increasing step order within each group, as TensorBoard draws a curve only from steps that rise.
-    Only the settings the depth oracle compares: those that start from the same model."""
-    points = []
-    for r in comparable(rows)["kept"]:
-        if r["mean_l_freeze"] is None:
-            continue
-        group = "dynamic" if r["policy"] in NEEDS_SIMILARITY else "depth"
-        points.append((group, round(r["mean_l_freeze"]), r["best_val_acc"][0], r["fit_seconds"][0]))
-    return sorted(points, key=lambda point: (point[0], point[1]))
-
-
-def log_to_tensorboard(log_dir: Path, texts: dict[str, str], rows: list[dict[str, Any]], figures: dict[str, Any]) -> None:
-    """The sweep's text (tag → markdown), its ``depth/*`` and ``dynamic/*`` scalars (``rows``: [] in a
-    study, whose pairs' depths must not be pooled) and every figure it wrote as a file (tag → figure)."""
+def log_to_tensorboard(log_dir: Path, texts: dict[str, str], figures: dict[str, Any]) -> None:
+    """The sweep's text (tag → markdown) and every figure it wrote as a file (tag → figure). No scalars: the
+    depths are the x axis of the figures, and a scalar's x axis in TensorBoard reads "Step"."""
     # Imported here: torch is slow to import, and a sweep's start need not wait for it.
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(log_dir)) as writer:
         for tag, text in texts.items():
             writer.add_text(tag, text)
-        for group, step, accuracy, seconds in depth_scalars(rows):
-            writer.add_scalar(f"{group}/best_val_acc", accuracy, step)
-            writer.add_scalar(f"{group}/fit_seconds", seconds, step)
         for tag, figure in figures.items():
             writer.add_figure(tag, figure)
 
@@ -362,17 +344,18 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
     figures = {"sweep/accuracy_and_time_vs_depth": figure, "sweep/cost_model": cost_plot,
                **{"study/best_depth_vs_S" + name.removeprefix("study").removesuffix(".png").replace("-", "/"): plot
                   for name, plot in study_plots.items()}}
-    texts = {"sweep/summary": f"{verdict_md}\n\n{table}", **({"study/verdict": study_md} if study_md else {})}
-    # beside the jobs' runs (simfreeze.runs.loggers: tensorboard/arm=dynamic/seed=0, …) as the run "summary"
-    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", texts, rows if study is None and regimes is None else [],
-                       {tag: plot for tag, plot in figures.items() if plot is not None})
     scratch_md = scratch_markdown(rows)
     sections = sweep_sections(command, runs, rows, keys, verdict=verdict_md, scratch=scratch_md, stages=stages_md,
                               architectures=architectures_md, first_trained=first_trained_layers(runs, keys),
                               plot=plot is not None, cost_model=cost_md, study=study_md,
                               study_figures=tuple(study_plots), figures_inline=bool(regimes))
-    for name, text in render_documents(sections).items():
+    documents = render_documents(sections)
+    for name, text in documents.items():
         (sweep_dir / name).write_text(text)
+    # beside the jobs' runs (simfreeze.runs.loggers: tensorboard/arm=dynamic/seed=0, …) as the run "summary":
+    # summary.md itself, and the figures
+    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", {"sweep/summary": documents["summary.md"]},
+                       {tag: plot for tag, plot in figures.items() if plot is not None})
     written = {"summary.png": figure, **study_plots, "cost_model.png": cost_plot}
     return {"table": table, "note": results_note(rows, held_out_note(runs)), "verdict": verdict_md, "scratch": scratch_md,
             "study": study_words, "failed": [r for r in runs if r["status"] != "ok"],

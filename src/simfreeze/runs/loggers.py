@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from simfreeze.errors import ConfigError
@@ -132,6 +133,14 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuedWriter(self.log_dir, self.continue_before)
         return self._experiment
+
+
+class TensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger without the ``epoch`` scalar Lightning adds to every logged step: TensorBoard's
+    HParams tab would show it as the first metric column, the same number in every row, before the accuracies."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step)
 
 
 def placement(target: type, logs: dict[str, Any], run_dir: Path, group: str | None,
