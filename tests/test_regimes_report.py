@@ -88,8 +88,8 @@ def test_the_overview_says_where_freezing_pays_and_measures_the_controls():
     assert versus["base_finetune"]["pairs"][0]["gap"] == pytest.approx(100 * (0.81 - 0.68))
     words = regimes_verdict(regimes)
     # no per-image outcomes here: "beyond noise" from seed noise (the cat pair at 45: +10 points)
-    assert "Freezing beat fine-tuning beyond noise in 1 of 4 pairs × regimes" in words
-    assert "base 0.860 · 50 images/class: cat → dog" in words
+    assert "A frozen setting beat fine-tuning beyond noise in 1 of 4 pairs × regimes" in words
+    assert "base 0.860 · 50 images/class: cat → dog (depth 45: +10.0)" in words
     assert "nowhere" in regimes_verdict(analyse_regimes(regimes_runs(strong_pays=False), draws=20))
 
 
@@ -120,7 +120,7 @@ def test_a_sweep_across_regimes_writes_one_section_and_figure_per_regime(tmp_pat
     with open(tmp_path / "study.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["regime"] for r in rows} == {"base 0.700 · 50 images/class", "base 0.860 · 50 images/class"}
-    assert "Freezing beat fine-tuning" in summary["study"]
+    assert "A frozen setting beat fine-tuning" in summary["study"]
 
 
 def test_each_regime_shows_accuracy_against_fit_time_with_its_pareto_front():
@@ -133,3 +133,17 @@ def test_each_regime_shows_accuracy_against_fit_time_with_its_pareto_front():
     assert settings["depth 45"]["seconds"] == pytest.approx(55)
     assert [name for name, s in settings.items() if s["front"]] == ["depth 45"]  # the rule (70 s, 0.60) is behind it
     assert settings["rule"]["lrs"] == [0.002]
+
+
+def test_the_rule_counts_as_freezing_that_pays_when_it_beats_fine_tuning_on_the_held_out_images():
+    from simfreeze.reports.regimes import frozen_against_finetune
+
+    finetune, rule = [True] * 960 + [False] * 40, [True] * 1000  # 40 of 1,000 images: +4.0 points
+    pair = {"best": {"depth": 0}, "correct": {0: {0: finetune}}, "dynamic": [{"seed": 0, "correct": rule}],
+            "arms": {"finetune": {"regret": 0.0, "within_noise": True}, "rule": {"depth": 26.0, "regret": -4.0}}}
+    [compared] = frozen_against_finetune(pair)  # the best depth is 0: only the rule froze anything
+    assert compared["setting"] == "the rule (26 layers)" and compared["gap"] == pytest.approx(4.0)
+    assert compared["beyond"] and 0 < compared["interval"][0] < 4.0 < compared["interval"][1]
+    pair["dynamic"][0]["correct"] = finetune  # the same outcomes: no gap
+    pair["arms"]["rule"]["regret"] = 0.0
+    assert not frozen_against_finetune(pair)[0]["beyond"]
