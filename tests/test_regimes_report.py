@@ -142,7 +142,7 @@ def test_the_rule_counts_as_freezing_that_pays_when_it_beats_fine_tuning_on_the_
     pair = {"best": {"depth": 0}, "correct": {0: {0: finetune}}, "dynamic": [{"seed": 0, "correct": rule}],
             "arms": {"finetune": {"regret": 0.0, "within_noise": True}, "rule": {"depth": 26.0, "regret": -4.0}}}
     [compared] = frozen_against_finetune(pair)  # the best depth is 0: only the rule froze anything
-    assert compared["setting"] == "the rule (26 layers)" and compared["gap"] == pytest.approx(4.0)
+    assert compared["setting"] == "the rule at 26 layers" and compared["gap"] == pytest.approx(4.0)
     assert compared["beyond"] and 0 < compared["interval"][0] < 4.0 < compared["interval"][1]
     pair["dynamic"][0]["correct"] = finetune  # the same outcomes: no gap
     pair["arms"]["rule"]["regret"] = 0.0

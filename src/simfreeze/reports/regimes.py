@@ -143,7 +143,7 @@ def frozen_against_finetune(pair: dict[str, Any]) -> list[dict[str, Any]]:
     if rule is not None and rule["depth"] and ft is not None:
         outcomes = {d["seed"]: d["correct"] for d in pair["dynamic"] if d["correct"] is not None}
         interval = image_interval(outcomes, finetune)
-        compared.append({"setting": f"the rule ({rule['depth']:g} layers)", "gap": ft["regret"] - rule["regret"],
+        compared.append({"setting": f"the rule at {rule['depth']:g} layers", "gap": ft["regret"] - rule["regret"],
                          "interval": interval, "beyond": bool(interval and interval[0] > 0)})
     return compared
 
