@@ -235,7 +235,12 @@ def summary_line(results: dict[str, Any]) -> str:
     test = f" test/acc={results['test_acc']:.4f}" if results.get("test_acc") is not None else ""
     best = "n/a" if results.get("best_val_acc") is None else f"{results['best_val_acc']:.4f}"
     return (f"[simfreeze] {results['name']}: {score}{frozen}val/acc={best}{test} fit={results['fit_seconds']:.1f}s "
-            f"trainable={results['trainable_parameters'] / 1e6:.2f}M seed={results['seed']} → {results['run_dir']}")
+            f"trainable={millions(results['trainable_parameters'])} seed={results['seed']} → {results['run_dir']}")
+
+
+def millions(count: int) -> str:
+    """23.51M; a count under 100,000 (a linear head's 4,098) as itself, not as 0.00M."""
+    return f"{count / 1e6:.2f}M" if count >= 100_000 else f"{count:,}"
 
 
 def details_line(results: dict[str, Any]) -> str:
@@ -244,7 +249,7 @@ def details_line(results: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     test = ("" if results.get("test_acc") is not None else
-            " (no test: the data have no held-out images; data.holdout_per_class or a test/ folder adds them)")
+            " (no test: test=false, or the data have no held-out images: data.holdout_per_class or a test/ folder adds them)")
     return (f"{results['name']}: best val/acc={pct(results['best_val_acc'])} final val/acc={pct(results['final_val_acc'])} "
             f"test/acc={pct(results['test_acc'])}{test} {results['train_images_per_second']} img/s "
             f"trainable={results['trainable_parameters']:,}/{results['total_parameters']:,}")
