@@ -119,6 +119,8 @@ def analyse_regimes(runs: list[dict[str, Any]], draws: int | None = None) -> lis
     for regime in regimes:
         study = analyse_study(regime["runs"], **({} if draws is None else {"draws": draws}))
         if study is not None:
+            for pair in study["pairs"]:  # once per pair: each comparison bootstraps over images
+                pair["versus_finetune"] = frozen_against_finetune(pair)
             controls = controls_of(regime["runs"])
             analysed.append({**regime, "study": study, "controls": controls,
                              "versus_controls": against_controls(study, controls)})
@@ -153,11 +155,11 @@ def freezing_pays(study: dict[str, Any]) -> list[str]:
     each with the setting and its gap."""
     return [f"{p['label']} ({c['setting']}: {c['gap']:+.1f} [{c['interval'][0]:+.1f}, {c['interval'][1]:+.1f}])"
             if c["interval"] else f"{p['label']} ({c['setting']}: {c['gap']:+.1f})"
-            for p in study["pairs"] for c in frozen_against_finetune(p) if c["beyond"]]
+            for p in study["pairs"] for c in p["versus_finetune"] if c["beyond"]]
 
 
 def comparisons(study: dict[str, Any]) -> int:
-    return sum(len(frozen_against_finetune(p)) for p in study["pairs"])
+    return sum(len(p["versus_finetune"]) for p in study["pairs"])
 
 
 def gap_cell(versus: dict[str, Any] | None) -> str:
@@ -175,7 +177,7 @@ def overview_table(regimes: list[dict[str, Any]]) -> str:
         rule_beyond = sum(1 for p in study["pairs"] if (a := p["arms"].get("rule")) and a["within_noise"] is False)
         rows.append([regime["label"], str(len(study["pairs"])),
                      ", ".join(str(p["best"]["depth"]) for p in study["pairs"]),
-                     f"{sum(1 for p in study['pairs'] if any(c['beyond'] for c in frozen_against_finetune(p)))} of "
+                     f"{sum(1 for p in study['pairs'] if any(c['beyond'] for c in p['versus_finetune']))} of "
                      f"{len(study['pairs'])}",
                      "–" if rule is None else f"{plus_minus(rule['regret'], 1)} ({rule_beyond} of "
                                               f"{len(study['pairs'])} beyond noise)",
@@ -197,7 +199,7 @@ def regimes_verdict(regimes: list[dict[str, Any]]) -> str:
                 f"setting (the best fixed depth chosen on validation, or the rule) beat fine-tuning everything beyond "
                 f"noise ({tests} comparisons, {len(regimes)} regimes).")
     else:
-        pairs = sum(1 for r in regimes for p in r["study"]["pairs"] if any(c["beyond"] for c in frozen_against_finetune(p)))
+        pairs = sum(1 for r in regimes for p in r["study"]["pairs"] if any(c["beyond"] for c in p["versus_finetune"]))
         head = (f"**A frozen setting beat fine-tuning beyond noise in {pairs} of {total} pairs × regimes** — {'; '.join(hits)} (points on held-out images, 95 % intervals over seeds × "
                 f"images; {tests} comparisons, each at the 95 % level, uncorrected: by chance alone about "
                 f"{0.025 * tests:.1f} would).")
