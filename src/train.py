@@ -37,11 +37,14 @@ def train(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]
     """One run of a resolved config into ``run_dir``; returns what its ``results.json`` holds."""
     from simfreeze import analysis
     from simfreeze.runs.fit import fit, report_source
+    from simfreeze.runs.rate_search import search_rates
 
     if cfg["similarity"]["analysis"]:  # no training: embed every class, write the paper's figures
         return analysis.run(cfg, run_dir, overrides, train_source=fit)
     if cfg["source_only"]:  # the source arm: train (or reuse) the source task and report it
         return report_source(cfg, run_dir, overrides)
+    if (cfg.get("lr_search") or {}).get("rates"):  # every rate to its first validation, the best one on to the end
+        return search_rates(cfg, run_dir, overrides, fit)
     return fit(cfg, run_dir, overrides)
 
 

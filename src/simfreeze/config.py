@@ -218,6 +218,11 @@ RULES = {
     "trainer.log_every_n_steps": rule(lambda v: is_int(v) and v >= 0, "an integer ≥ 0", optional=True),
     "trainer.num_nodes": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1"),
     "optimizer.lr": rule(lambda v: is_number(v) and v > 0, "a number > 0"),
+    "lr_search.rates": rule(lambda v: isinstance(v, list) and len(set(v)) == len(v) >= 2
+                            and all(is_number(x) and x > 0 for x in v),
+                            "a list of at least two different learning rates > 0, e.g. [2.0e-4,6.3e-4,2.0e-3]",
+                            optional=True),
+    "lr_search.rung": rule(lambda v: is_int(v) and v >= 1, "an integer ≥ 1 (steps)", optional=True),
     "optimizer.weight_decay": rule(lambda v: is_number(v) and v >= 0, "a number ≥ 0"),
     "model.label_smoothing": rule(lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.channels_last": rule(lambda v: isinstance(v, bool), "true or false"),
@@ -254,6 +259,10 @@ def check_rules(cfg: dict) -> None:
         if value is not KeyError and not ok(value):
             raise ConfigError(f"{key}={json.dumps(value)} must be {allowed}")
     check_validation_cadence(cfg["trainer"])
+    search, max_steps = cfg.get("lr_search") or {}, cfg["trainer"].get("max_steps") or -1
+    if search.get("rates") and max_steps > 0 and (search.get("rung") or 1) >= max_steps:
+        raise ConfigError(f"lr_search.rung={search.get('rung')} must be below trainer.max_steps={max_steps}: the best "
+                          f"rate at the rung goes on to the end (a rung at the end is a sweep: optimizer.lr=a,b,c)")
     stage, prefix = cfg["source"], "source."
     while stage:
         if stage.get("seed") is not None and not is_seed(stage["seed"]):
@@ -491,6 +500,11 @@ FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "logger", "logs", 
                   "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}
 
 
+# Keys added after runs were made, at the value that computes what those runs computed: left out of the
+# settings, so a finished job of an older sweep keeps its digest and a checkpoint from before resumes.
+ADDED_LATER = {"lr_search.rates": None, "lr_search.rung": None}
+
+
 def flatten(node, prefix: str = "") -> dict[str, object]:
     if isinstance(node, dict):
         return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
@@ -506,7 +520,8 @@ def run_settings(cfg: dict) -> dict[str, str]:
 
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME)
-    return {key: repr(value) for key, value in flatten(cfg).items() if not free(key)}
+    return {key: repr(value) for key, value in flatten(cfg).items()
+            if not free(key) and not (key in ADDED_LATER and value == ADDED_LATER[key])}
 
 
 def settings_digest(cfg: dict) -> str:

@@ -47,9 +47,9 @@ class Run:
     fp32_convs: list[str]  # convolutions kept in fp32 under bf16 (simfreeze.speed.precision)
 
 
-def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
+def build_run(cfg: dict, run_dir: Path, train_source: TrainFn, callbacks: list = ()) -> Run:
     """``cfg``: a resolved run config (``precision`` no longer ``auto``). ``train_source(cfg, dir)``
-    trains a source stage that is not cached yet."""
+    trains a source stage that is not cached yet; ``callbacks`` go to the trainer after the run's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     datamodule = TaskDataModule(**cfg["data"])
@@ -117,7 +117,7 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn) -> Run:
         trainer = L.Trainer(**{"enable_model_summary": cfg["verbose"], **cfg["trainer"], "plugins": plugins},
                             default_root_dir=run_dir, logger=loggers or False, use_distributed_sampler=False,
                             callbacks=[clock, transfer, best, last, RandomStateCallback(), SameRunOnResume(cfg, files),
-                                       progress_bar(cfg["progress"])])
+                                       progress_bar(cfg["progress"]), *callbacks])
     except (MisconfigurationException, ModuleNotFoundError, ValueError, TypeError) as err:
         # Lightning's own refusal of a trainer setting (an accelerator this machine lacks, a max_time it cannot read)
         raise ConfigError(f"trainer: Lightning refuses these settings: {' '.join(str(err).split())[:300]}") from None

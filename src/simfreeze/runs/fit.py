@@ -21,10 +21,13 @@ from simfreeze.runs.sources import source_chain, source_key, source_weights
 from simfreeze.speed.precision import with_resolved_precision
 
 
-def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """Train one run into ``run_dir``; write ``results.json`` and print its line. Returns the results."""
+def fit(cfg: dict, run_dir: Path, overrides: list[str] = (), callbacks: list = (), extra: dict | None = None,
+        show: bool = True) -> dict[str, Any]:
+    """Train one run into ``run_dir``; write ``results.json`` and print its line (``show``). Returns the
+    results. ``callbacks``: more for the trainer (``simfreeze.runs.rate_search`` stops a rung with one);
+    ``extra``: more keys for ``results.json``."""
     cfg = with_resolved_precision(cfg)
-    run = build_run(cfg, run_dir, train_source=fit)
+    run = build_run(cfg, run_dir, train_source=fit, callbacks=callbacks)
     trainer = run.trainer
     # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
     try:
@@ -51,9 +54,10 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:
         run.clock.summary(), {"images": run.datamodule.total_sizes, "test_from": run.datamodule.test_from,
                                        "classes": run.datamodule.num_classes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
-        {"precision_phases": precision_phases(run)}, source_record(run.source), chain_record(cfg), overrides=overrides)
+        {"precision_phases": precision_phases(run)}, source_record(run.source), chain_record(cfg), extra or {},
+        overrides=overrides)
     record_hparams(run, cfg, results)
-    finished = finish(run_dir, results, write=trainer.is_global_zero)
+    finished = finish(run_dir, results, write=trainer.is_global_zero, show=show)
     if not cfg["checkpoint"].get("keep", True) and trainer.is_global_zero:  # results.json is written: all a study reads
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return finished

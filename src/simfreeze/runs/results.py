@@ -169,7 +169,7 @@ def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, over
     what each part of the run recorded (metrics, clock, network, transfer, source), in that order."""
     results = {
         "status": "ok", "name": run_name(cfg), "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": list(overrides),
-        "epochs": trainer.current_epoch, "transfer": cfg["transfer"],
+        "epochs": trainer.current_epoch, "steps": trainer.global_step, "transfer": cfg["transfer"],
         "policy": FreezeSpec.from_config(cfg["freeze"]).policy,  # what ran: the l_freeze shorthand sets it
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
         # the study's axes besides depth and seed: a learning rate chosen per setting, the target's data size

@@ -37,7 +37,7 @@ log = logging.getLogger("simfreeze")
 # Keys of a run config that do not change the trained weights: a source stage never computes
 # similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
 NOT_IN_KEY = {"name", "progress", "verbose", "logger", "logs", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
-              "transfer", "source_only", "transfer_from"}  # a stage always transfers from its own source
+              "transfer", "source_only", "transfer_from", "lr_search"}  # a stage always transfers from its own source
 # devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
 # when it has one: which one does not change the weights.
 TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
@@ -67,6 +67,7 @@ def source_config(cfg: dict) -> dict:
     if inner:
         source["freeze"].update(spec.get("freeze") or {})
     source["similarity"].update(enabled=False, analysis=False)
+    source["lr_search"] = {"rates": None, "rung": None}  # a source trains at its recipe's rate
     # Logged beside the job that trains it (source:cat/seed=0 in the sweep's TensorBoard)
     source["logs"] = stage_logs(cfg.get("logs") or {"dir": None}, run_name(source), source["seed"])
     # Its last.ckpt is the next stage's initial weights: whole, frozen prefix included.
