@@ -92,3 +92,22 @@ def test_a_bad_rate_list_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"lr_search.rates=.* must be a list of at least two different"):
         check_rules(cfg)
     check_rules(OmegaConf.to_container(compose_config([f"lr_search.rates={RATES}"]), resolve=True))
+
+
+def test_the_rates_of_a_frozen_job_share_one_fill_of_the_prefix_cache(image_folder, tmp_path):
+    from simfreeze.runs.transfer import LAST_FILL
+
+    frozen = ["arm=static45", "freeze.k=9", "+source.task.positive=ant", "data.positive=bee",
+              "source.recipe={optimizer:{lr:0.001}}",  # one source for every rate, as in the study
+              f"source.cache_dir={tmp_path / 'sources'}"]
+    LAST_FILL.clear()
+    job = train.train(compose_run(image_folder, *frozen, f"lr_search.rates={RATES[:2]}", "lr_search.rung=2"),
+                      tmp_path / "job")
+    rungs = [json.loads((tmp_path / "job" / "rates" / f"lr={rate:g}" / "results.json").read_text()) for rate in RATES[:2]]
+    assert [r["prefix_cache"]["remembered"] for r in rungs] == [False, True] and job["prefix_cache"]["remembered"]
+    LAST_FILL.clear()  # the run alone fills its own cache
+    alone = train.train(compose_run(image_folder, *frozen, f"optimizer.lr={job['lr']}"), tmp_path / "alone")
+    assert not alone["prefix_cache"]["remembered"] and alone["prefix_cache"]["key"] == job["prefix_cache"]["key"]
+    assert alone["best_val_acc"] == job["best_val_acc"] and alone["final_val_acc"] == job["final_val_acc"]
+    w_alone, w_job = last_weights(tmp_path / "alone"), last_weights(tmp_path / "job")
+    assert all(torch.equal(w_alone[k], w_job[k]) for k in w_alone)  # bit for bit (fp32 on CPU)

@@ -152,6 +152,18 @@ def test_one_seed_gives_no_noise_estimate_and_names_the_fallback_metric():
     assert "Accuracy: best val accuracy (no run recorded a held-out test accuracy), which both chooses" in verdict
 
 
+def test_one_seed_with_held_out_images_judges_each_pair_over_the_images():
+    runs = [r for r in two_pairs() if r["seed"] == 0]
+    for r in runs:  # 1,000 held-out images; the first acc × 1,000 right: settings nest, so the pairs are tight
+        r["test_correct"] = [i < round(r["test_acc"] * 1000) for i in range(1000)]
+    study = analyse_study(runs, draws=200)
+    verdict = study_verdict(study)
+    # the rule's regret per pair: 4.0 points (dog: 0.70 − 0.66) and 5.0 (truck: 0.60 − 0.55), each beyond noise
+    assert "per pair, over the held-out images, it is beyond noise in 2 of 2" in verdict
+    assert "with one seed per setting the mean has no seed-noise estimate" in verdict
+    assert "no difference here can be told" not in verdict
+
+
 def test_a_study_needs_two_pairs_with_two_fixed_depths_each():
     dog_only = [r for r in two_pairs() if r["name"] == "depth:dog"]
     assert study_pairs(dog_only) is None and analyse_study(dog_only) is None

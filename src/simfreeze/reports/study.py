@@ -531,6 +531,11 @@ def rule_sentence(study: dict[str, Any]) -> str:
     text = (f"It is **{signed_gap(mean)} the best depth** on average ({mean:.1f} ± {std:.1f} points over "
             f"{rule['pairs']} pairs, mean ± std")
     if study["noise"] is None:
+        judged = [a["within_noise"] for pair in study["pairs"] if (a := pair["arms"].get("rule"))
+                  and a["within_noise"] is not None]  # per pair: an interval over the held-out images
+        if judged:
+            return text + f"); per pair, over the held-out images, it is beyond noise in {judged.count(False)} of " \
+                          f"{len(judged)}; with one seed per setting the mean has no seed-noise estimate (add seed=0,1,2)."
         return text + "); with one seed per setting there is no noise estimate, so no difference here can " \
                       "be told from seed noise (add seed=0,1,2)."
     return text + f"; seed noise ±{study['noise']:.1f} points a setting): {noise_note(rule['within_noise'], rule['se'], rule['df'])}."

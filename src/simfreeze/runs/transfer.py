@@ -38,6 +38,11 @@ from simfreeze.speed.prefix import PrefixCache, deepest_prefixes, fill_prefix_ca
 log = logging.getLogger(__name__)
 
 
+# The last prefix-cache fill of this process, by its key: the next fit of the same frozen prefix on the
+# same images (another rate of an lr_search job, another seed of a depth) takes its outputs.
+LAST_FILL: dict = {}
+
+
 class TransferSetup(L.Callback):
     """S → plan → freeze → prefix cache (see the module's docstring).
 
@@ -123,7 +128,7 @@ class TransferSetup(L.Callback):
         pl_module.to(device)
         self.cache, self.cache_record = fill_prefix_cache(
             units, self.datamodule, device, autocast, str(trainer.precision), self.cache_budget_bytes,
-            self.datamodule.eval_batch_size, trainer.max_epochs, reused)
+            self.datamodule.eval_batch_size, trainer.max_epochs, reused, memo=LAST_FILL)
         if self.similarity:
             self.similarity.captured = {}  # used or not: free them
         if self.cache is not None:
@@ -135,9 +140,11 @@ class TransferSetup(L.Callback):
         key says whether the cached outputs still hold; if not, they are recomputed in place."""
         if self.cache is None or trainer.ckpt_path is None:
             return  # nothing was restored since the fill: skip the digest
-        key = prefix_cache_key(self.cache.prefix, self.datamodule, str(trainer.precision))
+        key = prefix_cache_key(self.cache.prefix, self.datamodule, str(trainer.precision),
+                               self.cache_record["reused_similarity_pass"])
         if key != self.cache.key:
             log.warning("prefix cache: the frozen prefix changed after the fill (restored checkpoint?); refilling")
+            LAST_FILL.clear()  # the outputs it holds are refilled in place below
             for stage, fresh in self.cache.refill().items():
                 self.cache.features[stage].copy_(fresh)
             self.cache.key = self.cache_record["key"] = key

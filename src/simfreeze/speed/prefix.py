@@ -105,14 +105,17 @@ class PrefixCache:
 
 def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autocast: Callable[[], ContextManager],
                       precision: str, budget_bytes: float, batch_size: int, epochs: int | None,
-                      reused: torch.Tensor | None = None) -> tuple[PrefixCache | None, dict]:
+                      reused: torch.Tensor | None = None, memo: dict | None = None) -> tuple[PrefixCache | None, dict]:
     """Fill the cache of the frozen prefix of ``units`` over every image of ``datamodule`` (its
     ``tensors``, ``prepare``, ``flip``), or say why not. Returns the cache (None: train uncached)
     and its record for ``results.json``.
 
     ``reused``: the training images' prefix outputs (view 0) from a pass that already ran the
     prefix (the similarity pass); ``autocast``: the run's precision context, under which the prefix
-    runs as it would uncached (bf16 outputs, half the memory, with *-mixed).
+    runs as it would uncached (bf16 outputs, half the memory, with *-mixed). ``memo``: the caller's
+    ``{key: outputs}`` of an earlier fill of the same prefix on the same images (the rates of one
+    ``lr_search`` job): found there, the outputs are taken, not computed again; the last fill is kept
+    there in place of what it held.
     """
     k = frozen_prefix_length(units)
     if k == 0:
@@ -160,15 +163,24 @@ def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autoc
                                                else outputs(stage_images, flip) for flip in flips], 1)
         return features
 
-    features = fill_all(reused)
-    key = prefix_cache_key(prefix, dm, precision)
+    # The key holds whether the similarity pass gave view 0: those outputs differ from a fill's by rounding.
+    key = prefix_cache_key(prefix, dm, precision, reused is not None)
+    features = memo.get((key, str(device))) if memo is not None else None
+    remembered = features is not None
+    if not remembered:
+        if memo is not None:
+            memo.clear()  # before the fill: two caches never held at once
+        features = fill_all(reused)
+        if memo is not None:
+            memo[(key, str(device))] = features
     record.update(used=True, seconds=round(time.perf_counter() - start, 3), shape=list(features["train"].shape[2:]),
-                  views=views, reused_similarity_pass=reused is not None, key=key)
-    log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s", k, units[k - 1][0], need / 2**20, record["seconds"])
+                  views=views, reused_similarity_pass=reused is not None, key=key, remembered=remembered)
+    log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s%s", k, units[k - 1][0], need / 2**20,
+             record["seconds"], " (the outputs of the job's earlier fill)" if remembered else "")
     return PrefixCache(prefix, units[k:], features, key, fill_all), record
 
 
-def prefix_cache_key(prefix: list[Unit], datamodule, precision: str) -> str:
+def prefix_cache_key(prefix: list[Unit], datamodule, precision: str, reused: bool = False) -> str:
     dm = datamodule
     return prefix_key(prefix, [images for images, _ in dm.tensors.values()],
-                      (dm.image_size, dm.flip, dm.mean.tolist(), dm.std.tolist(), precision))
+                      (dm.image_size, dm.flip, dm.mean.tolist(), dm.std.tolist(), precision, reused))
