@@ -217,7 +217,7 @@ def test_the_similarity_study_answers_with_pairs_depths_seeds_and_scores(tmp_pat
 def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_regime_with_its_controls(tmp_path):
     """The study across regimes' reduced lane on synthetic classes: 2 bases × 2 sources × depths 0 and 10,
     each job choosing between 2 learning rates at its first validation (lr_search), then the controls at one
-    rate (lr_search off: the sweep's way), summarised together."""
+    rate, summarised together."""
     from simfreeze.reports.sweep import main as summarise
     from tests.helpers import make_image_folder
 
@@ -229,9 +229,10 @@ def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_r
             "trainer.max_epochs=1000", "trainer.max_steps=4", "trainer.val_check_interval=2",
             "seed=0", f"data.root={root}", f"source.cache_dir={sources}"]
     run_train("+experiment=regimes", *lane, "source.task.positive=deer,frog", "freeze.l_freeze=0,10",
-              "lr_search.rates=[0.002,0.0002]", "lr_search.rung=2", f"hydra.sweep.dir={study}", cwd=tmp_path)
-    run_train("+experiment=regimes_controls", *lane, "arm=scratch,base_finetune", "lr_search.rates=null",
-              "optimizer.lr=0.002", f"hydra.sweep.dir={controls}", cwd=tmp_path)
+              "optimizer.lr=0.002", "lr_search.rates=[0.002,0.0002]", "lr_search.rung=2", f"hydra.sweep.dir={study}",
+              cwd=tmp_path)
+    run_train("+experiment=regimes_controls", *lane, "arm=scratch,base_finetune", "optimizer.lr=0.002",
+              f"hydra.sweep.dir={controls}", cwd=tmp_path)
     runs = [json.loads(p.read_text()) for p in [*study.glob("*/results.json"), *controls.glob("*/results.json")]]
     assert len(runs) == 8 + 4 and all(r["status"] == "ok" for r in runs)
     assert not list(study.glob("*/checkpoints")) and not list(study.glob("*/rates/*/checkpoints"))  # results only
