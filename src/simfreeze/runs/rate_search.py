@@ -6,8 +6,9 @@ from the start, in the job's own directory, and is tested. The job's result is t
 a sweep over ``optimizer.lr`` makes at the chosen rate (bit for bit on a CPU); what differs is the
 choice, made on validation at the rung instead of at the end. Three rates and a rung at a third of
 the steps cost 3 × 1/3 + 1 = 2 runs' training instead of 3, and one test instead of three. (Resuming
-the winner from its rung would save another third of a run, but Lightning resumes a ``max_steps`` run
-from an epoch's end one step off — Lightning #19403 — so the result would no longer be the sweep's.)
+the winner from its rung would save another third of a run, but a ``max_steps`` run resumed from an
+epoch's end goes on in a short extra epoch — tried with Lightning 2.6; Lightning #19403 reports the like —
+so it sees other batches and the result would no longer be the sweep's.)
 
 Each rate's rung runs in ``<job>/rates/lr=<rate>/`` (TensorBoard: ``<job's name>/lr=<rate>``) and
 keeps its ``results.json``; a job run again keeps the rungs that finished. The job's ``results.json``
