@@ -113,9 +113,9 @@ def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autoc
     ``reused``: the training images' prefix outputs (view 0) from a pass that already ran the
     prefix (the similarity pass); ``autocast``: the run's precision context, under which the prefix
     runs as it would uncached (bf16 outputs, half the memory, with *-mixed). ``memo``: the caller's
-    ``{key: outputs}`` of an earlier fill of the same prefix on the same images (the rates of one
-    ``lr_search`` job): found there, the outputs are taken, not computed again; the last fill is kept
-    there in place of what it held.
+    ``{(key, device): outputs}`` of an earlier fill of the same prefix on the same images (the rates of
+    one setting, consecutive in a sweep or an ``lr_search`` job): found there, the outputs are taken,
+    not computed again; a new fill replaces what it held.
     """
     k = frozen_prefix_length(units)
     if k == 0:
@@ -176,7 +176,7 @@ def fill_prefix_cache(units: list[Unit], datamodule, device: torch.device, autoc
     record.update(used=True, seconds=round(time.perf_counter() - start, 3), shape=list(features["train"].shape[2:]),
                   views=views, reused_similarity_pass=reused is not None, key=key, remembered=remembered)
     log.info("prefix cache: %d units up to %s, %.0f MiB, %.1f s%s", k, units[k - 1][0], need / 2**20,
-             record["seconds"], " (the outputs of the job's earlier fill)" if remembered else "")
+             record["seconds"], " (an earlier fit's outputs, same key)" if remembered else "")
     return PrefixCache(prefix, units[k:], features, key, fill_all), record
 
 
