@@ -26,6 +26,7 @@ import lightning as L
 from simfreeze.config import settings_digest
 from simfreeze.errors import RunWithoutResult, TrainingDiverged
 from simfreeze.runs.resume import earlier_attempt
+from simfreeze.runs.sources import apply_recipe
 
 OFF = {"rates": None, "rung": None}
 
@@ -48,11 +49,12 @@ def rate_dir(run_dir: Path, rate: float) -> Path:
 
 def with_rate(cfg: dict, rate: float) -> dict:
     """``cfg`` at learning rate ``rate``, with the one-cycle peak when it follows ``optimizer.lr`` (as
-    composing ``optimizer.lr=<rate>`` would give), and no search of its own."""
+    composing ``optimizer.lr=<rate>`` would give; a source's recipe rate is applied the same way), and
+    no search of its own."""
     scheduler = cfg.get("scheduler")
-    if scheduler and scheduler.get("max_lr") == cfg["optimizer"]["lr"]:
-        scheduler = {**scheduler, "max_lr": rate}
-    return {**cfg, "optimizer": {**cfg["optimizer"], "lr": rate}, "scheduler": scheduler, "lr_search": OFF}
+    out = {**cfg, "scheduler": dict(scheduler) if scheduler else scheduler, "lr_search": OFF}
+    apply_recipe(out, {"optimizer": {"lr": rate}})
+    return out
 
 
 def rung_config(cfg: dict, rate: float, run_dir: Path) -> dict:
