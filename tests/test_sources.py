@@ -201,7 +201,8 @@ def test_the_strong_base_and_the_regimes_tasks_share_no_image():
     for target in ("[dog,horse]", "[cat,ship]"):
         cfg, (source, base) = base_of("regimes_full", "base=cifar8_strong", f"data.classes={target}",
                                       "source.task.positive=truck", "freeze.l_freeze=0")
-        assert base["data"]["per_class"] == 3000 and base["trainer"]["max_epochs"] == 13 and base["data"]["crop"] == 8
+        assert base["data"]["per_class"] == 3000 and base["trainer"]["max_epochs"] == 15 and base["data"]["crop"] == 8
+        assert base["optimizer"]["_target_"] == "torch.optim.SGD" and base["scheduler"]["max_lr"] == base["optimizer"]["lr"]
         assert source["data"]["classes"] == ["truck", cfg["data"]["classes"][1]] and source["trainer"]["max_epochs"] == 3
         base_images = images(base["data"], held_out=False)
         for task in (cfg, source):
