@@ -76,6 +76,12 @@ def main(cfg: DictConfig) -> float | None:
         if attempt == "done":  # a sweep run again with its command: this job finished the last time
             log.info("job %s finished in an earlier run of this sweep: its results are kept", job_num)
             return results.get("best_val_acc")
+        if attempt == "twin":  # e.g. the scratch control under a second base: it uses no source, so nothing differs
+            from simfreeze.runs.fit import copy_twin
+
+            log.info("job %s computes what job %s did (it uses nothing of its sources): its results are copied",
+                     job_num, results.name)
+            return copy_twin(run_cfg, run_dir, results, overrides).get("best_val_acc")
         if attempt == "resume":
             run_cfg["ckpt_path"] = str(run_dir / "checkpoints" / "last.ckpt")
             log.info("job %s: resuming from %s, where the sweep stopped the last time", job_num, run_cfg["ckpt_path"])

@@ -225,7 +225,8 @@ def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_r
     study, controls, sources = tmp_path / "study", tmp_path / "controls", tmp_path / "sources"
     lane = [*SMALL, "base=cifar8,cifar8_strong", "data.train_per_class=8", "data.holdout_per_class=5",
             "source.source.task={classes:[ant,bee,horse],per_class:10,skip_per_class:20}",
-            "++source.source.recipe.trainer.max_epochs=1", "source.recipe.trainer.max_epochs=1",
+            "++source.source.recipe.trainer.max_epochs=1", "++source.source.recipe.trainer.check_val_every_n_epoch=1",
+            "source.recipe.trainer.max_epochs=1",
             "trainer.max_epochs=1000", "trainer.max_steps=4", "trainer.val_check_interval=2",
             "seed=0", f"data.root={root}", f"source.cache_dir={sources}"]
     run_train("+experiment=regimes", *lane, "source.task.positive=deer,frog", "freeze.l_freeze=0,10",
@@ -242,6 +243,12 @@ def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_r
     assert all(len(list(Path(r["run_dir"]).glob("rates/lr=*/results.json"))) == 2 for r in searched)
     assert {r["lr"] for r in runs} <= {0.002, 0.0002} and {r["train_per_class"] for r in runs} == {8}
     assert {len(r["source_chain"]) for r in runs} == {2}
+    # scratch takes nothing from a base: under the second base it is the first one's twin, copied, not trained
+    scratch = sorted((r for r in runs if r["arm"] == "scratch"), key=lambda r: bool(r.get("same_as")))
+    assert [bool(r.get("same_as")) for r in scratch] == [False, True] and scratch[1]["same_as"] == scratch[0]["run_dir"]
+    assert scratch[1]["test_acc"] == scratch[0]["test_acc"] and scratch[1]["source_chain"] != scratch[0]["source_chain"]
+    assert (Path(scratch[1]["run_dir"]) / "test_predictions.json").read_text() == \
+        (Path(scratch[0]["run_dir"]) / "test_predictions.json").read_text()
     summarise([str(study), str(controls)])
     summary = (study / "summary.md").read_text()
     assert summary.count("\n### base ") == 2 and "images/class" in summary and "best − scratch (random init)" in summary

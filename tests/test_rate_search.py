@@ -111,3 +111,38 @@ def test_the_rates_of_a_frozen_job_share_one_fill_of_the_prefix_cache(image_fold
     assert alone["best_val_acc"] == job["best_val_acc"] and alone["final_val_acc"] == job["final_val_acc"]
     w_alone, w_job = last_weights(tmp_path / "alone"), last_weights(tmp_path / "job")
     assert all(torch.equal(w_alone[k], w_job[k]) for k in w_alone)  # bit for bit (fp32 on CPU)
+
+
+def test_the_rates_of_a_rule_setting_share_one_similarity_pass_with_the_same_result(image_folder, tmp_path):
+    import torchvision
+
+    from simfreeze.runs.transfer import LAST_SIMILARITY
+
+    embedder = tmp_path / "embedder.pt"  # an embedder of its own, as the study's base is
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), embedder)
+    rule = ["arm=dynamic", "+source.task.positive=ant", "data.positive=bee", f"similarity.embedder={embedder}",
+            "source.recipe={optimizer:{lr:0.001}}", f"source.cache_dir={tmp_path / 'sources'}"]
+    LAST_SIMILARITY.clear()
+    first = train.train(compose_run(image_folder, *rule, f"optimizer.lr={RATES[0]}"), tmp_path / "first")
+    second = train.train(compose_run(image_folder, *rule, f"optimizer.lr={RATES[1]}"), tmp_path / "second")
+    assert not first["similarity_remembered"] and second["similarity_remembered"] and first["S"] == second["S"]
+    assert (tmp_path / "second" / "similarity.json").read_text() == (tmp_path / "first" / "similarity.json").read_text()
+    LAST_SIMILARITY.clear()  # the same run alone measures S itself
+    alone = train.train(compose_run(image_folder, *rule, f"optimizer.lr={RATES[1]}"), tmp_path / "alone")
+    assert not alone["similarity_remembered"] and alone["S"] == second["S"] and alone["l_freeze"] == second["l_freeze"]
+    assert alone["best_val_acc"] == second["best_val_acc"] and alone["final_val_acc"] == second["final_val_acc"]
+    w_alone, w_second = last_weights(tmp_path / "alone"), last_weights(tmp_path / "second")
+    assert all(torch.equal(w_alone[k], w_second[k]) for k in w_alone)  # bit for bit (fp32 on CPU)
+    other = train.train(compose_run(image_folder, *rule, "data.positive=cow"), tmp_path / "other")
+    assert not other["similarity_remembered"]  # other target images: another pass
+
+
+def test_a_source_stage_without_a_result_stops_the_search_naming_the_stage(image_folder, tmp_path):
+    from simfreeze.errors import SourceFailed
+
+    never_validates = ["arm=dynamic", "+source.task.positive=ant", "data.positive=bee",
+                       "source.recipe={trainer:{max_epochs:1,check_val_every_n_epoch:5}}",
+                       f"source.cache_dir={tmp_path / 'sources'}", f"lr_search.rates={RATES[:2]}", "lr_search.rung=2"]
+    with pytest.raises(SourceFailed, match="source stage source:ant: the run never validated"):
+        train.train(compose_run(image_folder, *never_validates), tmp_path / "job")  # not "no rate trained"
+    assert not list((tmp_path / "sources").glob("source-ant-*"))  # nothing cached

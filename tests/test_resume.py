@@ -270,3 +270,30 @@ def test_a_job_of_a_sweep_run_again_is_kept_resumed_or_run_afresh(tmp_path):
     with pytest.raises(RunDirInUse, match="holds a finished job of other settings"):
         earlier_attempt(job, other)
     assert json.loads((job / "results.json").read_text()) == done  # never overwritten
+
+
+def test_a_sweep_job_that_uses_nothing_of_its_sources_finds_the_finished_twin_that_computed_it(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from simfreeze.config import computation_digest, settings_digest
+    from simfreeze.runs.resume import earlier_attempt
+    from tests.helpers import compose_config
+
+    def config(*overrides):
+        return OmegaConf.to_container(compose_config(["model=small_cnn", *overrides]), resolve=True)
+
+    scratch, other_source = config("+source.task.positive=deer"), config("+source.task.positive=frog")
+    assert settings_digest(scratch) != settings_digest(other_source)  # other jobs of the sweep…
+    assert computation_digest(scratch) == computation_digest(other_source)  # …the same computation
+    twin, job = tmp_path / "0", tmp_path / "1"
+    for path in (twin, job):
+        (path / ".hydra").mkdir(parents=True)
+    (twin / "results.json").write_text(json.dumps({"status": "ok", "computation_digest": computation_digest(scratch)}))
+    assert earlier_attempt(job, other_source) == ("twin", twin)
+    # a run that takes its weights or S from the source has no twin under another source
+    for uses in (["arm=source", "+source.task.positive=frog"], ["arm=dynamic", "+source.task.positive=frog"]):
+        assert earlier_attempt(job, config(*uses)) == ("new", None)
+    (twin / "results.json").write_text(json.dumps({"status": "failed", "computation_digest": computation_digest(scratch)}))
+    assert earlier_attempt(job, other_source) == ("new", None)  # only a finished one

@@ -530,6 +530,21 @@ def settings_digest(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(run_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def uses_source(cfg: dict) -> bool:
+    """Whether anything of the run comes from its chain of sources: its weights (``transfer``), its
+    report (``source_only``), S (an embedder of the chain) or the similarity analysis."""
+    return bool(cfg.get("transfer") or cfg.get("source_only") or cfg["similarity"].get("analysis")
+                or cfg["similarity"].get("enabled") or FreezeSpec.from_config(cfg["freeze"]).needs_similarity)
+
+
+def computation_digest(cfg: dict) -> str:
+    """``settings_digest`` of what the run computes: a run that takes nothing from its sources (``uses_source``)
+    computes the same whatever they are, e.g. the scratch control of a study under either base."""
+    if uses_source(cfg):
+        return settings_digest(cfg)
+    return settings_digest({**cfg, "source": None, "similarity": None, "transfer_from": None})
+
+
 def resume_differences(stored: dict[str, str], cfg: dict) -> str | None:
     """Why a resume of a checkpoint with ``stored`` settings under ``cfg`` is not the same run, or None."""
     current = run_settings(cfg)

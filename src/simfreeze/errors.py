@@ -33,6 +33,12 @@ class RunWithoutResult(ConfigError):
     no result to report, so the run is failed, never ``ok``."""
 
 
+class SourceFailed(ConfigError):
+    """A source stage (a source task, a base) diverged or trained to no result: its own settings are the
+    ones to fix (``source.recipe``, the base's), not the target's; a learning-rate search of the target
+    must not count it as an answer for one of its rates."""
+
+
 class DiskFull(ConfigError):
     """No space left on the device a checkpoint is written to: not a setting, but the user's to fix
     (free space, or another folder), so it ends in one ``error:`` line too. The previous checkpoint

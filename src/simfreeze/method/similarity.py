@@ -118,6 +118,9 @@ class SimilarityTask:
     # With DDP each process embeds its share of a class; this joins every process's features
     # (``simfreeze.speed.distributed.gather_rows``), so S is over all the images.
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # What decides S with an embedder of its own (its weights, the classes' images, the precision): a later
+    # fit of the same process with the same key takes the earlier S instead of another pass.
+    memo_key: str | None = None
 
 
 @dataclass

@@ -4,6 +4,8 @@ trainer with its callbacks."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,12 +176,13 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str,
     if any(name not in target.classes for name in target_classes):
         raise ConfigError(f"similarity.target_classes={target_classes} must be among data.classes {target.classes}")
 
-    extra = None  # images of source classes the target task does not hold come from the source task
+    extra, images_from = None, [cfg["data"]]  # images of source classes the target task does not hold come from the source task
     if any(name not in target.classes for name in source_classes):
         if not source_task:
             raise ConfigError(f"similarity.source_classes={source_classes} are not all in data.classes "
                               f"{target.classes}, and there is no source task to take their images from")
-        extra = TaskDataModule(**source_config(cfg)["data"])
+        images_from.append(source_config(cfg)["data"])
+        extra = TaskDataModule(**images_from[-1])
         unknown = [name for name in source_classes if name not in target.classes and name not in extra.classes]
         if unknown:  # found now, not after the source is trained
             raise ConfigError(f"similarity.source_classes: {unknown} are in neither the target's classes {target.classes} "
@@ -193,7 +196,8 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str,
             weights = source_weights(stage, train_source)[0]
             embedder_name = f"{embedder_name} ({weights})"
             if spec["scores"] and stage["source"]["task"]:  # the classes the embedder was trained to tell apart
-                known = TaskDataModule(**source_config(stage)["data"])
+                images_from.append(source_config(stage)["data"])
+                known = TaskDataModule(**images_from[-1])
         embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
 
@@ -208,7 +212,12 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str,
     # chain) and every class of both tasks, each weighing the same (at least three, or it is always −1).
     references = list(dict.fromkeys([*(known.classes if known else []), *target.classes,
                                      *(extra.classes if extra else [])]))
+    # An embedder of its own: S is the same for every fit that embeds the same images with it (the rates of a setting).
+    memo_key = None if embedder is None else hashlib.sha256(json.dumps(
+        [spec, embedder_name, cfg["model"], images_from, cfg["trainer"]["precision"], cfg["trainer"]["devices"]],
+        sort_keys=True, default=str).encode()).hexdigest()
     return SimilarityTask(class_images, target.prepare, source_classes, target_classes, head, embedder=embedder,
                           embedder_name=embedder_name, matrix=spec["matrix"], batch_size=target.eval_batch_size,
-                          scores=spec["scores"], reference_classes=references), [d for d in (extra, known) if d]
+                          scores=spec["scores"], reference_classes=references, memo_key=memo_key), \
+        [d for d in (extra, known) if d]
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from simfreeze.config import settings_digest
 from simfreeze.errors import ConfigError, RunWithoutResult, TrainingDiverged
 from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
 from simfreeze.runs.loggers import log_hparams
 from simfreeze.runs.module import finite_state
-from simfreeze.runs.results import finish, metric, run_name, run_results, source_record
+from simfreeze.runs.results import finish, git_revision, metric, run_name, run_results, source_record
 from simfreeze.runs.sources import source_chain, source_key, source_weights
 from simfreeze.speed.precision import with_resolved_precision
 
@@ -61,6 +63,23 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = (), callbacks: list = (
     if not cfg["checkpoint"].get("keep", True) and trainer.is_global_zero:  # results.json is written: all a study reads
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return finished
+
+
+# What a run leaves that a twin's copy carries over (checkpoints and logs stay with the run that trained).
+TWIN_FILES = ("split.json", "plan.json", "test_predictions.json")
+
+
+def copy_twin(cfg: dict, run_dir: Path, twin: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The results of a job whose computation ``twin`` (a finished job of the same sweep) did already
+    (``simfreeze.runs.resume.finished_twin``): its files and results, with this job's own settings,
+    chain of sources and directory, and ``same_as`` naming the twin. Nothing is trained."""
+    for name in TWIN_FILES:
+        if (twin / name).is_file():
+            shutil.copyfile(twin / name, run_dir / name)
+    results = json.loads((twin / "results.json").read_text())
+    results.update(run_dir=str(run_dir), overrides=list(overrides), settings_digest=settings_digest(cfg),
+                   **chain_record(cfg), same_as=str(twin), git_revision=git_revision(), command=" ".join(sys.argv))
+    return finish(run_dir, results)
 
 
 def chain_record(cfg: dict) -> dict:

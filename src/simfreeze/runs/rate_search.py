@@ -70,7 +70,7 @@ def run_rung(fit: Callable, cfg: dict, rate: float, run_dir: Path, overrides: li
     stopped at, its best validation accuracy and fit seconds (None and the error when it diverged)."""
     where = rate_dir(run_dir, rate)
     rung = rung_config(cfg, rate, run_dir)
-    state, results = earlier_attempt(where, rung, can_resume=False)  # a rung stopped halfway starts again
+    state, results = earlier_attempt(where, rung, can_resume=False, twins=False)  # a rung stopped halfway starts again
     try:
         if state != "done":
             results = fit(rung, where, overrides, callbacks=[StopAtRung(cfg["lr_search"]["rung"] or 1)])

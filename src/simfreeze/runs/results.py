@@ -14,7 +14,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from simfreeze.config import settings_digest
+from simfreeze.config import computation_digest, settings_digest
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.speed.precision import native_cpu_bf16
 
@@ -177,6 +177,7 @@ def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, over
         "reproducibility": reproducibility(trainer.strategy.root_device.type, bool(cfg["trainer"].get("deterministic"))),
         "device": device_name(trainer), "world_size": trainer.world_size,
         "settings_digest": settings_digest(cfg),  # what it computed: a sweep run again keeps it when the same
+        "computation_digest": computation_digest(cfg),  # the same, less sources it does not use: a sweep's twin jobs
     }
     for part in parts:
         results.update(part)

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from simfreeze.config import resume_differences, run_settings, settings_digest
+from simfreeze.config import computation_digest, resume_differences, run_settings, settings_digest, uses_source
 from simfreeze.errors import ConfigError, DiskFull, RunDirInUse
 from simfreeze.method.freeze import frozen_state_from
 from simfreeze.networks.build import FROZEN_STATE
@@ -185,19 +185,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 ATTEMPT_FILES = ("results.json", "checkpoints", "csv", "split.json", "plan.json", "similarity.json")
 
 
-def earlier_attempt(run_dir: Path, cfg: dict, can_resume: bool = True) -> tuple[str, dict | None]:
+def earlier_attempt(run_dir: Path, cfg: dict, can_resume: bool = True, twins: bool = True) -> tuple[str, dict | None]:
     """What an earlier run of the same sweep left in a job's directory, and what to do with it:
 
     - ``("done", results)``: a complete ``results.json`` (status ok) of the same settings: kept, not run again;
     - ``("resume", None)``: stopped or killed with a ``last.ckpt``: resumed from it in place (when
       ``can_resume``; a DDP job in its own process tree starts again);
     - ``("fresh", None)``: failed, broken, or stopped before any checkpoint: its files removed, run again;
-    - ``("new", None)``: nothing there.
+    - ``("new", None)``: nothing there;
+    - ``("twin", path)``: instead of "fresh" or "new", when another finished job of the sweep did this
+      job's computation already (``finished_twin``; looked for with ``twins``).
 
     A complete result of other settings (the conf files changed since) is refused: it is not this job's."""
     results_path, last = run_dir / "results.json", run_dir / "checkpoints" / "last.ckpt"
     if not any((run_dir / name).exists() for name in ATTEMPT_FILES):
-        return "new", None
+        twin = finished_twin(run_dir, cfg) if twins else None
+        return ("twin", twin) if twin else ("new", None)
     try:
         results = json.loads(results_path.read_text()) if results_path.is_file() else None
     except (OSError, ValueError):
@@ -213,5 +216,24 @@ def earlier_attempt(run_dir: Path, cfg: dict, can_resume: bool = True) -> tuple[
     for name in ATTEMPT_FILES:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    return "fresh", None
+    twin = finished_twin(run_dir, cfg) if twins else None
+    return ("twin", twin) if twin else ("fresh", None)
+
+
+def finished_twin(run_dir: Path, cfg: dict) -> Path | None:
+    """Another job of the same sweep that finished the computation ``cfg`` asks for, or None: only a
+    run that takes nothing from its sources (``uses_source``) can have one, e.g. a study's scratch control
+    under the second base. Jobs are compared by the ``computation_digest`` their results recorded."""
+    if uses_source(cfg):
+        return None
+    wanted = computation_digest(cfg)
+    for other in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
+        try:
+            results = json.loads((other / "results.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(results, dict) and results.get("status", "ok") == "ok" \
+                and results.get("computation_digest") == wanted and not results.get("same_as"):
+            return other
+    return None
 

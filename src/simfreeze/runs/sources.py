@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from simfreeze.data.splits import shared_images
-from simfreeze.errors import ConfigError
+from simfreeze.errors import ConfigError, RunWithoutResult, SourceFailed, TrainingDiverged
 from simfreeze.paths import safe_name
 from simfreeze.runs.loggers import stage_logs
 from simfreeze.runs.results import run_name
@@ -224,7 +224,10 @@ def cached_source(cache_dir: Path, name: str, run_cfg: dict[str, Any], train: Tr
         staging.mkdir(parents=True)
         try:
             (staging / "source_config.json").write_text(json.dumps(run_cfg, indent=1, default=str))
-            results = train(run_cfg, staging)
+            try:
+                results = train(run_cfg, staging)
+            except (TrainingDiverged, RunWithoutResult) as err:
+                raise SourceFailed(f"source stage {run_name(run_cfg)}: {err}") from err
             results["run_dir"] = str(final)
             (staging / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
             os.replace(staging, final)  # atomic: readers see no directory or a complete one

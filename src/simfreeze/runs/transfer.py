@@ -16,6 +16,7 @@ is checked against the restored prefix weights and refilled if they differ.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import replace
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # The last prefix-cache fill of this process, by its key: the next fit of the same frozen prefix on the
 # same images (another rate of an lr_search job, another seed of a depth) takes its outputs.
 LAST_FILL: dict = {}
+# The last similarity pass of this process with an embedder of its own, by ``SimilarityTask.memo_key``:
+# the next fit of the same setting at another learning rate takes its record.
+LAST_SIMILARITY: dict = {}
 
 
 class TransferSetup(L.Callback):
@@ -58,6 +62,7 @@ class TransferSetup(L.Callback):
         self.cache_budget_bytes = None if cache_budget_gb is None else cache_budget_gb * 2**30
         self.out_dir = out_dir
         self.similarity: Similarity | None = None
+        self.similarity_remembered = False
         self.l_freeze: int | None = None
         self.cache: PrefixCache | None = None
         self.cache_record: dict | None = None
@@ -85,20 +90,17 @@ class TransferSetup(L.Callback):
             if units and task.embedder is None:  # the pass runs the prefix the cache needs
                 plans = [frozen_parameter_ids(net, self.layers, n) for n in self.spec.reachable(len(self.layers), self.layers.l_total)]
                 keep = {k: units[k - 1][1] for k in deepest_prefixes(units, plans)}
-            embedder = (task.embedder or net).to(device)
-            # Under the run's precision, as the fill and training run; centroids and cosine stay fp32 / fp64.
-            with autocast():
-                self.similarity = measure_similarity(task, embedder, device, keep,
-                                                     (self.cache_budget_bytes or 0) / 2)  # the cache needs room too
-                if task.scores:  # LogME of the embedder's features (every score of a pair from the network S
-                    # comes from) on the target's training images
-                    train_images, train_labels = self.datamodule.own("train")
-                    batches = image_batches(train_images, self.datamodule.prepare, self.datamodule.eval_batch_size, device)
-                    features = pooled_features(embedder, task.head, batches)
-            if task.scores:  # in float64, outside autocast
-                self.similarity.record["scores"]["logme"] = logme(gather(features), gather(train_labels))
-            # One S (and so one plan) on every process: rank 0's, not trusted to agree by determinism.
-            self.similarity.record = trainer.strategy.broadcast(self.similarity.record, src=0)
+            remembered = LAST_SIMILARITY.get(task.memo_key) if task.memo_key and not keep else None
+            if remembered is not None:
+                self.similarity = Similarity(copy.deepcopy(remembered), seconds=0.0)
+                log.info("similarity: S=%.4f remembered from this process's previous pass on the same images",
+                         self.similarity.score)
+            else:
+                self.similarity = self.measure(trainer, task, net, device, keep, autocast, gather)
+                LAST_SIMILARITY.clear()
+                if task.memo_key and not keep:
+                    LAST_SIMILARITY[task.memo_key] = copy.deepcopy(self.similarity.record)
+            self.similarity_remembered = remembered is not None
             if writes:
                 (self.out_dir / "similarity.json").write_text(json.dumps(self.similarity.record, indent=1))
             for logger in trainer.loggers:
@@ -135,6 +137,24 @@ class TransferSetup(L.Callback):
             self.datamodule.use_features(self.cache.features)
             pl_module.suffix = self.cache.suffix
 
+    def measure(self, trainer, task, net, device, keep, autocast, gather) -> Similarity:
+        """The similarity pass, and LogME with ``task.scores``; one record on every process."""
+        embedder = (task.embedder or net).to(device)
+        # Under the run's precision, as the fill and training run; centroids and cosine stay fp32 / fp64.
+        with autocast():
+            similarity = measure_similarity(task, embedder, device, keep,
+                                            (self.cache_budget_bytes or 0) / 2)  # the cache needs room too
+            if task.scores:  # LogME of the embedder's features (every score of a pair from the network S
+                # comes from) on the target's training images
+                train_images, train_labels = self.datamodule.own("train")
+                batches = image_batches(train_images, self.datamodule.prepare, self.datamodule.eval_batch_size, device)
+                features = pooled_features(embedder, task.head, batches)
+        if task.scores:  # in float64, outside autocast
+            similarity.record["scores"]["logme"] = logme(gather(features), gather(train_labels))
+        # One S (and so one plan) on every process: rank 0's, not trusted to agree by determinism.
+        similarity.record = trainer.strategy.broadcast(similarity.record, src=0)
+        return similarity
+
     def on_fit_start(self, trainer, pl_module):
         """A checkpoint restored after setup (``ckpt_path``) could bring other prefix weights: the
         key says whether the cached outputs still hold; if not, they are recomputed in place."""
@@ -168,6 +188,7 @@ class TransferSetup(L.Callback):
                 "scores": None if scores is None else {k: v for k, v in scores.items() if k != "centred_over"},
                 "l_total": None if self.layers is None else self.layers.l_total,
                 "similarity_seconds": None if self.similarity is None else round(self.similarity.seconds, 3),
+                "similarity_remembered": self.similarity_remembered,
                 "l_freeze": self.l_freeze or 0, "n_layers": None if self.layers is None else len(self.layers),
                 "prefix_cache": self.cache_record}
 
