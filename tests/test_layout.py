@@ -12,7 +12,7 @@ SRC = REPO / "src"
 # Lower number = lower layer; a module may import its own layer's package or any layer below.
 LAYERS = {"simfreeze.errors": 0, "simfreeze.paths": 0, "simfreeze.data": 1, "simfreeze.networks": 1, "simfreeze.method": 2,
           "simfreeze.speed": 2, "simfreeze.config": 3, "simfreeze.reports": 3, "simfreeze.runs": 4,
-          "simfreeze.analysis": 5, "simfreeze.bench": 5, "train": 6}
+          "simfreeze.analysis": 5, "simfreeze.bench": 5, "simfreeze.jobs": 5, "train": 6}
 
 
 def module_name(path) -> str:

@@ -184,7 +184,7 @@ def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path):
 def test_a_full_disk_is_named_in_one_line():
     import errno
 
-    from train import disk_full_line
+    from simfreeze.jobs.job import disk_full_line
 
     full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/results.json")
     assert disk_full_line(full).startswith("no space left on the device writing /runs/x/results.json: free space")
