@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 
-from simfreeze.errors import ConfigError
+from simfreeze.errors import ConfigError, DiskFull
 from simfreeze.runs.module import Classifier
 from tests.helpers import make_image_folder, run_train
 from tests.test_checkpoints import TINY, TRANSFER, fit, load
@@ -193,7 +193,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_leaves_no_temp
         steps.append(obj.get("global_step"))
         return "optimizer_states" in obj and obj["global_step"] == 8
     failing_save(monkeypatch, second_last_ckpt)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(DiskFull) as caught:
         fit(image_folder, run_dir, *TWO_EPOCHS)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert str(caught.value) == f"no space left on device writing {last}; the previous one is kept"
@@ -204,7 +204,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_leaves_no_temp
     from simfreeze.runs.resume import AtomicCheckpointIO
 
     failing_save(monkeypatch, lambda obj: True)
-    with pytest.raises(ConfigError, match=r"^no space left on device writing \S+/new.ckpt$"):
+    with pytest.raises(DiskFull, match=r"^no space left on device writing \S+/new.ckpt$"):
         AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(4)}, tmp_path / "new" / "new.ckpt")
     assert list((tmp_path / "new").iterdir()) == []
 

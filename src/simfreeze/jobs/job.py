@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from simfreeze.config import validate_config
-from simfreeze.errors import ConfigError, DiskFull, RunDirInUse, TrainingDiverged
+from simfreeze.errors import ConfigError, RunDirInUse, RunError, UserError
 from simfreeze.reports.sweep import main as summarise_sweep
 from simfreeze.runs.fit import copy_twin
 from simfreeze.runs.loggers import logs_for_job
@@ -75,18 +75,18 @@ def run_job(cfg: DictConfig, train: Train) -> float | None:
         sys.exit(128 + signal.SIGTERM)  # the fit wrote last.ckpt and logged how to resume
     except Exception as err:
         if not multirun:
-            message = str(err) if isinstance(err, ConfigError) else disk_full_line(err)
+            message = str(err) if isinstance(err, UserError) else disk_full_line(err)
             if message:
                 # One clear line instead of a traceback: the message names the key and what is allowed.
                 log.error("%s", message, extra={"console": False})  # train.log says why the run stopped
-                if not isinstance(err, (RunDirInUse, TrainingDiverged, DiskFull)):  # another run's; a log worth reading
+                if not isinstance(err, RunError):  # a RunError's directory: another run's, or a log worth reading
                     discard_refused_run(run_dir, cfg.get("ckpt_path"))
                 print(f"error: {message}", file=sys.stderr)
                 sys.exit(2)
             raise
         # One failed job must not stop the sweep: record it where the summary finds it, go on.
         # The traceback for train.log; the console has the error line below.
-        log.error("job %s failed", job_num, exc_info=not isinstance(err, ConfigError), extra={"console": False})
+        log.error("job %s failed", job_num, exc_info=not isinstance(err, UserError), extra={"console": False})
         print(f"error: job {job_num} ({' '.join(overrides)}): {err}", file=sys.stderr)
         if isinstance(err, RunDirInUse):
             return None  # that directory's results.json belongs to the other run

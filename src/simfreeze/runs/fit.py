@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from simfreeze.config import settings_digest
-from simfreeze.errors import ConfigError, RunWithoutResult, TrainingDiverged
+from simfreeze.errors import ConfigError, RunWithoutResult, TrainingDiverged, UserError
 from simfreeze.networks.build import count_parameters
 from simfreeze.runs.build import Run, build_run
 from simfreeze.runs.loggers import log_hparams
@@ -104,7 +104,7 @@ def lightning_refusal(err: BaseException, trainer_cfg: dict) -> ConfigError | No
     Its refusals are ``MisconfigurationException``s or ``ValueError``s that name the argument in backticks."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    if isinstance(err, ConfigError):
+    if isinstance(err, UserError):
         return None  # ours: already one line
     text = " ".join(str(err).split())
     named = set(re.findall(r"`(\w+)`", text)) & set(trainer_cfg)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from simfreeze.config import check_writable_folder, did_you_mean, validate_config
-from simfreeze.errors import ConfigError, RunDirInUse
+from simfreeze.errors import ConfigError, RunDirInUse, UserError
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -295,7 +295,7 @@ class Preflight(Callback):
                 # started while this one imports, is refused before it writes anything.
                 claim_run_dir(run_dir, config.get("ckpt_path"))
                 CLAIMED.add(run_dir.resolve())
-        except ConfigError as err:
+        except UserError as err:
             exit_with(str(err))
         except Exception as err:  # Hydra would turn it into a warning and start the run unchecked
             exit_with(f"the run's checks failed ({type(err).__name__}: {err}); nothing was run")
@@ -317,7 +317,7 @@ class Preflight(Callback):
             if not again:
                 claim_sweep_dir(sweep_dir)  # after the checks: a refused sweep writes nothing
             hold_sweep_dir(sweep_dir)
-        except ConfigError as err:
+        except UserError as err:
             exit_with(str(err))
         except CompactHydraException as err:  # a job's overrides do not compose
             exit_with(hydra_error_line(err))

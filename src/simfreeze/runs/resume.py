@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from simfreeze.config import computation_digest, resume_differences, run_settings, settings_digest, uses_source
-from simfreeze.errors import ConfigError, DiskFull, RunDirInUse
+from simfreeze.errors import ConfigError, DiskFull, RunDirInUse, UserError
 from simfreeze.method.freeze import frozen_state_from
 from simfreeze.networks.build import FROZEN_STATE
 
@@ -45,7 +45,7 @@ class LastCheckpoint(ModelCheckpoint):
     ``every_n_epochs`` epochs (0: none on the way) and when the fit is stopped by an exception
     (``save_on_exception``): SIGTERM, which Lightning turns into one at the next batch, Ctrl-C, an
     error. What it lacks is added here: a save when training ends (the last epoch need not be a
-    multiple of N); none for a ``ConfigError`` (a diverged run's weights are NaN, a refused restore
+    multiple of N); none for a ``UserError`` (a diverged run's weights are NaN, a refused restore
     has nothing of its own) or while testing (the module then holds the best weights); a stop in
     ``on_train_epoch_start`` saved as the end of the epoch before, which it is (Lightning 2.6 would
     resume the checkpoint it writes there past that epoch, untrained); and a line saying how to resume,
@@ -62,7 +62,7 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_checkpoint(trainer, self.format_checkpoint_name(self._monitor_candidates(trainer)))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, ConfigError) or trainer.state.fn != TrainerFn.FITTING:
+        if isinstance(exception, UserError) or trainer.state.fn != TrainerFn.FITTING:
             return
         epochs = trainer.fit_loop.epoch_progress
         between = epochs.current.ready > epochs.current.started  # the next epoch made ready, not begun
