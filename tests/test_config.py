@@ -63,3 +63,24 @@ def test_the_freeze_spec_defaults_are_the_freeze_config():
     settings = [f for f in dataclasses.fields(FreezeSpec) if f.compare]  # k_key: which key set k, for messages
     assert {f.name: f.default for f in settings} == {k: v for k, v in yaml.items() if k not in shorthands}
     assert FreezeSpec.from_config(yaml) == FreezeSpec()
+
+
+@pytest.mark.parametrize("override, changes_weights, free_on_resume", [
+    ("model.channels_last=false", False, False),  # how the network runs: no other weights, yet not a resume's to change
+    ("trainer.devices=2", False, True),
+    ("data.root=/elsewhere", True, True),  # the images' digest is checked on resume instead
+    ("freeze.k=10", False, False),  # a source stage that does not transfer freezes nothing
+    ("optimizer.lr=0.1", True, False),
+])
+def test_the_cache_key_and_the_resume_check_read_one_table(override, changes_weights, free_on_resume):
+    from simfreeze.config import key_role, settings_digest
+    from simfreeze.runs.sources import source_chain, source_key
+
+    def configs(*extra):
+        cfg = OmegaConf.to_container(compose_config(["+source.task.positive=cat", "data.root=/data", *extra]), resolve=True)
+        return cfg, source_chain(cfg)[0]
+
+    (run, stage), (run2, stage2) = configs(), configs(override)
+    assert key_role(override.split("=")[0]) == (changes_weights, free_on_resume)
+    assert (source_key(stage) != source_key(stage2)) == changes_weights
+    assert (settings_digest(run) == settings_digest(run2)) == free_on_resume

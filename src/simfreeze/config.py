@@ -491,13 +491,39 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
         raise ConfigError(differences)
 
 
-# Keys that may differ between a run and its resume: where things are and how the run is shown or
-# spread, not what it computes. The images under data.root are compared by a digest instead
-# (simfreeze.runs.resume.SameRunOnResume).
-FREE_ON_RESUME = {"ckpt_path", "name", "progress", "verbose", "logger", "logs", "test", "cache", "checkpoint", "source.cache_dir", "data.root", "data.download",
-                  "data.download_dir", "data.eval_batch_size", "model.compile", "trainer.devices",
-                  "trainer.accelerator", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
-                  "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps"}
+# What each key does, in one place: (it may change a source stage's weights, so it is in the stage's cache
+# key; it may differ between a run and its resume, being where things are or how the run is shown or spread,
+# not what it computes). A key not listed, or below a listed one only by its section: (True, False). A
+# section's entry holds for every key in it; a key's own entry for that key. The images under data.root are
+# compared by a digest on resume instead (simfreeze.runs.resume.SameRunOnResume).
+KEY_ROLES: dict[str, tuple[bool, bool]] = {
+    # how the run is named, shown and stored
+    "name": (False, True), "progress": (False, True), "verbose": (False, True), "logger": (False, True),
+    "logs": (False, True), "test": (False, True), "ckpt_path": (False, True), "cache": (False, True),
+    "checkpoint": (False, True), "source.cache_dir": (False, True),
+    # what the target run does with its source; a source stage never computes S, and only a stage that
+    # transfers itself freezes (then freeze and transfer join its key: simfreeze.runs.sources.source_key)
+    "arm": (False, False), "similarity": (False, False), "freeze": (False, False), "transfer": (False, False),
+    "source_only": (False, False), "transfer_from": (False, False), "lr_search": (False, False),
+    # where the images are (their digest is checked on resume): in the cache key since the first caches
+    "data.root": (True, True), "data.download": (True, True), "data.download_dir": (True, True),
+    # what is evaluated, not what is learned
+    "data.eval_batch_size": (False, True), "data.use_test": (False, False), "data.holdout_per_class": (False, False),
+    # how the network runs, not what it learns (up to rounding)
+    "model.compile": (False, True), "model.channels_last": (False, False),
+    # where and how the trainer runs: a source trains on one device, the job's own
+    **{f"trainer.{key}": (False, True) for key in ("devices", "accelerator", "num_nodes", "strategy", "enable_progress_bar",
+                                                    "enable_model_summary", "log_every_n_steps", "num_sanity_val_steps")},
+}
+
+
+def key_role(key: str) -> tuple[bool, bool]:
+    """``KEY_ROLES`` of a dotted key: its own entry, else its section's, else (True, False)."""
+    while key:
+        if key in KEY_ROLES:
+            return KEY_ROLES[key]
+        key = key.rpartition(".")[0]
+    return True, False
 
 
 # Keys added after runs were made, at the value that computes what those runs computed: left out of the
@@ -518,10 +544,8 @@ def run_settings(cfg: dict) -> dict[str, str]:
 
     cfg = with_resolved_precision(cfg)
 
-    def free(key: str) -> bool:
-        return any(key == f or key.startswith(f + ".") for f in FREE_ON_RESUME)
     return {key: repr(value) for key, value in flatten(cfg).items()
-            if not free(key) and not (key in ADDED_LATER and value == ADDED_LATER[key])}
+            if not key_role(key)[1] and not (key in ADDED_LATER and value == ADDED_LATER[key])}
 
 
 def settings_digest(cfg: dict) -> str:

@@ -7,7 +7,7 @@ chain of stages, the staged AlexNet paper); it then trains from that one with ``
 and so on up the chain.
 
 Each stage is trained into ``<cache_dir>/<name>-<key>/``. The key hashes the stage's resolved run
-config minus the keys that cannot change its weights (``NOT_IN_KEY``). Training happens in a
+config minus the keys that cannot change its weights (``simfreeze.config.KEY_ROLES``). Training happens in a
 temporary directory under an exclusive file lock and is renamed into place when complete, so
 parallel jobs that need the same source train it once and never read a half-written one.
 """
@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from simfreeze.config import key_role
 from simfreeze.data.splits import shared_images
 from simfreeze.errors import ConfigError, RunWithoutResult, SourceFailed, TrainingDiverged
 from simfreeze.paths import safe_name
@@ -34,17 +35,7 @@ from simfreeze.speed.precision import with_resolved_precision
 
 log = logging.getLogger("simfreeze")
 
-# Keys of a run config that do not change the trained weights: a source stage never computes
-# similarity, and only a stage that transfers itself freezes (then ``freeze`` joins the key).
-NOT_IN_KEY = {"name", "progress", "verbose", "logger", "logs", "test", "ckpt_path", "arm", "cache", "checkpoint", "similarity", "freeze",
-              "transfer", "source_only", "transfer_from", "lr_search"}  # a stage always transfers from its own source
-# devices / num_nodes / strategy: a source always trains on one device (source_config), the job's own
-# when it has one: which one does not change the weights.
-TRAINER_NOT_IN_KEY = {"log_every_n_steps", "enable_progress_bar", "enable_model_summary", "devices",
-                      "accelerator", "num_sanity_val_steps", "num_nodes", "strategy"}
-DATA_NOT_IN_KEY = {"eval_batch_size", "use_test", "holdout_per_class"}  # what is evaluated, not what is learned
 ADDED_LATER = {"train_per_class": None, "crop": 0}
-MODEL_NOT_IN_KEY = {"compile", "channels_last"}  # how the network runs, not what it learns (up to rounding)
 
 TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, returns its results
 
@@ -134,17 +125,15 @@ def chain_stage(cfg: dict, path: str, key: str) -> dict:
 
 def source_key(run_cfg: dict[str, Any]) -> str:
     """A short stable hash of the parts of a resolved run config that determine the weights."""
-    relevant = {k: v for k, v in run_cfg.items() if k not in NOT_IN_KEY}
+    relevant = {k: v for k, v in run_cfg.items() if key_role(k)[0]}  # config.KEY_ROLES: what may change weights
     if run_cfg.get("transfer"):  # a stage of a chain: it trains from its own source with a freeze plan
         relevant.update(transfer=True, freeze=run_cfg["freeze"])
-    relevant["trainer"] = {k: v for k, v in run_cfg.get("trainer", {}).items() if k not in TRAINER_NOT_IN_KEY}
-    # A key added later with its default value is left out too: earlier caches keep their keys.
-    relevant["data"] = {k: v for k, v in run_cfg.get("data", {}).items()
-                        if k not in DATA_NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
-    # An unset stage seed is left out: keys of caches made before the key existed stay valid.
-    relevant["source"] = {k: v for k, v in run_cfg.get("source", {}).items()
-                          if k != "cache_dir" and not (k in ("seed", "recipe") and v is None)}
-    relevant["model"] = {k: v for k, v in run_cfg.get("model", {}).items() if k not in MODEL_NOT_IN_KEY}
+    for section in ("trainer", "data", "source", "model"):
+        relevant[section] = {k: v for k, v in run_cfg.get(section, {}).items() if key_role(f"{section}.{k}")[0]}
+    # A key added later with its default value is left out too: earlier caches keep their keys; so is an
+    # unset stage seed or recipe, for caches made before those keys existed.
+    relevant["data"] = {k: v for k, v in relevant["data"].items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    relevant["source"] = {k: v for k, v in relevant["source"].items() if not (k in ("seed", "recipe") and v is None)}
     if relevant["data"].get("root"):
         relevant["data"]["root"] = str(Path(relevant["data"]["root"]).expanduser().resolve())
     blob = json.dumps(relevant, sort_keys=True, default=str)
