@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.records import finished
 from simfreeze.reports.stats import architecture_of, mean_std, plus_minus
 
 
@@ -18,7 +19,7 @@ def architecture_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[str]
     archs, arms, cells = [], [], {}
     for run in runs:
         arch, arm = architecture_of(run), run.get("arm")
-        if run.get("status", "ok") != "ok" or arch is None or arm is None:
+        if not finished(run) or arch is None or arm is None:
             continue
         archs += [arch] if arch not in archs else []
         arms += [arm] if arm not in arms else []

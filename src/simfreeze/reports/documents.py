@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from simfreeze.reports.records import finished
 from simfreeze.reports.stats import plus_minus, setting_of
 from simfreeze.reports.study import TITLE as STUDY_TITLE
 
@@ -69,7 +70,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def held_out_note(runs: list[dict[str, Any]]) -> str:
     """Which images ``test acc`` was measured on, as the runs recorded it ("" when no run was tested)."""
-    tested = [r for r in runs if r.get("status") == "ok" and r.get("test_acc") is not None]
+    tested = [r for r in runs if finished(r) and r.get("test_acc") is not None]
     if not tested:
         return ""
     named = dict.fromkeys(f"{r['test_from']} ({(r.get('images') or {}).get('test', '?')} images)"
@@ -108,7 +109,7 @@ def plans_table(rows: list[dict[str, Any]], first_trained: dict[str, str | None]
 
 def jobs_line(runs: list[dict[str, Any]]) -> str:
     """How many jobs ran and finished, and where: the first finished job's device, precision, revision."""
-    ok = [r for r in runs if r["status"] == "ok"]
+    ok = [r for r in runs if finished(r)]
     first = ok[0] if ok else {}
     return (f"{len(runs)} jobs ({len(ok)} finished, {len(runs) - len(ok)} failed); device {first.get('device')}, "
             f"precision {first.get('precision')}, git {first.get('git_revision')}.")
@@ -116,7 +117,7 @@ def jobs_line(runs: list[dict[str, Any]]) -> str:
 
 def failed_jobs_list(runs: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(f"- job {r['job']} ({setting_of(r, keys)}, seed {r.get('seed')}): {r.get('error')} — "
-                     f"`{r['run_dir']}`" for r in runs if r["status"] != "ok")
+                     f"`{r['run_dir']}`" for r in runs if not finished(r))
 
 
 def runs_table(runs: list[dict[str, Any]], keys: list[str]) -> str:

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from simfreeze.reports.records import finished
 from simfreeze.reports.stats import mean_std, plus_minus
 from simfreeze.reports.study import (CONTROLS, accuracy_of, analyse_study, chosen_rate, difference_se, image_interval,
                                      number, pair_names, study_markdown, study_verdict, table, within)
@@ -50,7 +51,7 @@ def split_regimes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     "label", "base_acc", "size", "runs"}``."""
     grouped: dict[tuple, list[dict[str, Any]]] = {}
     for run in runs:  # a failed job recorded no regime: the summary lists it among the failed jobs
-        if run.get("status") == "ok":
+        if finished(run):
             grouped.setdefault(regime_key(run), []).append(run)
     regimes = []
     for (base, size), members in grouped.items():
@@ -66,7 +67,7 @@ def controls_of(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any
     chosen on validation."""
     found: dict[str, dict[str, dict[Any, dict[Any, tuple]]]] = {}
     for run in runs:
-        if run.get("status") != "ok" or run.get("arm") not in CONTROLS:
+        if not finished(run) or run.get("arm") not in CONTROLS:
             continue
         accuracy, _ = accuracy_of(run)
         if accuracy is None:

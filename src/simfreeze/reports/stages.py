@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from simfreeze.reports.records import finished
 from simfreeze.reports.stats import mean_std, plus_minus
 
 
@@ -24,7 +25,7 @@ def chain_of(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def finished_chains(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The chains of the finished runs that have at least two source stages."""
-    chains = (chain_of(r) for r in runs if r.get("status", "ok") == "ok")
+    chains = (chain_of(r) for r in runs if finished(r))
     return [chain for chain in chains if len(chain) >= 3]
 
 
@@ -56,7 +57,7 @@ def last_stage_speedup(runs: list[dict[str, Any]], reference_arm: str = "scratch
     """The last stage's fit time against the same task trained from scratch: the ratio of the means,
     and the median of the per-seed ratios (runs paired by seed)."""
     staged = {chain[-1]["seed"]: chain[-1] for chain in finished_chains(runs)}
-    scratch = {r["seed"]: r for r in runs if r.get("status", "ok") == "ok" and r.get("arm") == reference_arm}
+    scratch = {r["seed"]: r for r in runs if finished(r) and r.get("arm") == reference_arm}
     if not staged or not scratch:
         return None
     last, base = mean_std([r["fit_seconds"] for r in staged.values()]), mean_std([r["fit_seconds"] for r in scratch.values()])

@@ -18,6 +18,7 @@ import statistics
 from typing import Any, Callable
 
 from simfreeze.method.plan import NEEDS_SIMILARITY
+from simfreeze.reports.records import finished
 from simfreeze.reports.stats import mean_std, paired_interval, plus_minus, seeds_phrase, t_975, zoomed_label
 
 L_TOTAL = 40  # the paper's L_total for ResNet-50; runs made before it was recorded used it
@@ -145,7 +146,7 @@ def collect_pairs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every source → target pair among the finished transfer runs, in first-seen order."""
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
-        if run.get("status") != "ok" or not run.get("transfer") or run.get("l_freeze") is None \
+        if not finished(run) or not run.get("transfer") or run.get("l_freeze") is None \
                 or run.get("arm") in CONTROLS:  # the base fine-tuned directly: not from the pair's source
             continue
         accuracy, fell_back = accuracy_of(run)
@@ -493,7 +494,7 @@ def analyse_study(runs: list[dict[str, Any]], draws: int = DRAWS) -> dict[str, A
             "seeds": max(len(p["seeds"]) for p in pairs), "fallbacks": fallbacks, "measured_runs": measured,
             "l_totals": sorted({p["l_total"] for p in pairs}),
             # which images "held-out" means, as the runs recorded it (split.json's test_from)
-            "test_from": list(dict.fromkeys(r["test_from"] for r in runs if r.get("status") == "ok"
+            "test_from": list(dict.fromkeys(r["test_from"] for r in runs if finished(r)
                                             and r.get("test_acc") is not None and r.get("test_from")))}
 
 

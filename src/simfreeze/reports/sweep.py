@@ -55,6 +55,7 @@ from simfreeze.reports.cost import cost_markdown, sweep_costs
 from simfreeze.reports.depth import comparable, depth_verdict, verdict_text
 from simfreeze.reports.documents import (held_out_note, render_documents, results_note, results_table,
                                          sweep_sections)
+from simfreeze.reports.records import finished
 from simfreeze.reports.scratch import scratch_markdown
 from simfreeze.reports.stages import stages_markdown
 from simfreeze.reports.stats import (architecture_of, effective_policy, mean_std, one_value, parse_override,
@@ -206,11 +207,11 @@ def summarise(runs: list[dict[str, Any]], reference_arm: str = "scratch") -> lis
     # The reference is the scratch arm of the same architecture (a sweep may vary model.arch).
     references = {}
     for run in runs:
-        if run["status"] == "ok" and run.get("arm") == reference_arm:
+        if finished(run) and run.get("arm") == reference_arm:
             references.setdefault(architecture_of(run), []).append(run["fit_seconds"])
     rows = []
     for setting, members in groups.items():
-        ok = [r for r in members if r["status"] == "ok"]
+        ok = [r for r in members if finished(r)]
         first = (ok or members)[0]
         fit = mean_std([r["fit_seconds"] for r in ok])
         reference = mean_std(references.get(architecture_of(first), []))
@@ -240,7 +241,7 @@ def first_trained_layers(runs: list[dict[str, Any]], keys: list[str]) -> dict[st
     layers: dict[str, str | None] = {}
     for run in runs:
         setting = setting_of(run, keys)
-        if run["status"] != "ok" or setting in layers:
+        if not finished(run) or setting in layers:
             continue
         plan = Path(run["run_dir"]) / "plan.json"
         layers[setting] = json.loads(plan.read_text()).get("first_trainable") if plan.is_file() else None
@@ -358,7 +359,7 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
                        {tag: plot for tag, plot in figures.items() if plot is not None})
     written = {"summary.png": figure, **study_plots, "cost_model.png": cost_plot}
     return {"table": table, "note": results_note(rows, held_out_note(runs)), "verdict": verdict_md, "scratch": scratch_md,
-            "study": study_words, "failed": [r for r in runs if r["status"] != "ok"],
+            "study": study_words, "failed": [r for r in runs if not finished(r)],
             "plot": plot, "figures": [sweep_dir / name for name, drawn in written.items() if drawn is not None],
             "stages": stages_md, "architectures": architectures_md}
 
