@@ -39,6 +39,7 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert "arm: scratch" in (run_dir / "tensorboard" / "arm=scratch" / "seed=0" / "hparams.yaml").read_text()
     hparams = hparams_of(events)
     assert hparams["arm"].string_value == "scratch" and hparams["seed"].string_value == "0"
+    assert hparams["L_freeze"].string_value == "0"  # an integer shown as one, not 0.000
     assert "S" not in hparams  # no similarity: no stand-in value that reads as a cosine
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == [e.value for e in events.Scalars("val/acc")]

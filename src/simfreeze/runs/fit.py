@@ -152,7 +152,8 @@ def precision_phases(run: Run) -> dict:
 def record_hparams(run: Run, cfg: dict, results: dict) -> None:
     """The loggers' hparams with the final metrics (S is known only once the fit set up)."""
     if run.trainer.is_global_zero:
-        hparams = {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"], "L_freeze": results["l_freeze"],
+        # Integers as text: HParams shows a number with three decimals (L_freeze 39.000), text as it is.
+        hparams = {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"], "L_freeze": str(results["l_freeze"]),
                    "seed": str(cfg["seed"]), "task": results["name"], "run": (cfg.get("logs") or {}).get("name")}
         metrics = {"hp/best_val_acc": results["best_val_acc"], "hp/test_acc": results["test_acc"],
                    "hp/fit_seconds": results["fit_seconds"]}
