@@ -4,7 +4,6 @@ each writes: a sweep's jobs named by what the sweep varies and the seed, in one 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger

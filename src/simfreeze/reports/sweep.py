@@ -49,10 +49,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from simfreeze.method.plan import NEEDS_SIMILARITY
 from simfreeze.reports.architectures import architecture_markdown
 from simfreeze.reports.cost import cost_markdown, sweep_costs
-from simfreeze.reports.depth import comparable, depth_verdict, verdict_text
+from simfreeze.reports.depth import depth_verdict, verdict_text
 from simfreeze.reports.documents import (held_out_note, render_documents, results_note, results_table,
                                          sweep_sections)
 from simfreeze.reports.records import finished
