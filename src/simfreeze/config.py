@@ -493,9 +493,9 @@ def check_resume_path(ckpt_path: str | None, cfg: dict | None = None) -> None:
 
 # What each key does, in one place: (it may change a source stage's weights, so it is in the stage's cache
 # key; it may differ between a run and its resume, being where things are or how the run is shown or spread,
-# not what it computes). A key not listed, or below a listed one only by its section: (True, False). A
-# section's entry holds for every key in it; a key's own entry for that key. The images under data.root are
-# compared by a digest on resume instead (simfreeze.runs.resume.SameRunOnResume).
+# not what it computes). A key takes its own entry, else its section's (``key_role``); a key in neither is
+# (True, False). The images under data.root are compared by a digest on resume instead
+# (simfreeze.runs.resume.SameRunOnResume).
 KEY_ROLES: dict[str, tuple[bool, bool]] = {
     # how the run is named, shown and stored
     "name": (False, True), "progress": (False, True), "verbose": (False, True), "logger": (False, True),
