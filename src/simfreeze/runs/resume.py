@@ -36,6 +36,7 @@ from simfreeze.config import computation_digest, resume_differences, run_setting
 from simfreeze.errors import ConfigError, DiskFull, RunDirInUse, UserError
 from simfreeze.method.freeze import frozen_state_from
 from simfreeze.networks.build import FROZEN_STATE
+from simfreeze.reports.records import finished
 
 log = logging.getLogger("simfreeze")
 
@@ -232,7 +233,7 @@ def finished_twin(run_dir: Path, cfg: dict) -> Path | None:
             results = json.loads((other / "results.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(results, dict) and results.get("status", "ok") == "ok" \
+        if isinstance(results, dict) and finished(results) \
                 and results.get("computation_digest") == wanted and not results.get("same_as"):
             return other
     return None
