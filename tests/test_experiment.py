@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -229,9 +230,9 @@ def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_r
             "source.recipe.trainer.max_epochs=1",
             "trainer.max_epochs=1000", "trainer.max_steps=4", "trainer.val_check_interval=2",
             "seed=0", f"data.root={root}", f"source.cache_dir={sources}"]
-    run_train("+experiment=regimes", *lane, "source.task.positive=deer,frog", "freeze.l_freeze=0,10",
-              "optimizer.lr=0.002", "lr_search.rates=[0.002,0.0002]", "lr_search.rung=2", f"hydra.sweep.dir={study}",
-              cwd=tmp_path)
+    sweep = ["+experiment=regimes", *lane, "source.task.positive=deer,frog", "freeze.l_freeze=0,10", "optimizer.lr=0.002",
+             "lr_search.rates=[0.002,0.0002]", "lr_search.rung=2"]
+    run_train(*sweep, f"hydra.sweep.dir={study}", cwd=tmp_path)
     run_train("+experiment=regimes_controls", *lane, "arm=scratch,base_finetune", "optimizer.lr=0.002",
               f"hydra.sweep.dir={controls}", cwd=tmp_path)
     runs = [json.loads(p.read_text()) for p in [*study.glob("*/results.json"), *controls.glob("*/results.json")]]
@@ -254,3 +255,16 @@ def test_the_study_across_regimes_chooses_rates_on_validation_and_reports_each_r
     assert summary.count("\n### base ") == 2 and "images/class" in summary and "best − scratch (random init)" in summary
     assert "learning rate(s) chosen" in summary and f"# with the jobs of {controls}" in summary
     assert (study / "study-regime1.png").is_file() and (study / "study-regime2.png").is_file()
+    # carried to a machine that has only the sources: the finished jobs are kept, the one not carried runs
+    from simfreeze.jobs.carry import main as carry
+
+    elsewhere = tmp_path / "elsewhere"
+    assert carry(["pack", str(study), str(tmp_path / "jobs.gz")]) == 0
+    assert carry(["unpack", str(tmp_path / "jobs.gz"), str(elsewhere)]) == 0
+    shutil.rmtree(elsewhere / "3")
+    carried = {p.parent.name: p.read_text() for p in elsewhere.glob("*/results.json")}
+    run_train(*sweep, f"hydra.sweep.dir={elsewhere}", cwd=tmp_path)
+    after = {p.parent.name: p.read_text() for p in elsewhere.glob("*/results.json")}
+    assert len(carried) == 7 and {job: after[job] for job in carried} == carried
+    rerun, original = json.loads(after["3"]), json.loads((study / "3" / "results.json").read_text())
+    assert rerun["settings_digest"] == original["settings_digest"] and rerun["test_acc"] == original["test_acc"]

@@ -147,3 +147,15 @@ def test_the_rule_counts_as_freezing_that_pays_when_it_beats_fine_tuning_on_the_
     pair["dynamic"][0]["correct"] = finetune  # the same outcomes: no gap
     pair["arms"]["rule"]["regret"] = 0.0
     assert not frozen_against_finetune(pair)[0]["beyond"]
+
+
+def test_a_base_trained_twice_with_different_results_is_named_in_the_report():
+    from simfreeze.reports.regimes import regimes_markdown, retrained_note
+
+    runs = regimes_runs()
+    assert retrained_note(runs) is None  # one training of each base: nothing to say
+    carried = [r for r in runs if r["source_chain"][-1]["key"] == BASES["strong"]]
+    carried[0]["source"]["source"] = {**carried[0]["source"]["source"], "test_acc": 0.8571, "best_val_acc": 0.86}
+    note = retrained_note(runs)
+    assert f"`source-base-{BASES['strong']}` (val 0.8600, held-out 0.8571; val –, held-out 0.8600)" in note
+    assert note in regimes_markdown(analyse_regimes(runs, draws=20))

@@ -46,6 +46,33 @@ def base_accuracy(runs: list[dict[str, Any]], key: str | None) -> float | None:
     return None
 
 
+def retrained_sources(runs: list[dict[str, Any]]) -> dict[str, list[tuple]]:
+    """Sources and bases whose runs recorded more than one training of the same cache entry: (best val,
+    held-out) accuracy per training. Jobs carried from another machine (``simfreeze.jobs.carry``) used
+    that machine's training; the unfinished ones use this machine's, which may differ (another CPU's
+    arithmetic), so the report says so rather than pooling them silently."""
+    seen: dict[str, set[tuple]] = {}
+    for run in runs:
+        stage = run.get("source") if finished(run) else None
+        while stage:
+            entry = Path(str(stage.get("run_dir") or "")).name
+            if entry:
+                seen.setdefault(entry, set()).add((stage.get("best_val_acc"), stage.get("test_acc")))
+            stage = stage.get("source")
+    return {entry: sorted(trainings, key=str) for entry, trainings in seen.items() if len(trainings) > 1}
+
+
+def retrained_note(runs: list[dict[str, Any]]) -> str | None:
+    """One sentence per source trained more than once with different results; None when there is none."""
+    retrained = retrained_sources(runs)
+    if not retrained:
+        return None
+    parts = [f"`{entry}` ({'; '.join(f'val {number(v, 4)}, held-out {number(t, 4)}' for v, t in trainings)})"
+             for entry, trainings in sorted(retrained.items())]
+    return ("**Trained more than once, with different results** (jobs carried from another machine used its "
+            "training, the others this one's): " + ", ".join(parts) + ".")
+
+
 def split_regimes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The regimes among the finished runs, weakest base and fewest images first: each ``{"key",
     "label", "base_acc", "size", "runs"}``."""
@@ -266,6 +293,8 @@ def regimes_markdown(regimes: list[dict[str, Any]]) -> str:
                 "depth, or the rule) beat fine-tuning beyond noise on the held-out images, the rule's and fine-tuning's regret against "
                 "the best depth (mean ± std over pairs), and the best depth against the controls:",
                 overview_table(regimes)]
+    retrained = retrained_note([run for regime in regimes for run in regime["runs"]])
+    sections[1:1] = [retrained] if retrained else []
     for i, regime in enumerate(regimes):
         sections += [f"### {regime['label']}", controls_sentence(regime),
                      "Accuracy against fit time, every setting at the learning rate validation chose for it (a "
