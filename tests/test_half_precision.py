@@ -31,14 +31,14 @@ def test_16_mixed_on_a_cpu_runs_as_bf16_and_gets_its_fp32_convolutions(image_fol
     not, and layer4.0.conv1's weights became NaN in about 1 run of 6 (from memory oneDNN never wrote)."""
     from omegaconf import OmegaConf
 
-    from simfreeze.runs.build import build_run
+    from simfreeze.runs.build import build_run, prepare_sources, resolve
     from simfreeze.runs.fit import fit
-    from simfreeze.speed.precision import with_resolved_precision
     from tests.helpers import compose_config
 
     cfg = OmegaConf.to_container(compose_config(
         ["data.classes=[ant,bee]", "model.arch=resnet18", "data.image_size=null", "data.per_class=20",
          "trainer.precision=16-mixed", "trainer.accelerator=cpu", f"data.root={image_folder}", "logger=none"]), resolve=True)
-    run = build_run(with_resolved_precision(cfg), tmp_path / "run", train_source=fit)
+    plan = resolve(cfg, tmp_path / "run")
+    run = build_run(plan, prepare_sources(plan, train_source=fit))
     assert str(run.trainer.precision) == "bf16-mixed"  # set above; Lightning's mapping on any CPU (emulated on AVX2)
     assert run.fp32_convs == ["layer4.0.conv1", "layer4.0.downsample.0"]  # 16×16 images: layer4 sees 1×1 maps

@@ -1,6 +1,8 @@
-"""Everything one fit needs, built before any image is decoded, so a bad key or value fails first:
-the datamodule, the network with its initial weights, the module, the transfer set-up and the
-trainer with its callbacks."""
+"""Everything one fit needs, in three steps, so that a bad key or value fails before anything is
+trained or decoded: ``resolve`` answers every question about the config once and runs the checks
+(the run's ``RunPlan``); ``prepare_sources`` trains or reuses the models it starts from and embeds
+with (the only step that trains another model); ``build_run`` constructs the datamodule's split, the
+network with its initial weights, the module, the transfer set-up and the trainer with its callbacks."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from simfreeze.errors import ConfigError, WeightsError
 from simfreeze.method.plan import FreezeSpec
 from simfreeze.method.similarity import SimilarityTask
 from simfreeze.networks.build import build_network
-from simfreeze.networks.layers import family, layer_map
+from simfreeze.networks.layers import LayerMap, family, layer_map
 from simfreeze.runs.loggers import build_loggers
 from simfreeze.runs.module import Classifier
 from simfreeze.runs.preflight import claim_own_run_dir
@@ -30,7 +32,7 @@ from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomSta
                                    checkpoint_step)
 from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
 from simfreeze.runs.transfer import TransferSetup
-from simfreeze.speed.precision import bf16_unsafe_convs, run_in_fp32
+from simfreeze.speed.precision import bf16_unsafe_convs, run_in_fp32, with_resolved_precision
 
 log = logging.getLogger("simfreeze")
 
@@ -49,10 +51,45 @@ class Run:
     fp32_convs: list[str]  # convolutions kept in fp32 under bf16 (simfreeze.speed.precision)
 
 
-def build_run(cfg: dict, run_dir: Path, train_source: TrainFn, callbacks: list = ()) -> Run:
-    """``cfg``: a resolved run config (``precision`` no longer ``auto``). ``train_source(cfg, dir)``
-    trains a source stage that is not cached yet; ``callbacks`` go to the trainer after the run's own."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class SimilarityPlan:
+    """What S compares, checked before any model is trained (``plan_similarity``)."""
+    source_classes: list[str]
+    target_classes: list[str]
+    images_from: list[dict]      # the data configs its images come from: the target's first
+    extra: TaskDataModule | None  # the source task's images of source classes the target does not hold
+    embedder_stage: dict | None   # the config whose source embeds (similarity.embedder=source.source…)
+    embedder_weights: str | None  # torchvision weights or a checkpoint path; None: the model before fit
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run config resolved once into what its fit is made of, every check done, nothing trained
+    and no image decoded: ``resolve`` → ``prepare_sources`` (the only step that trains another model)
+    → ``build_run`` (construction only)."""
+    cfg: dict                 # precision resolved: no longer "auto"
+    run_dir: Path
+    datamodule: TaskDataModule
+    spec: FreezeSpec
+    head: str                 # the network's head module
+    layers: LayerMap | None   # None: an arch without a layer map and no freeze policy
+    start: dict | None        # the config whose source the run starts from (transfer_from); None: model.weights
+    similarity: SimilarityPlan | None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The trained (or cached) models a run starts from and embeds with."""
+    weights: str | None       # the network's initial weights
+    source: dict | None       # the source stage's results, for a transfer from a source task
+    embedder: str | None      # the similarity embedder's weights, for a stage of the chain
+
+
+def resolve(cfg: dict, run_dir: Path) -> RunPlan:
+    """Every question about ``cfg`` answered once, and every check that can fail before training done:
+    the precision, the freeze plan against the network's layer map, the chain stage to start from, the
+    leakage check, what S compares."""
+    cfg = with_resolved_precision(cfg)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     datamodule = TaskDataModule(**cfg["data"])
     spec = FreezeSpec.from_config(cfg["freeze"])
@@ -69,18 +106,37 @@ def build_run(cfg: dict, run_dir: Path, train_source: TrainFn, callbacks: list =
     start = chain_stage(cfg, cfg["transfer_from"], "transfer_from") if cfg["transfer"] else None  # checked first
     if cfg["transfer"]:
         check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
-    similarity, similarity_data = None, []  # after the leakage check: an embedder of the chain (source.source) is trained here
+    similarity = None
     if spec.needs_similarity or cfg["similarity"]["enabled"]:
-        similarity, similarity_data = similarity_task(cfg, datamodule, probe_record["head"], train_source)
-    source = None
-    if start is not None:
-        weights, source = source_weights(start, train_source)
-    else:
-        weights = cfg["model"]["weights"]
+        similarity = plan_similarity(cfg, datamodule)
+    return RunPlan(cfg, run_dir, datamodule, spec, probe_record["head"], layers, start, similarity)
+
+
+def prepare_sources(plan: RunPlan, train_source: TrainFn) -> Sources:
+    """The models ``plan`` starts from and embeds with, each trained now with ``train_source(cfg, dir)``
+    or taken from the cache (``simfreeze.runs.sources``): the only step of a fit that trains another model."""
+    embedder = None
+    if plan.similarity is not None and plan.similarity.embedder_stage is not None:
+        embedder = source_weights(plan.similarity.embedder_stage, train_source)[0]
+    if plan.start is None:
+        return Sources(plan.cfg["model"]["weights"], None, embedder)
+    weights, source = source_weights(plan.start, train_source)
+    return Sources(weights, source, embedder)
+
+
+def build_run(plan: RunPlan, sources: Sources, callbacks: list = ()) -> Run:
+    """The run ``plan`` describes, starting from ``sources``: construction only, nothing trained.
+    ``callbacks`` go to the trainer after the run's own."""
+    cfg, run_dir, datamodule, spec, layers = plan.cfg, plan.run_dir, plan.datamodule, plan.spec, plan.layers
+    run_dir.mkdir(parents=True, exist_ok=True)
+    similarity, similarity_data = None, []
+    if plan.similarity is not None:
+        similarity, similarity_data = similarity_task(cfg, datamodule, plan.similarity, plan.head, sources.embedder)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
+    weights, source = sources.weights, sources.source
     weights_key = ("the cached source" if source else "source.weights") if cfg["transfer"] else "model.weights"
     try:
-        net, network = build_network(arch, datamodule.num_classes, weights, key=weights_key,
+        net, network = build_network(cfg["model"]["arch"], datamodule.num_classes, weights, key=weights_key,
                                      head_init=cfg["model"]["head_init"], **cfg["model"]["kwargs"])
     except WeightsError as err:
         if source:  # the file is the cache's, not one the user named
@@ -155,13 +211,12 @@ def listed(value) -> list:
 REFERENCE_IMAGES = 200
 
 
-def similarity_task(cfg: dict, target: TaskDataModule, head: str,
-                    train_source: TrainFn) -> tuple[SimilarityTask, list[TaskDataModule]]:
-    """What S compares for this run: the source's classes (``similarity.source_classes``, or the
-    source task's positive class or classes) against the target's, embedded by the model before fit
-    (``similarity.embedder=source``), torchvision weights, a checkpoint, or a stage further up the
-    chain of sources (``source.source``: the source's own source, e.g. a pretrained base). Also
-    returns the datamodules it takes images from besides ``target`` (to be sharded like it)."""
+def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
+    """What S compares for this run, checked before any model is trained: the source's classes
+    (``similarity.source_classes``, or the source task's positive class or classes) against the
+    target's, embedded by the model before fit (``similarity.embedder=source``), torchvision weights,
+    a checkpoint, or a stage further up the chain of sources (``source.source``: the source's own
+    source, e.g. a pretrained base)."""
     spec = cfg["similarity"]
     source_task = cfg["source"]["task"]
     if spec["source_classes"]:
@@ -187,16 +242,30 @@ def similarity_task(cfg: dict, target: TaskDataModule, head: str,
         if unknown:  # found now, not after the source is trained
             raise ConfigError(f"similarity.source_classes: {unknown} are in neither the target's classes {target.classes} "
                               f"nor the source task's {extra.classes}")
+    embedder_stage, weights = None, None
+    if spec["embedder"] != "source":
+        weights = spec["embedder"]
+        if spec["embedder"].startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
+            embedder_stage, weights = chain_stage(cfg, spec["embedder"], "similarity.embedder"), None
+    return SimilarityPlan(source_classes, target_classes, images_from, extra, embedder_stage, weights)
 
+
+def similarity_task(cfg: dict, target: TaskDataModule, plan: SimilarityPlan, head: str,
+                    stage_weights: str | None) -> tuple[SimilarityTask, list[TaskDataModule]]:
+    """The similarity pass ``plan`` describes, with the embedder's weights (``stage_weights``: the chain
+    stage's, from ``prepare_sources``). Also returns the datamodules it takes images from besides
+    ``target`` (to be sharded like it)."""
+    spec = cfg["similarity"]
+    source_classes, target_classes, extra = plan.source_classes, plan.target_classes, plan.extra
+    images_from = list(plan.images_from)
     embedder, embedder_name, known = None, spec["embedder"], None
     if embedder_name != "source":
-        weights = embedder_name
-        if embedder_name.startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
-            stage = chain_stage(cfg, embedder_name, "similarity.embedder")
-            weights = source_weights(stage, train_source)[0]
+        weights = plan.embedder_weights
+        if plan.embedder_stage is not None:
+            weights = stage_weights
             embedder_name = f"{embedder_name} ({weights})"
-            if spec["scores"] and stage["source"]["task"]:  # the classes the embedder was trained to tell apart
-                images_from.append(source_config(stage)["data"])
+            if spec["scores"] and plan.embedder_stage["source"]["task"]:  # the classes the embedder was trained to tell apart
+                images_from.append(source_config(plan.embedder_stage)["data"])
                 known = TaskDataModule(**images_from[-1])
         embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])

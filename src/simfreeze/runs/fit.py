@@ -15,7 +15,7 @@ import torch
 from simfreeze.config import settings_digest
 from simfreeze.errors import ConfigError, RunWithoutResult, TrainingDiverged, UserError
 from simfreeze.networks.build import count_parameters
-from simfreeze.runs.build import Run, build_run
+from simfreeze.runs.build import Run, build_run, prepare_sources, resolve
 from simfreeze.runs.loggers import log_hparams
 from simfreeze.runs.module import finite_state
 from simfreeze.runs.results import finish, git_revision, metric, run_name, run_results, source_record
@@ -28,8 +28,9 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = (), callbacks: list = (
     """Train one run into ``run_dir``; write ``results.json`` and print its line (``show``). Returns the
     results. ``callbacks``: more for the trainer (``simfreeze.runs.rate_search`` stops a rung with one);
     ``extra``: more keys for ``results.json``."""
-    cfg = with_resolved_precision(cfg)
-    run = build_run(cfg, run_dir, train_source=fit, callbacks=callbacks)
+    plan = resolve(cfg, run_dir)  # every check first: a bad setting fails before any source is trained
+    run = build_run(plan, prepare_sources(plan, train_source=fit), callbacks=callbacks)
+    cfg = plan.cfg
     trainer = run.trainer
     # weights_only: a checkpoint (ours hold tensors and primitives only) can never run code.
     try:
