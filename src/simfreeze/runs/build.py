@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from simfreeze.data.datamodule import TaskDataModule
 from simfreeze.errors import ConfigError, WeightsError
@@ -59,7 +60,8 @@ class SimilarityPlan:
     images_from: list[dict]      # the data configs its images come from: the target's first
     extra: TaskDataModule | None  # the source task's images of source classes the target does not hold
     embedder_stage: dict | None   # the config whose source embeds (similarity.embedder=source.source…)
-    embedder_weights: str | None  # torchvision weights or a checkpoint path; None: the model before fit
+    embedder: nn.Module | None    # built from torchvision weights or a checkpoint (read now: a bad path fails
+                                  # before any training); None: the model before fit, or a stage of the chain
 
 
 @dataclass(frozen=True)
@@ -242,12 +244,13 @@ def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
         if unknown:  # found now, not after the source is trained
             raise ConfigError(f"similarity.source_classes: {unknown} are in neither the target's classes {target.classes} "
                               f"nor the source task's {extra.classes}")
-    embedder_stage, weights = None, None
-    if spec["embedder"] != "source":
-        weights = spec["embedder"]
-        if spec["embedder"].startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
-            embedder_stage, weights = chain_stage(cfg, spec["embedder"], "similarity.embedder"), None
-    return SimilarityPlan(source_classes, target_classes, images_from, extra, embedder_stage, weights)
+    embedder_stage, embedder = None, None
+    if spec["embedder"].startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
+        embedder_stage = chain_stage(cfg, spec["embedder"], "similarity.embedder")
+    elif spec["embedder"] != "source":
+        embedder, _ = build_network(cfg["model"]["arch"], 2, spec["embedder"], key="similarity.embedder",
+                                    **cfg["model"]["kwargs"])
+    return SimilarityPlan(source_classes, target_classes, images_from, extra, embedder_stage, embedder)
 
 
 def similarity_task(cfg: dict, target: TaskDataModule, plan: SimilarityPlan, head: str,
@@ -258,16 +261,13 @@ def similarity_task(cfg: dict, target: TaskDataModule, plan: SimilarityPlan, hea
     spec = cfg["similarity"]
     source_classes, target_classes, extra = plan.source_classes, plan.target_classes, plan.extra
     images_from = list(plan.images_from)
-    embedder, embedder_name, known = None, spec["embedder"], None
-    if embedder_name != "source":
-        weights = plan.embedder_weights
-        if plan.embedder_stage is not None:
-            weights = stage_weights
-            embedder_name = f"{embedder_name} ({weights})"
-            if spec["scores"] and plan.embedder_stage["source"]["task"]:  # the classes the embedder was trained to tell apart
-                images_from.append(source_config(plan.embedder_stage)["data"])
-                known = TaskDataModule(**images_from[-1])
-        embedder, _ = build_network(cfg["model"]["arch"], 2, weights, key="similarity.embedder",
+    embedder, embedder_name, known = plan.embedder, spec["embedder"], None
+    if plan.embedder_stage is not None:
+        embedder_name = f"{embedder_name} ({stage_weights})"
+        if spec["scores"] and plan.embedder_stage["source"]["task"]:  # the classes the embedder was trained to tell apart
+            images_from.append(source_config(plan.embedder_stage)["data"])
+            known = TaskDataModule(**images_from[-1])
+        embedder, _ = build_network(cfg["model"]["arch"], 2, stage_weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
 
     def class_images(name: str):
