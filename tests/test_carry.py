@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from simfreeze.jobs.carry import main, pack, unpack
+from simfreeze.jobs.carry import main, pack, read_pack, unpack
 
 
 def job(sweep, name, status="ok", **files):
@@ -28,11 +28,23 @@ def test_pack_keeps_finished_jobs_and_their_records_but_no_weights(tmp_path):
     job(sweep, "1", status="failed")
     (sweep / "2").mkdir()  # killed before results.json
     assert pack(sweep, tmp_path / "jobs.gz") == 1
-    with gzip.open(tmp_path / "jobs.gz", "rt") as f:
-        header, *jobs = [json.loads(line) for line in f]
+    header, jobs = read_pack(tmp_path / "jobs.gz")
     assert header["files"] == {"multirun.yaml": "hydra: {}\n"}
     assert [j["job"] for j in jobs] == ["0"]
     assert set(jobs[0]["files"]) == {"results.json", "plan.json", "test_predictions.json", ".hydra/overrides.yaml"}
+
+
+def test_a_text_that_jobs_share_is_stored_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    split = json.dumps({"files": [f"dog/{i:05d}.jpg" for i in range(2000)]})
+    for name in ("0", "1", "2"):
+        job(sweep, name, **{"split.json": split})
+    pack(sweep, tmp_path / "jobs.gz")
+    with gzip.open(tmp_path / "jobs.gz", "rt") as f:
+        assert f.read().count("dog/01999.jpg") == 1
+    assert [j["files"]["split.json"] for j in read_pack(tmp_path / "jobs.gz")[1]] == [split] * 3
 
 
 def test_unpack_writes_jobs_where_they_now_lie_and_keeps_what_this_machine_finished(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import shutil
 import sys
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 
 from simfreeze.reports.records import finished
 
-FORMAT = "simfreeze-carried-jobs/1"
+FORMAT = "simfreeze-carried-jobs/2"
 # What the reports and the resume check read of a job; the rest (checkpoints, event files, train.log) stays.
 JOB_FILES = ("results.json", "plan.json", "split.json", "similarity.json", "test_predictions.json",
              "csv/metrics.csv", ".hydra/overrides.yaml", ".hydra/config.yaml")
@@ -48,19 +49,28 @@ def read_files(directory: Path, names: tuple[str, ...]) -> dict[str, str]:
 
 
 def pack(sweep_dir: Path, out: Path) -> int:
-    """Write ``sweep_dir``'s finished jobs to ``out`` (gzip'd JSON lines: a header, then one line per job);
-    returns how many."""
-    count = 0
+    """Write ``sweep_dir``'s finished jobs to ``out`` (gzip'd JSON lines: a header, then per job the texts
+    not seen before, ``{"text": …, "sha": …}``, and the job, ``{"job": …, "files": {name: sha}}``); returns
+    how many jobs. Each text is stored once: the jobs of one target and size share their ``split.json``
+    (the image lists, most of a job's bytes), the rates of a depth often their ``plan.json``."""
+    count, seen = 0, set()
     with gzip.open(out, "wt", encoding="utf-8", compresslevel=9) as f:
         header = {"format": FORMAT, "sweep": sweep_dir.name, "files": read_files(sweep_dir, SWEEP_FILES)}
         f.write(json.dumps(header) + "\n")
         for job_dir in finished_jobs(sweep_dir):
-            f.write(json.dumps({"job": job_dir.name, "files": read_files(job_dir, JOB_FILES)}) + "\n")
+            files = {}
+            for name, text in read_files(job_dir, JOB_FILES).items():
+                files[name] = sha = hashlib.sha256(text.encode()).hexdigest()[:20]
+                if sha not in seen:
+                    f.write(json.dumps({"sha": sha, "text": text}) + "\n")
+                    seen.add(sha)
+            f.write(json.dumps({"job": job_dir.name, "files": files}) + "\n")
             count += 1
     return count
 
 
 def read_pack(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and the jobs, each ``{"job": name, "files": {name: text}}``."""
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -69,7 +79,10 @@ def read_pack(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                          f"python -m simfreeze.jobs.carry pack <sweep dir> {path}")
     if not lines or lines[0].get("format") != FORMAT:
         raise SystemExit(f"error: {path} is not a file of carried jobs (format {FORMAT})")
-    return lines[0], lines[1:]
+    texts = {line["sha"]: line["text"] for line in lines[1:] if "sha" in line}
+    jobs = [{"job": line["job"], "files": {name: texts[sha] for name, sha in line["files"].items()}}
+            for line in lines[1:] if "job" in line]
+    return lines[0], jobs
 
 
 def unpack(path: Path, sweep_dir: Path) -> tuple[int, int]:
