@@ -112,7 +112,7 @@ def test_w_and_b_offline_and_mlflow_log_a_real_run(image_folder, tmp_path):
     # wandb's API) holds the run's name, its hparams and the metrics by name.
     (record,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data = record.read_bytes()
-    assert all(text in data for text in (b"arm=scratch/seed=0", b"hp/best_val_acc", b"val/acc", b"policy"))
+    assert all(text in data for text in (b"arm=scratch/seed=0", b"val/acc_best", b"val/acc", b"policy"))
 
     from mlflow.tracking import MlflowClient
 
@@ -120,7 +120,7 @@ def test_w_and_b_offline_and_mlflow_log_a_real_run(image_folder, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("simfreeze").experiment_id])
     assert run.info.run_name == "arm=scratch/seed=0"
     assert run.data.params["arm"] == "scratch" and "S" not in run.data.params
-    assert run.data.metrics["hp/best_val_acc"] == pytest.approx(results["best_val_acc"])
+    assert run.data.metrics["val/acc_best"] == pytest.approx(results["best_val_acc"])
     assert not (run_dir / "tensorboard").exists() and (run_dir / "csv" / "metrics.csv").is_file()
 
 

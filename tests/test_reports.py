@@ -182,7 +182,7 @@ def test_tensorboard_gets_summary_md_and_every_figure_written_and_no_depth_as_st
     write_summary(write_sweep(tmp_path, [arm_run(arm) for arm in ARMS]))
     events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
     assert events.Tags()["scalars"] == []  # a depth as a scalar's "Step" would misread
-    text = events.Tensors("sweep/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = events.Tensors("experiment/summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text == (tmp_path / "summary.md").read_text()
     assert sorted(events.Tags()["images"]) == ["sweep/accuracy_and_time_vs_depth", "sweep/cost_model"]
     assert {path.name for path in tmp_path.glob("*.png")} == {"summary.png", "cost_model.png"}

@@ -29,7 +29,7 @@ def snapshot(run_dir, skip=()) -> dict[str, bytes]:
 
 def metric_rows(run_dir) -> list[dict]:
     """metrics.csv's rows less the run's final hparams (its fit seconds differ between runs)."""
-    rows = [{k: v for k, v in row.items() if not k.startswith("hp/")}
+    rows = [{k: v for k, v in row.items() if k not in ("val/acc_best", "train/fit_seconds")}
             for row in csv.DictReader(open(run_dir / "csv" / "metrics.csv"))]
     return [row for row in rows if any(v for k, v in row.items() if k not in ("step", "epoch"))]
 

@@ -208,7 +208,7 @@ def test_write_summary_adds_the_study_section_and_files(tmp_path, capsys):
     assert not (tmp_path / "summary.png").exists() and "summary.png" not in summary_md + report_md
     assert summary["study"].startswith("**The rule picks the best depth")
     events = EventAccumulator(str(tmp_path / "tensorboard" / "summary")).Reload()
-    assert "study/best_depth_vs_S" in events.Tags()["images"] and "sweep/summary/text_summary" in events.Tags()["tensors"]
+    assert "study/best_depth_vs_S" in events.Tags()["images"] and "experiment/summary/text_summary" in events.Tags()["tensors"]
     assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("depth/")]
     assert report(tmp_path, "python -m train +experiment=study") == 0
     assert "The rule picks the best depth in 0 of 2 pairs" in capsys.readouterr().out

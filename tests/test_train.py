@@ -33,7 +33,7 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     # TensorBoard's run is named by the arm and the seed; CSVLogger's metrics.csv has a row per epoch.
     events = EventAccumulator(str(run_dir / "tensorboard" / "arm=scratch" / "seed=0"))
     events.Reload()
-    assert {"train/loss", "val/loss", "val/acc", "hp/best_val_acc"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/acc", "val/acc_best", "train/fit_seconds", "test/acc"} <= set(events.Tags()["scalars"])
     assert "epoch" not in events.Tags()["scalars"]  # HParams would show it as the first metric column
     assert max(e.value for e in events.Scalars("val/acc")) == pytest.approx(results["best_val_acc"])
     assert "arm: scratch" in (run_dir / "tensorboard" / "arm=scratch" / "seed=0" / "hparams.yaml").read_text()

@@ -22,7 +22,7 @@ directory:
   pool the pairs' depths and would mislead, so a study leaves them out;
 - ``summary.csv`` (one row per setting, means and stds) and ``runs.csv`` (one row per job);
 - ``summary.png``: accuracy and fit time against frozen layers, the measured depths as markers, dynamic marked;
-- ``tensorboard/summary/``: ``summary.md`` as the text ``sweep/summary`` and every figure written
+- ``tensorboard/summary/``: ``summary.md`` as the text ``experiment/summary`` (first in the Text tab, before the runs' ``freeze/plan``) and every figure written
   (``summary.png``, ``cost_model.png``, ``study.png``); no scalars (a depth would read as a step),
   beside every job's run (``tensorboard/arm=dynamic/seed=0``, ``simfreeze.runs.loggers``);
 - ``cost_model.{csv,png}``: the cost model of Ivanov's 45/5 paper beside measured times, when the
@@ -354,7 +354,7 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
         (sweep_dir / name).write_text(text)
     # beside the jobs' runs (simfreeze.runs.loggers: tensorboard/arm=dynamic/seed=0, …) as the run "summary":
     # summary.md itself, and the figures
-    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", {"sweep/summary": documents["summary.md"]},
+    log_to_tensorboard(sweep_dir / "tensorboard" / "summary", {"experiment/summary": documents["summary.md"]},
                        {tag: plot for tag, plot in figures.items() if plot is not None})
     written = {"summary.png": figure, **study_plots, "cost_model.png": cost_plot}
     return {"table": table, "note": results_note(rows, held_out_note(runs)), "verdict": verdict_md, "scratch": scratch_md,

@@ -154,10 +154,12 @@ def record_hparams(run: Run, cfg: dict, results: dict) -> None:
     """The loggers' hparams with the final metrics (S is known only once the fit set up)."""
     if run.trainer.is_global_zero:
         # Integers as text: HParams shows a number with three decimals (L_freeze 39.000), text as it is.
+        # No "run": HParams' Trial ID is the run's name already.
         hparams = {"arm": cfg["arm"], "policy": results["policy"], "S": results["S"], "L_freeze": str(results["l_freeze"]),
-                   "seed": str(cfg["seed"]), "task": results["name"], "run": (cfg.get("logs") or {}).get("name")}
-        metrics = {"hp/best_val_acc": results["best_val_acc"], "hp/test_acc": results["test_acc"],
-                   "hp/fit_seconds": results["fit_seconds"]}
+                   "seed": str(cfg["seed"]), "task": results["name"]}
+        # Named into the groups of the curves (test/acc is Lightning's own from the test), not a group of single
+        # points that TensorBoard's Time Series, sorting groups by name, would show before train/ and val/.
+        metrics = {"val/acc_best": results["best_val_acc"], "train/fit_seconds": results["fit_seconds"]}
         log_hparams(run.loggers, hparams, metrics)
 
 

@@ -103,8 +103,6 @@ class TransferSetup(L.Callback):
             self.similarity_remembered = remembered is not None
             if writes:
                 (self.out_dir / "similarity.json").write_text(json.dumps(self.similarity.record, indent=1))
-            for logger in trainer.loggers:
-                logger.log_metrics({"similarity/S": self.similarity.score}, step=0)
 
         if self.layers is None:
             return
