@@ -159,3 +159,37 @@ def test_a_base_trained_twice_with_different_results_is_named_in_the_report():
     note = retrained_note(runs)
     assert f"`source-base-{BASES['strong']}` (val 0.8600, held-out 0.8571; val –, held-out 0.8600)" in note
     assert note in regimes_markdown(analyse_regimes(runs, draws=20))
+
+
+def test_the_summary_makes_the_report_its_experiment_declares_and_says_when_it_cannot_yet():
+    from simfreeze.reports.sweep import analyses
+
+    runs = regimes_runs()
+    assert analyses(runs, "regimes", "")[0] == "regimes" and analyses(runs, "auto", "")[0] == "regimes"
+    kind, regimes, study, note = analyses(runs, "study", "")  # declared a study: the pairs pooled, as asked
+    assert (kind, regimes, note) == ("study", None, "") and study is not None
+    weak = [r for r in runs if r["source_chain"][-1]["key"] == BASES["weak"]]
+    kind, _, study, note = analyses(weak, "regimes", "")  # a grid part-way: one regime finished so far
+    assert kind == "study" and study is not None and "one regime so far" in note
+    one_pair = [r for r in weak if (r["source"] or {}).get("name") == "source:cat" or r["arm"] != "depth"]
+    kind, _, study, note = analyses(one_pair, "study", "")
+    assert (kind, study) == ("depth", None) and "no two source → target pairs" in note
+    assert analyses(one_pair, "auto", "| arch |")[0] == "architectures" and analyses(one_pair, "depth", "")[3] == ""
+    with pytest.raises(ValueError, match="not one of auto, depth"):
+        analyses(runs, "pairs", "")
+
+
+def test_summarising_by_hand_makes_the_report_the_sweep_recorded(tmp_path):
+    import json
+
+    from simfreeze.reports.sweep import main
+
+    weak = [r for r in regimes_runs() if r["source_chain"][-1]["key"] == BASES["weak"]]
+    for job, result in enumerate(weak):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "results.json").write_text(json.dumps({**result, "run_dir": str(tmp_path / str(job))}))
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides: {task: [], hydra: []}\n  callbacks: {summary: {report: regimes}}\n")
+    main([str(tmp_path)])
+    assert "one regime so far" in (tmp_path / "summary.md").read_text()
+    main([str(tmp_path), "--report", "depth"])
+    assert "one regime so far" not in (tmp_path / "summary.md").read_text()

@@ -312,9 +312,40 @@ def write_cost_model(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, 
     return cost_markdown(tables, scratch_s), figure
 
 
-def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> dict[str, Any] | None:
+# What a sweep's summary is about (``hydra.callbacks.summary.report``, set by each experiment): ``depth``
+# (arms or depths of one task: the depth verdict and summary.png), ``study`` (two or more source → target
+# pairs: simfreeze.reports.study), ``regimes`` (a study per base × target size: simfreeze.reports.regimes),
+# ``architectures`` (architecture × arm); ``auto`` tells it from the results, for a user's own sweep.
+REPORTS = ("auto", "depth", "study", "regimes", "architectures")
+
+
+def analyses(runs: list[dict[str, Any]], report: str, architectures_md: str
+             ) -> tuple[str, list[dict[str, Any]] | None, dict[str, Any] | None, str]:
+    """(the report it is, the regimes, the study, a note when the declared one cannot be made)."""
+    if report not in REPORTS:
+        raise ValueError(f"report={report!r} is not one of {', '.join(REPORTS)}")
+    if report in ("auto", "regimes"):
+        regimes = analyse_regimes(runs)  # a study across regimes (bases × target sizes): each regime its own study
+        if regimes is not None:
+            return "regimes", regimes, None, ""
+    if report in ("auto", "study", "regimes"):
+        study = analyse_study(runs)
+        if study is not None:
+            note = "" if report != "regimes" else "The sweep's finished jobs hold one regime so far: a study of it."
+            return "study", None, study, note
+        if report != "auto":
+            return "depth", None, None, (f"This {report} sweep has no two source → target pairs with two fixed depths "
+                                         "each among its finished jobs yet: its jobs are listed as settings.")
+    if report == "auto":
+        return ("architectures" if architectures_md else "depth"), None, None, ""
+    return report, None, None, ""
+
+
+def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = (), report: str = "auto"
+                  ) -> dict[str, Any] | None:
     """Write the summary files of a sweep directory (``more``: other sweep directories whose jobs join
-    it, e.g. a study's controls; their jobs are named ``<directory>/<job>``). Returns the table and
+    it, e.g. a study's controls; their jobs are named ``<directory>/<job>``); ``report``: what the summary
+    is about (``REPORTS``; ``auto`` tells it from the results). Returns the table and
     its note, the verdict text, the comparison with scratch, the study's verdict, the stage and
     architecture tables, the failed jobs, the depth figure's path and every figure's path (None: no jobs)."""
     from simfreeze.reports.plots import depth_figure  # matplotlib: only once the sweep has ended
@@ -328,9 +359,8 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
     stages_md, architectures_md = stages_markdown(runs), architecture_markdown(runs)
     # Depths, the depth figure and the cost model compare layers of one architecture only; in a
     # similarity study they would also pool different pairs' depths, so its own section replaces them.
-    regimes = analyse_regimes(runs)  # a study across regimes (bases × target sizes): each regime its own study
-    study = analyse_study(runs) if regimes is None else None
-    by_depth = not architectures_md and study is None and regimes is None
+    kind, regimes, study, kind_note = analyses(runs, report, architectures_md)
+    by_depth = kind == "depth"
     verdict = depth_verdict(rows) if by_depth else None
     verdict_md = verdict_text(verdict)
     figure = depth_figure(rows, verdict) if by_depth else None
@@ -339,6 +369,7 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
         figure.savefig(plot, dpi=120, bbox_inches="tight")
     table = results_table(rows)
     study_md, study_words, study_plots = write_study(sweep_dir, study, regimes) if study or regimes else ("", "", {})
+    study_md = "\n\n".join(part for part in (kind_note, study_md) if part)
     cost_md, cost_plot = write_cost_model(sweep_dir, rows) if not architectures_md else ("", None)
     # every figure written as a file is in TensorBoard too, under its own tag
     figures = {"sweep/accuracy_and_time_vs_depth": figure, "sweep/cost_model": cost_plot,
@@ -363,9 +394,9 @@ def write_summary(sweep_dir: Path, command: str = "", more: list[Path] = ()) -> 
             "stages": stages_md, "architectures": architectures_md}
 
 
-def report(sweep_dir: Path, command: str, more: list[Path] = ()) -> int:
+def report(sweep_dir: Path, command: str, more: list[Path] = (), kind: str = "auto") -> int:
     """Write and print the summary; the exit status the sweep should end with."""
-    summary = write_summary(sweep_dir, command, more)
+    summary = write_summary(sweep_dir, command, more, kind)
     if summary is None:
         print(f"no results.json under {sweep_dir}", file=sys.stderr)
         return 1
@@ -393,10 +424,16 @@ def sweep_command(config) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends; exit 1 if a job failed."""
+    """Hydra callback: summarise the sweep directory when a multirun ends; exit 1 if a job failed.
+    ``report``: what the summary is about (``REPORTS``), declared by the experiment."""
+
+    def __init__(self, report: str = "auto") -> None:
+        if report not in REPORTS:
+            raise ValueError(f"hydra.callbacks.summary.report={report} is not one of {', '.join(REPORTS)}")
+        self.report = report
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        status = report(Path(config.hydra.sweep.dir), sweep_command(config))
+        status = report(Path(config.hydra.sweep.dir), sweep_command(config), kind=self.report)
         if status:
             sys.exit(status)
 
@@ -406,10 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (outputs/multirun/<date>/<time>)")
     parser.add_argument("more", type=Path, nargs="*", help="other multirun directories whose jobs join the summary, "
                         "e.g. a study's controls (the summary is written into the first)")
+    parser.add_argument("--report", choices=REPORTS, help="what the summary is about (default: what the sweep's "
+                        "experiment declared in its multirun.yaml, else auto: told from the results)")
     args = parser.parse_args(argv)
     multirun = args.sweep_dir / "multirun.yaml"  # Hydra's record of the sweep: its command line
-    command = (sweep_command(OmegaConf.load(multirun)) if multirun.is_file()
-               else f"python -m simfreeze.reports {args.sweep_dir}")
+    recorded = OmegaConf.load(multirun) if multirun.is_file() else None
+    command = sweep_command(recorded) if recorded is not None else f"python -m simfreeze.reports {args.sweep_dir}"
     if args.more:
         command += "".join(f"\n# with the jobs of {other}" for other in args.more)
-    return report(args.sweep_dir, command, args.more)
+    declared = OmegaConf.select(recorded, "hydra.callbacks.summary.report", default=None) if recorded is not None else None
+    return report(args.sweep_dir, command, args.more, args.report or declared or "auto")
