@@ -41,6 +41,9 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
     assert hparams["arm"].string_value == "scratch" and hparams["seed"].string_value == "0"
     assert hparams["L_freeze"].string_value == "0"  # an integer shown as one, not 0.000
     assert "S" not in hparams  # no similarity: no stand-in value that reads as a cosine
+    columns = experiment_of(events)  # ... but the column, the same in every run's experiment summary
+    assert [h.name for h in columns.hparam_infos] == ["arm", "policy", "S", "L_freeze", "seed", "task"]
+    assert [m.name.tag for m in columns.metric_infos] == ["val/acc_best", "test/acc", "train/fit_seconds"]
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert [float(r["val/acc"]) for r in rows if r.get("val/acc")] == [e.value for e in events.Scalars("val/acc")]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
@@ -58,13 +61,18 @@ def test_tiny_run_writes_results_logs_and_checkpoints(image_folder_with_test, tm
 
 
 def hparams_of(events: EventAccumulator) -> dict:
-    """A run's HParams as TensorBoard reads them. No experiment summary of its own: the HParams tab
-    then takes its columns from every run (one scratch run's summary would hide the others' S)."""
+    """A run's HParams values as TensorBoard reads them."""
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     content = events.PluginTagToContent("hparams")
-    assert "_hparams_/experiment" not in content
     return dict(HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams)
+
+
+def experiment_of(events: EventAccumulator):
+    """A run's HParams experiment summary: the tab's columns."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    return HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

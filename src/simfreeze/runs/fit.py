@@ -160,7 +160,13 @@ def record_hparams(run: Run, cfg: dict, results: dict) -> None:
         # Named into the groups of the curves (test/acc is Lightning's own from the test), not a group of single
         # points that TensorBoard's Time Series, sorting groups by name, would show before train/ and val/.
         metrics = {"val/acc_best": results["best_val_acc"], "train/fit_seconds": results["fit_seconds"]}
-        log_hparams(run.loggers, hparams, metrics)
+        log_hparams(run.loggers, hparams, metrics, columns=HPARAMS_COLUMNS)
+
+
+# HParams' columns, the same in every run's experiment summary: a run without S (scratch) still has the
+# column, and the metric columns are the three a user compares (TensorBoard shows only five by default).
+HPARAMS_COLUMNS = {"hparams": {"arm": "", "policy": "", "S": 0.0, "L_freeze": "", "seed": "", "task": ""},
+                   "metrics": ("val/acc_best", "test/acc", "train/fit_seconds")}
 
 
 def report_source(cfg: dict, run_dir: Path, overrides: list[str] = ()) -> dict[str, Any]:

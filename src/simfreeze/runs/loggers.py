@@ -205,11 +205,13 @@ def start_wandb(logger, kind: str) -> None:
                           f"or set WANDB_API_KEY, or log offline with logger.{kind}.offline=true") from None
 
 
-def log_hparams(loggers: list, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+def log_hparams(loggers: list, hparams: dict[str, Any], metrics: dict[str, float],
+                columns: dict[str, Any] | None = None) -> None:
     """The run's hyperparameters with its final metrics, after the fit (S is known then). Values
-    that are None are left out, not given a stand-in (-1 would read as a cosine). TensorBoard gets
-    no experiment summary of its own: its HParams tab then takes the columns from every run of the
-    folder, where one run's summary (a scratch run without S) would hide the others' S."""
+    that are None are left out, not given a stand-in (-1 would read as a cosine). ``columns``: HParams'
+    columns for TensorBoard's experiment summary, the same in every run — ``hparams`` (name → a value of
+    its type) and ``metrics`` (tags) — so that a run without S does not hide the column and the metric
+    columns are the ones named, not every scalar of the run (TensorBoard shows five of those)."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
@@ -221,6 +223,9 @@ def log_hparams(loggers: list, hparams: dict[str, Any], metrics: dict[str, float
         if isinstance(logger, TensorBoardLogger):
             _, start, end = hparams_summaries(hparams, metrics)
             writer = logger.experiment._get_file_writer()
+            if columns:
+                experiment, _, _ = hparams_summaries(columns["hparams"], dict.fromkeys(columns["metrics"], 0.0))
+                writer.add_summary(experiment)
             writer.add_summary(start)
             writer.add_summary(end)
             (Path(logger.log_dir) / "hparams.yaml").unlink(missing_ok=True)  # written empty when the fit began
