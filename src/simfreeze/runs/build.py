@@ -31,7 +31,7 @@ from simfreeze.runs.progress import progress_bar
 from simfreeze.runs.results import FitClock, final_dir
 from simfreeze.runs.resume import (AtomicCheckpointIO, LastCheckpoint, RandomStateCallback, SameRunOnResume, check_resume,
                                    checkpoint_step)
-from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_config, source_weights
+from simfreeze.runs.sources import TrainFn, chain_stage, check_no_leakage, source_chain, source_weights
 from simfreeze.runs.transfer import TransferSetup
 from simfreeze.speed.precision import bf16_unsafe_convs, run_in_fp32, with_resolved_precision
 
@@ -77,6 +77,13 @@ class RunPlan:
     layers: LayerMap | None   # None: an arch without a layer map and no freeze policy
     start: dict | None        # the config whose source the run starts from (transfer_from); None: model.weights
     similarity: SimilarityPlan | None
+    chain: list[dict]         # the run configs of its source stages, nearest first (sources.source_chain), built once
+
+    def stage_of(self, config: dict | None) -> dict | None:
+        """The run config of ``config``'s source, a stage of the chain (``config`` is the run's or a stage's)."""
+        if config is None or not config["source"]["task"]:
+            return None
+        return self.chain[0] if config is self.cfg else self.chain[self.chain.index(config) + 1]
 
 
 @dataclass(frozen=True)
@@ -104,14 +111,15 @@ def resolve(cfg: dict, run_dir: Path) -> RunPlan:
     if spec.policy != "none" or family(arch) is not None:  # plan.json for every mapped arch
         layers = layer_map(probe, arch, spec.l_total)
         spec.check(len(layers))
+    chain = source_chain(cfg)
     # transfer_from=source.source: from the source's own source (the base), skipping the source task
-    start = chain_stage(cfg, cfg["transfer_from"], "transfer_from") if cfg["transfer"] else None  # checked first
+    start = chain_stage(cfg, cfg["transfer_from"], "transfer_from", chain) if cfg["transfer"] else None  # checked first
     if cfg["transfer"]:
-        check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split())
+        check_no_leakage(cfg, datamodule.plan_split(), lambda data: TaskDataModule(**data).plan_split(), chain)
     similarity = None
     if spec.needs_similarity or cfg["similarity"]["enabled"]:
-        similarity = plan_similarity(cfg, datamodule)
-    return RunPlan(cfg, run_dir, datamodule, spec, probe_record["head"], layers, start, similarity)
+        similarity = plan_similarity(cfg, datamodule, chain)
+    return RunPlan(cfg, run_dir, datamodule, spec, probe_record["head"], layers, start, similarity, chain)
 
 
 def prepare_sources(plan: RunPlan, train_source: TrainFn) -> Sources:
@@ -119,10 +127,11 @@ def prepare_sources(plan: RunPlan, train_source: TrainFn) -> Sources:
     or taken from the cache (``simfreeze.runs.sources``): the only step of a fit that trains another model."""
     embedder = None
     if plan.similarity is not None and plan.similarity.embedder_stage is not None:
-        embedder = source_weights(plan.similarity.embedder_stage, train_source)[0]
+        stage = plan.similarity.embedder_stage
+        embedder = source_weights(stage, train_source, plan.stage_of(stage))[0]
     if plan.start is None:
         return Sources(plan.cfg["model"]["weights"], None, embedder)
-    weights, source = source_weights(plan.start, train_source)
+    weights, source = source_weights(plan.start, train_source, plan.stage_of(plan.start))
     return Sources(weights, source, embedder)
 
 
@@ -133,7 +142,8 @@ def build_run(plan: RunPlan, sources: Sources, callbacks: list = ()) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     similarity, similarity_data = None, []
     if plan.similarity is not None:
-        similarity, similarity_data = similarity_task(cfg, datamodule, plan.similarity, plan.head, sources.embedder)
+        similarity, similarity_data = similarity_task(cfg, datamodule, plan.similarity, plan.head, sources.embedder,
+                                                      plan.stage_of(plan.similarity.embedder_stage))
     L.seed_everything(cfg["seed"], workers=True, verbose=False)  # the source run, if any, moved the RNG
     weights, source = sources.weights, sources.source
     weights_key = ("the cached source" if source else "source.weights") if cfg["transfer"] else "model.weights"
@@ -213,7 +223,7 @@ def listed(value) -> list:
 REFERENCE_IMAGES = 200
 
 
-def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
+def plan_similarity(cfg: dict, target: TaskDataModule, chain: list[dict]) -> SimilarityPlan:
     """What S compares for this run, checked before any model is trained: the source's classes
     (``similarity.source_classes``, or the source task's positive class or classes) against the
     target's, embedded by the model before fit (``similarity.embedder=source``), torchvision weights,
@@ -224,7 +234,7 @@ def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
     if spec["source_classes"]:
         source_classes = list(spec["source_classes"])
     elif source_task:
-        source_data = source_config(cfg)["data"]
+        source_data = chain[0]["data"]
         source_classes = [source_data["positive"]] if source_data["positive"] else list(source_data["classes"])
     else:
         raise ConfigError("similarity.source_classes is needed when the source is not a task "
@@ -238,7 +248,7 @@ def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
         if not source_task:
             raise ConfigError(f"similarity.source_classes={source_classes} are not all in data.classes "
                               f"{target.classes}, and there is no source task to take their images from")
-        images_from.append(source_config(cfg)["data"])
+        images_from.append(chain[0]["data"])
         extra = TaskDataModule(**images_from[-1])
         unknown = [name for name in source_classes if name not in target.classes and name not in extra.classes]
         if unknown:  # found now, not after the source is trained
@@ -246,7 +256,7 @@ def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
                               f"nor the source task's {extra.classes}")
     embedder_stage, embedder = None, None
     if spec["embedder"].startswith("source.source"):  # a stage further up the chain, e.g. the pretrained base
-        embedder_stage = chain_stage(cfg, spec["embedder"], "similarity.embedder")
+        embedder_stage = chain_stage(cfg, spec["embedder"], "similarity.embedder", chain)
     elif spec["embedder"] != "source":
         embedder, _ = build_network(cfg["model"]["arch"], 2, spec["embedder"], key="similarity.embedder",
                                     **cfg["model"]["kwargs"])
@@ -254,10 +264,10 @@ def plan_similarity(cfg: dict, target: TaskDataModule) -> SimilarityPlan:
 
 
 def similarity_task(cfg: dict, target: TaskDataModule, plan: SimilarityPlan, head: str,
-                    stage_weights: str | None) -> tuple[SimilarityTask, list[TaskDataModule]]:
+                    stage_weights: str | None, embedder_cfg: dict | None) -> tuple[SimilarityTask, list[TaskDataModule]]:
     """The similarity pass ``plan`` describes, with the embedder's weights (``stage_weights``: the chain
-    stage's, from ``prepare_sources``). Also returns the datamodules it takes images from besides
-    ``target`` (to be sharded like it)."""
+    stage's, from ``prepare_sources``; ``embedder_cfg``: that stage's run config). Also returns the
+    datamodules it takes images from besides ``target`` (to be sharded like it)."""
     spec = cfg["similarity"]
     source_classes, target_classes, extra = plan.source_classes, plan.target_classes, plan.extra
     images_from = list(plan.images_from)
@@ -265,7 +275,7 @@ def similarity_task(cfg: dict, target: TaskDataModule, plan: SimilarityPlan, hea
     if plan.embedder_stage is not None:
         embedder_name = f"{embedder_name} ({stage_weights})"
         if spec["scores"] and plan.embedder_stage["source"]["task"]:  # the classes the embedder was trained to tell apart
-            images_from.append(source_config(plan.embedder_stage)["data"])
+            images_from.append(embedder_cfg["data"])
             known = TaskDataModule(**images_from[-1])
         embedder, _ = build_network(cfg["model"]["arch"], 2, stage_weights, key="similarity.embedder",
                                     **cfg["model"]["kwargs"])

@@ -57,8 +57,8 @@ def fit(cfg: dict, run_dir: Path, overrides: list[str] = (), callbacks: list = (
         run.clock.summary(), {"images": run.datamodule.total_sizes, "test_from": run.datamodule.test_from,
                                        "classes": run.datamodule.num_classes}, run.transfer.record(),
         {"trainable_parameters": trainable, "total_parameters": total, "weights": run.network},
-        {"precision_phases": precision_phases(run)}, source_record(run.source), chain_record(cfg), extra or {},
-        overrides=overrides)
+        {"precision_phases": precision_phases(run)}, source_record(run.source), chain_keys(plan.chain), extra or {},
+        overrides=overrides, policy=plan.spec.policy)
     record_hparams(run, cfg, results)
     finished = finish(run_dir, results, write=trainer.is_global_zero, show=show)
     if not cfg["checkpoint"].get("keep", True) and trainer.is_global_zero:  # results.json is written: all a study reads
@@ -86,7 +86,12 @@ def copy_twin(cfg: dict, run_dir: Path, twin: Path, overrides: list[str] = ()) -
 def chain_record(cfg: dict) -> dict:
     """The cache keys of the run's chain of sources, nearest first, from its config: also for a run
     that trains none of them (scratch), so that a study can tell which base a control belongs to."""
-    return {"source_chain": [{"name": run_name(stage), "key": source_key(stage)} for stage in source_chain(cfg)]}
+    return chain_keys(source_chain(cfg))
+
+
+def chain_keys(chain: list[dict]) -> dict:
+    """``chain_record`` of a chain built already (``RunPlan.chain``)."""
+    return {"source_chain": [{"name": run_name(stage), "key": source_key(stage)} for stage in chain]}
 
 
 def write_test_predictions(path: Path, run: Run) -> None:

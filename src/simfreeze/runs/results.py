@@ -164,13 +164,16 @@ def run_name(cfg: dict) -> str:
     return cfg["name"] or f"{cfg['arm']}:{data['positive'] or '-'.join(data['classes'])}"
 
 
-def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, overrides: list[str] = ()) -> dict[str, Any]:
+def run_results(cfg: dict, run_dir: Path, trainer: L.Trainer, *parts: dict, overrides: list[str] = (),
+                policy: str | None = None) -> dict[str, Any]:
     """Everything ``results.json`` records about one run: what the config and the trainer say, then
-    what each part of the run recorded (metrics, clock, network, transfer, source), in that order."""
+    what each part of the run recorded (metrics, clock, network, transfer, source), in that order.
+    ``policy``: the freeze policy that ran (the run plan's; else parsed from ``cfg``)."""
     results = {
         "status": "ok", "name": run_name(cfg), "arm": cfg["arm"], "run_dir": str(run_dir), "overrides": list(overrides),
         "epochs": trainer.current_epoch, "steps": trainer.global_step, "transfer": cfg["transfer"],
-        "policy": FreezeSpec.from_config(cfg["freeze"]).policy,  # what ran: the l_freeze shorthand sets it
+        # what ran: the l_freeze shorthand sets it
+        "policy": policy if policy is not None else FreezeSpec.from_config(cfg["freeze"]).policy,
         "seed": cfg["seed"], "split_seed": cfg["data"]["seed"], "precision": str(trainer.precision),
         # the study's axes besides depth and seed: a learning rate chosen per setting, the target's data size
         "lr": cfg["optimizer"].get("lr"), "train_per_class": cfg["data"].get("train_per_class"),

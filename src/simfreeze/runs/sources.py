@@ -43,8 +43,8 @@ TrainFn = Callable[[dict, Path], dict]  # trains a run config into a directory, 
 def source_config(cfg: dict) -> dict:
     """The run config that trains ``cfg``'s source task: the target's recipe on the source's data."""
     spec = cfg["source"]
-    # The precision that runs, not "auto": it is part of the cache key.
-    source = copy.deepcopy(with_resolved_precision(cfg))
+    # The precision that runs, not "auto": it is part of the cache key (a run plan's config is resolved already).
+    source = copy.deepcopy(with_resolved_precision(cfg) if cfg["trainer"]["precision"] == "auto" else cfg)
     if "classes" in spec["task"]:  # a task of its own classes: the target's labelling does not carry over
         source["data"].update(positive=None, groups={})
     source["data"].update(spec["task"])
@@ -103,10 +103,10 @@ def source_chain(cfg: dict) -> list[dict]:
     return chain
 
 
-def chain_stage(cfg: dict, path: str, key: str) -> dict:
+def chain_stage(cfg: dict, path: str, key: str, chain: list[dict] | None = None) -> dict:
     """The config whose ``source`` is the chain stage ``path`` names: ``source`` → ``cfg`` itself,
     ``source.source`` (the source's own source, e.g. a pretrained base) → the source's config, …
-    ``key`` names the setting in errors."""
+    ``key`` names the setting in errors; ``chain``: ``source_chain(cfg)`` when the caller has it."""
     depth = path.count("source")
     if path != ".".join(["source"] * depth) or depth == 0:
         raise ConfigError(f"{key}={path} must be source, source.source, source.source.source, …")
@@ -119,7 +119,7 @@ def chain_stage(cfg: dict, path: str, key: str) -> dict:
             raise ConfigError(f"{what}, and neither {missing}task nor {missing}weights is set: give one (e.g. "
                               f"+{missing}task.positive=cat, or {missing}weights=IMAGENET1K_V2 or a checkpoint)")
         if level < depth - 1:
-            stage = source_config(stage)
+            stage = chain[level] if chain is not None else source_config(stage)
     return stage
 
 
@@ -140,11 +140,12 @@ def source_key(run_cfg: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_no_leakage(cfg: dict, target_split, plan_split: Callable[[dict], Any]) -> None:
+def check_no_leakage(cfg: dict, target_split, plan_split: Callable[[dict], Any], chain: list[dict] | None = None) -> None:
     """No source stage may have trained on an image the target validates on.
 
-    ``plan_split(data_cfg)`` gives a task's split without decoding images."""
-    for stage, stage_cfg in enumerate(source_chain(cfg), 1):
+    ``plan_split(data_cfg)`` gives a task's split without decoding images; ``chain``: ``source_chain(cfg)``
+    when the caller has it."""
+    for stage, stage_cfg in enumerate(source_chain(cfg) if chain is None else chain, 1):
         source_data = stage_cfg["data"]
         if (source_data["root"], source_data["dataset"]) != (cfg["data"]["root"], cfg["data"]["dataset"]):
             continue  # different data: nothing to share
@@ -225,11 +226,12 @@ def cached_source(cache_dir: Path, name: str, run_cfg: dict[str, Any], train: Tr
     return final, results, True
 
 
-def source_weights(cfg: dict, train: TrainFn) -> tuple[str, dict | None]:
+def source_weights(cfg: dict, train: TrainFn, stage_cfg: dict | None = None) -> tuple[str, dict | None]:
     """Initial weights of a transfer run (a checkpoint file or a torchvision enum name) and, for a
-    source task, the source's results (trained now with ``train``, or reused from the cache)."""
+    source task, the source's results (trained now with ``train``, or reused from the cache).
+    ``stage_cfg``: ``source_config(cfg)`` when the caller has it (``RunPlan.chain``)."""
     if cfg["source"]["task"]:
-        stage_cfg = source_config(cfg)
+        stage_cfg = source_config(cfg) if stage_cfg is None else stage_cfg
         directory, results, trained = cached_source(
             Path(cfg["source"]["cache_dir"]), run_name(stage_cfg).replace(":", "-"), stage_cfg, train)
         log.info("source %s %s: %s", results["name"], "trained" if trained else "reused from cache", directory)
