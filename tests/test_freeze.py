@@ -114,3 +114,42 @@ def test_short_fit_leaves_frozen_weights_and_buffers_bit_identical(tmp_path):
     assert held == {id(p) for p in net.parameters() if p.requires_grad}
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["l_freeze"] == freezer.record()["l_freeze"] == 7 and plan["first_trainable"] == layers.names[7]
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_frozen_blocks_drop_nothing_and_stay_bit_identical_while_the_rest_trains(family, tmp_path):
+    """Dropout and stochastic depth inside frozen blocks act as in evaluation, so a frozen block's output
+    is a fixed function of its input (what the prefix cache relies on); its weights do not move."""
+    from torchvision.models import VisionTransformer
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    if family == "vit":
+        net, arch = VisionTransformer(image_size=16, patch_size=4, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                      dropout=0.5, num_classes=2), "vit_b_16"
+    else:
+        net, arch = ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.5,
+                             num_classes=2), "convnext_tiny"
+    layers = layer_map(net, arch)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    freezer = TransferSetup(None, FreezeSpec("static", k=3), layers, out_dir=tmp_path)
+    module = sgd_classifier(net, lr=0.1)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 2, (16,))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[freezer])
+    frozen_out, frozen_modes, trained_modes = [], [], []
+    last_frozen = net.get_submodule(layers.names[2])
+    last_frozen.register_forward_hook(lambda m, args, out: frozen_out.append(out.detach().clone()))
+    for i, layer in enumerate(layers.layers[:-1]):
+        for name in layer.modules:
+            kept = frozen_modes if i < 3 else trained_modes
+            if type(net.get_submodule(name)).__name__ in ("Dropout", "StochasticDepth"):
+                net.get_submodule(name).register_forward_pre_hook(lambda m, args, kept=kept: kept.append(m.training))
+    trainer.fit(module, data)
+    assert frozen_modes and not any(frozen_modes) and trained_modes and all(trained_modes)
+    assert torch.equal(frozen_out[0], frozen_out[2])  # the same batch at steps 1 and 3: the same frozen output
+    frozen = {name for layer in layers.layers[:3] for name in layer.modules}
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    frozen_keys = {k for k in before if k.rpartition(".")[0] in frozen}
+    assert frozen_keys and not (changed & frozen_keys) and changed

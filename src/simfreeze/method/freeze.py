@@ -1,4 +1,5 @@
-"""Applying a freeze plan to a network: ``requires_grad`` per layer, frozen BatchNorm held in eval,
+"""Applying a freeze plan to a network: ``requires_grad`` per layer, frozen BatchNorm, dropout and
+stochastic depth held in eval,
 the plan's record (``plan.json``) and table, and the frozen state a checkpoint may leave out. Plain
 torch: the run's callback (``simfreeze.runs.transfer``) and module (``simfreeze.runs.module``) call
 these at the right moments of the fit."""
@@ -40,27 +41,37 @@ def frozen_parameter_ids(net: nn.Module, layers: LayerMap, l_freeze: int) -> fro
     return frozenset(id(p) for m in frozen_modules(net, layers, l_freeze) for p in m.parameters(recurse=False))
 
 
+def acts_differently_in_training(module: nn.Module) -> bool:
+    """BatchNorm (its running statistics), dropout and stochastic depth (torchvision's
+    ``StochasticDepth``, timm's ``DropPath``): what makes a frozen layer's output depend on train mode."""
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)) or \
+        type(module).__name__ in ("StochasticDepth", "DropPath")
+
+
 def freeze_leading(net: nn.Module, layers: LayerMap, l_freeze: int) -> list[nn.Module]:
     """``requires_grad=False`` for the first ``l_freeze`` layers and every other layer trainable.
 
-    Returns the frozen normalisation modules, which must stay in eval mode (see ``hold_eval``).
+    Returns the frozen modules that act differently in training (BatchNorm, dropout, stochastic
+    depth), which must stay in eval mode (see ``hold_eval``): a frozen layer's output is then a fixed
+    function of its input, which the frozen-prefix cache relies on.
     """
     for i, layer in enumerate(layers.layers):
         for name in layer.modules:
             for p in net.get_submodule(name).parameters(recurse=False):
                 p.requires_grad_(i >= l_freeze)
-    norms = [m for m in frozen_modules(net, layers, l_freeze) if isinstance(m, nn.modules.batchnorm._NormBase)]
-    hold_eval(norms)
-    return norms
+    held = [m for m in frozen_modules(net, layers, l_freeze) if acts_differently_in_training(m)]
+    hold_eval(held)
+    return held
 
 
 def hold_eval(modules: list[nn.Module]) -> None:
-    """Frozen BatchNorm must not update its running statistics, which train mode would do.
+    """Frozen BatchNorm must not update its running statistics, which train mode would do, and frozen
+    dropout or stochastic depth must not drop.
 
     Runs before every training step: only a module put back in train mode is switched (switching
     all of ResNet-50's 49 frozen norms each step cost 0.1 ms of host time, checking them 2 µs)."""
     for module in modules:
-        if module.training:  # norms are leaves: no child to look at
+        if module.training:  # leaves: no child to look at
             module.eval()
 
 
