@@ -73,3 +73,18 @@ def test_a_file_that_is_not_carried_jobs_and_a_directory_that_is_not_a_sweep_are
         main(["unpack", str(tmp_path / "notes.gz"), str(tmp_path / "sweep")])
     assert main(["pack", str(tmp_path), str(tmp_path / "jobs.gz")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+def test_unpacking_into_a_sweep_that_is_running_is_refused(tmp_path):
+    import fcntl
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    job(sweep, "0")
+    pack(sweep, tmp_path / "jobs.gz")
+    with open(sweep / "multirun.yaml", "a") as running:  # what simfreeze.runs.preflight holds while a sweep runs
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="a sweep is running"):
+            unpack(tmp_path / "jobs.gz", sweep)
+    assert unpack(tmp_path / "jobs.gz", sweep) == (0, 1)

@@ -15,6 +15,8 @@ not carried); the reports say when a source's accuracy differs between its train
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -85,11 +87,35 @@ def read_pack(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return lines[0], jobs
 
 
+@contextlib.contextmanager
+def sweep_not_running(sweep_dir: Path):
+    """Hold the lock a running sweep holds on its ``multirun.yaml`` (``simfreeze.runs.preflight``) while
+    jobs are written: a sweep running on the directory must not see its job directories replaced."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"error: a sweep is running on {sweep_dir}; unpack once it has ended") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def unpack(path: Path, sweep_dir: Path) -> tuple[int, int]:
     """Write the carried jobs into ``sweep_dir``: a job directory that already holds a finished job is
     left alone (what this machine computed wins), any other is replaced. Returns (written, kept)."""
     header, jobs = read_pack(path)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    with sweep_not_running(sweep_dir):
+        return write_jobs(header, jobs, sweep_dir)
+
+
+def write_jobs(header: dict[str, Any], jobs: list[dict[str, Any]], sweep_dir: Path) -> tuple[int, int]:
     for name, text in header["files"].items():
         if not (sweep_dir / name).exists():
             (sweep_dir / name).write_text(text)
