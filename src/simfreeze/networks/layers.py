@@ -101,12 +101,12 @@ def block_roots(net: nn.Module, kind: str) -> tuple[list[tuple[str, ...]], tuple
     # Swin and ConvNeXt: features = [stem, stage, downsample, stage, …]; a stage is a sequence of blocks
     blocks, pending = [], ()
     for index, stage in list(children["features"].named_children())[1:]:
-        members = [name for name, _ in stage.named_children()]
-        if kind == "swin" and type(stage).__name__.startswith("PatchMerging") or \
-                kind == "convnext" and not type(stage[0]).__name__ == "CNBlock":
-            pending = (f"features.{index}",)  # a downsampling step: joins the next block
+        # a downsampling step (Swin's PatchMerging, ConvNeXt's LayerNorm2d + Conv2d): joins the next block
+        if not isinstance(stage, nn.Sequential) or type(stage[0]).__name__ not in ("SwinTransformerBlock",
+                                                                                   "SwinTransformerBlockV2", "CNBlock"):
+            pending = (f"features.{index}",)
             continue
-        for member in members:
+        for member, _ in stage.named_children():
             blocks.append((*pending, f"features.{index}.{member}"))
             pending = ()
     return blocks, (("norm", "head") if kind == "swin" else ("classifier",))
